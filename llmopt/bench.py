@@ -1,0 +1,301 @@
+"""Every number in the course comes from here: size, time, memory, throughput, roofline.
+
+Timing: warm-up runs, then `repeats` timed runs; we report the median and the spread
+(min/max). On CUDA we time with CUDA events after a synchronize; on CPU with
+`time.perf_counter`. Memory: CUDA's max allocated on a GPU, the process's peak resident
+set (RSS) on CPU.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# --------------------------------------------------------------------------- size
+
+def model_size_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (packed weights, scales and
+    zero points included), each storage counted once (tied weights are shared)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.device, t.untyped_storage().data_ptr()) if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.numel() else 0
+    return total
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step must read: everything but the embedding table, of which a
+    step reads one row per token (a tied lm_head is read in full and stays counted)."""
+    emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and out is not None and out.weight.data_ptr() == emb.data_ptr()
+    skip = 0 if emb is None or tied else emb.numel() * emb.element_size()
+    return model_size_bytes(model) - skip
+
+
+# --------------------------------------------------------------------------- timing
+
+@dataclass
+class Stats:
+    """Seconds per run: median and spread over `repeats` timed runs."""
+    median: float
+    min: float
+    max: float
+    runs: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, runs):
+        return cls(statistics.median(runs), min(runs), max(runs), list(runs))
+
+    def __str__(self):
+        return f"{self.median * 1e3:.2f} ms (min {self.min * 1e3:.2f}, max {self.max * 1e3:.2f}, n={len(self.runs)})"
+
+
+def sync(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def time_fn(fn, *, device="cpu", warmup: int = 2, repeats: int = 5) -> Stats:
+    """Time `fn()`; CUDA events on a GPU, perf_counter elsewhere."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup=}, {repeats=}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            sync(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            runs.append(start.elapsed_time(end) / 1e3)
+        else:
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            runs.append(time.perf_counter() - t)
+    return Stats.of(runs)
+
+
+# --------------------------------------------------------------------------- memory
+
+def _rss_peak_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _reset_rss_peak() -> bool:
+    """Linux resets the peak RSS (VmHWM) when 5 is written to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Memory:
+    peak_bytes: int = 0
+    kind: str = ""  # "cuda max allocated", "process peak RSS" or "process lifetime peak RSS"
+
+
+@contextmanager
+def track_memory(device="cpu"):
+    """`with track_memory(dev) as m: ...` then `m.peak_bytes`."""
+    device = torch.device(device)
+    m = Memory()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        m.kind = "cuda max allocated"
+    else:
+        m.kind = "process peak RSS" if _reset_rss_peak() else "process lifetime peak RSS"
+    try:
+        yield m
+    finally:
+        if device.type == "cuda":
+            sync(device)
+            m.peak_bytes = torch.cuda.max_memory_allocated(device)
+        else:
+            m.peak_bytes = _rss_peak_bytes()
+
+
+# --------------------------------------------------------------------------- energy
+
+class _Energy:
+    """NVML's energy counter (millijoules) on NVIDIA GPUs; `None` where unavailable."""
+
+    def __init__(self, device):
+        self.handle = None
+        if torch.device(device).type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            idx = torch.device(device).index or 0
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
+            self.nvml = pynvml
+            self.read()
+        except Exception:  # no pynvml, no permission, or no energy counter on this GPU
+            self.handle = None
+
+    def read(self):
+        return None if self.handle is None else self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3
+
+
+# --------------------------------------------------------------------------- generation
+
+@dataclass
+class GenerationResult:
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    ttft_s: float              # time to first token (prefill + one decode step), median
+    tpot_s: float              # time per output token after the first, median
+    total_s: float             # one whole generate call, median
+    tokens_per_s: float        # batch_size * new_tokens / total_s
+    requests_per_s: float
+    peak_memory_bytes: int
+    memory_kind: str
+    joules_per_token: float | None = None
+    ttft: Stats | None = None
+    total: Stats | None = None
+
+    def to_dict(self):
+        d = asdict(self)
+        for k in ("ttft", "total"):
+            d[k] = None if d[k] is None else {x: d[k][x] for x in ("median", "min", "max")}
+        return d
+
+
+def random_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0,
+                   device="cpu") -> torch.Tensor:
+    """Random token ids: timing does not depend on what the tokens say."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab_size, (batch_size, prompt_len), generator=g).to(device)
+
+
+@torch.inference_mode()
+def generation(model, batch_size: int = 1, prompt_len: int = 32, new_tokens: int = 64,
+               warmup: int = 1, repeats: int = 3, input_ids: torch.Tensor | None = None,
+               generate_fn=None) -> GenerationResult:
+    """Latency and throughput of greedy generation with exactly `new_tokens` per sequence.
+
+    `generate_fn(input_ids, max_new_tokens)` defaults to Hugging Face `model.generate`;
+    later lessons pass their own engine here so every method is timed the same way.
+    """
+    for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    device = next(model.parameters()).device
+    if input_ids is None:
+        input_ids = random_prompts(model.config.vocab_size, batch_size, prompt_len, device=device)
+    batch_size, prompt_len = input_ids.shape
+    if generate_fn is None:
+        def generate_fn(ids, n):
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    ttft = time_fn(lambda: generate_fn(input_ids, 1), device=device, warmup=warmup, repeats=repeats)
+    energy = _Energy(device)
+    e0 = energy.read()
+    with track_memory(device) as mem:
+        total = time_fn(lambda: generate_fn(input_ids, new_tokens), device=device, warmup=warmup, repeats=repeats)
+    e1 = energy.read()
+    n_tok = batch_size * new_tokens
+    joules = None if e0 is None else (e1 - e0) / ((warmup + repeats) * n_tok)
+    tpot = (total.median - ttft.median) / (new_tokens - 1) if new_tokens > 1 else ttft.median
+    return GenerationResult(batch_size, prompt_len, new_tokens, ttft.median, tpot, total.median,
+                            n_tok / total.median, batch_size / total.median, mem.peak_bytes, mem.kind,
+                            joules, ttft, total)
+
+
+# --------------------------------------------------------------------------- roofline
+
+def memory_bandwidth(device="cpu", nbytes: int | None = None, repeats: int = 5) -> float:
+    """Measured bytes/s of a large tensor copy (each byte read once and written once)."""
+    device = torch.device(device)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device=device, warmup=2, repeats=repeats)
+    return 2 * src.numel() * 4 / t.min  # the best run is closest to the hardware's ability
+
+
+@dataclass
+class Roofline:
+    weight_bytes: int
+    bandwidth_bytes_per_s: float
+    floor_s_per_token: float      # weight bytes / bandwidth: no batch-1 decode step can be faster
+    measured_s_per_token: float
+    floor_tokens_per_s: float
+    measured_tokens_per_s: float
+    fraction_of_floor: float      # measured tok/s / floor tok/s (1.0 = at the roofline)
+
+
+def decode_roofline(model, measured_s_per_token: float, bandwidth: float | None = None) -> Roofline:
+    """Batch-1 decode reads every weight once per token: weight bytes / bandwidth is
+    the floor on its time per token; compare a measured time per output token."""
+    device = next(model.parameters()).device
+    bw = bandwidth or memory_bandwidth(device)
+    wb = weight_bytes(model)
+    floor = wb / bw
+    return Roofline(wb, bw, floor, measured_s_per_token, 1 / floor, 1 / measured_s_per_token,
+                    floor / measured_s_per_token)
+
+
+def cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """What machine the numbers came from (printed beside every table)."""
+    import platform
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "cpu": cpu_name(), "threads": torch.get_num_threads(),
+           "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env

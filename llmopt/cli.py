@@ -1,0 +1,71 @@
+"""The `llmopt` command: `llmopt tour`, `llmopt train`, `llmopt bench`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args):
+    from . import models, train
+
+    cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                            lr=args.lr, seed=args.seed, autocast=args.autocast)
+    out = args.out or models.bundled_path()
+    record = train.build_bundled(out, cfg, vocab_size=args.vocab_size, tiny=args.tiny)
+    print(f"saved {out}: {record['parameters']/1e6:.2f}M params, {record['tokens_seen']:,} tokens, "
+          f"{record['train_seconds']/60:.1f} min; perplexity {record['perplexity_bf16_weights']}")
+    print(record["sample"]["greedy_60_tokens"])
+
+
+def _tour(args):
+    from pathlib import Path
+
+    from .tour import tour
+
+    report = tour(args.model, args.out, smoke=args.smoke)
+    print(report)
+    print(f"saved {Path(args.out) / 'results.json'} and {Path(args.out) / 'roofline.png'}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llmopt", description="Tiny Transformers, Mighty Performance")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("tour", help="measure the baseline (and each technique) on a model")
+    t.add_argument("--model", default=None, help="bundled name, local directory or hub id "
+                   "(default: $LLMOPT_MODEL or the bundled model)")
+    t.add_argument("--out", default="tour_results", help="folder for results.json and plots")
+    t.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
+    t.set_defaults(func=_tour)
+
+    t = sub.add_parser("train", help="train the bundled model from scratch (the recipe in data/)")
+    t.add_argument("--out", help="output folder (default: the bundled model's folder)")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=512)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--autocast", choices=["bf16", "none"], default="bf16")
+    t.add_argument("--tiny", action="store_true", help="the 2-layer test architecture")
+    t.set_defaults(func=_train)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"llmopt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

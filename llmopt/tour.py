@@ -1,0 +1,86 @@
+"""`llmopt tour`: the baseline, measured, then one row per technique as lessons add them.
+
+`baseline()` is also what notebook 00 calls, so the notebook, the tour and the README
+all show numbers from the same code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import bench, models
+from . import eval as evaluate
+from .report import Report, plot_roofline
+
+
+@dataclass
+class TourConfig:
+    prompt_len: int = 32
+    new_tokens: int = 64
+    big_batch: int = 16
+    ppl_tokens: int | None = None  # None: the whole test split
+    repeats: int = 3
+
+    @classmethod
+    def smoke(cls):
+        return cls(prompt_len=16, new_tokens=16, big_batch=4, ppl_tokens=4096, repeats=1)
+
+
+def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None, progress: bool = True) -> dict:
+    """One comparison row: size, perplexity, latency and throughput, memory, roofline."""
+    ppl = evaluate.perplexity(model, tokenizer=tokenizer, split="test", max_tokens=cfg.ppl_tokens,
+                              progress=progress)
+    b1 = bench.generation(model, 1, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats)
+    bb = bench.generation(model, cfg.big_batch, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats)
+    roof = bench.decode_roofline(model, b1.tpot_s, bandwidth)
+    return {
+        "size_mb": bench.model_size_bytes(model) / 1e6,
+        "params_m": models.param_count(model) / 1e6,
+        "perplexity": ppl,
+        "tok_s_b1": b1.tokens_per_s,
+        "ttft_ms": b1.ttft_s * 1e3,
+        "tpot_ms": b1.tpot_s * 1e3,
+        f"tok_s_b{cfg.big_batch}": bb.tokens_per_s,
+        f"req_s_b{cfg.big_batch}": bb.requests_per_s,
+        "peak_mem_mb": max(b1.peak_memory_bytes, bb.peak_memory_bytes) / 1e6,
+        "roofline_pct": 100 * roof.fraction_of_floor,
+        "joules_per_tok": b1.joules_per_token,
+        "_roofline": roof,
+    }
+
+
+def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=None,
+             progress: bool = True) -> tuple[Report, dict]:
+    """Load a model and measure it; returns the report and the raw measurements."""
+    cfg = cfg or TourConfig()
+    model, tok = models.load(model_name, dtype=dtype, device=device)
+    dev = next(model.parameters()).device
+    bw = bench.memory_bandwidth(dev)
+    report = Report(title=f"llmopt tour: {model_name or models.default_model()} on {dev.type}",
+                    env=bench.environment())
+    row = measure(model, tok, cfg, bw, progress)
+    roof = row.pop("_roofline")
+    report.add(f"baseline {str(model.dtype).removeprefix('torch.')}", **row)
+    report.notes.append(
+        f"roofline: {roof.weight_bytes/1e6:.1f} MB of weights per decode step / {bw/1e9:.1f} GB/s "
+        f"measured copy bandwidth = {roof.floor_tokens_per_s:,.0f} tok/s floor; measured "
+        f"{roof.measured_tokens_per_s:,.0f} tok/s at batch 1")
+    return report, {"bandwidth": bw, "roofline": roof, "model": model, "tokenizer": tok}
+
+
+def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress: bool = True) -> Report:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TourConfig.smoke() if smoke else TourConfig()
+    report, raw = baseline(model_name, cfg, progress=progress)
+    roof = raw["roofline"]
+    fig = plot_roofline({m["method"]: m["tok_s_b1"] for m in report.rows}, roof.floor_tokens_per_s,
+                        path=out / "roofline.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    report.to_json(out / "results.json")
+    torch.manual_seed(0)
+    return report

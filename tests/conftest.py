@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The bundled model and tokenizer (fp32 on CPU), loaded once."""
+    import llmopt
+
+    return llmopt.load("tinypy", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random 2-layer Llama with the bundled tokenizer: milliseconds to build."""
+    import llmopt
+
+    return llmopt.load("tiny-random", device="cpu")
+
+
+@pytest.fixture
+def small_root(tmp_path):
+    """A fake 'standard library' of a few files, for fast corpus and tokenizer tests."""
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    body = "def f{i}(x):\n    # café ünïcode\n    return x * {i} + len('abc')\n\n"
+    for i in range(60):
+        (root / "pkg" / f"mod{i}.py").write_text(body.format(i=i) * 20)
+    (root / "site-packages").mkdir()
+    (root / "site-packages" / "skip.py").write_text("print('not stdlib')\n")
+    (root / "latin.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    return root

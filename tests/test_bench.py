@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from llmopt import bench
+
+
+def test_model_size_counts_parameters_and_buffers_once():
+    lin = torch.nn.Linear(4, 3)
+    assert bench.model_size_bytes(lin) == (12 + 3) * 4
+    lin.register_buffer("scale", torch.ones(5, dtype=torch.float16))
+    assert bench.model_size_bytes(lin) == (12 + 3) * 4 + 5 * 2
+    tied = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    assert bench.model_size_bytes(tied) == 40 * 4
+    packed = torch.nn.Module()
+    packed.register_buffer("qweight", torch.zeros(8, 2, dtype=torch.uint8))  # e.g. 4-bit packed
+    assert bench.model_size_bytes(packed) == 16
+
+
+def test_model_size_halves_in_bf16(tiny):
+    model, _ = tiny
+    full = bench.model_size_bytes(model)
+    half = bench.model_size_bytes(model.to(torch.bfloat16))
+    model.float()
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert full == 4 * sum(p.numel() for p in model.parameters()) + buffers
+    assert half < 0.51 * full
+
+
+def test_weight_bytes_skip_the_embedding_table(tiny):
+    model, _ = tiny
+    emb = model.get_input_embeddings().weight
+    assert bench.weight_bytes(model) == bench.model_size_bytes(model) - emb.numel() * emb.element_size()
+
+
+def test_time_fn_statistics():
+    calls = []
+    s = bench.time_fn(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7 and len(s.runs) == 5
+    assert s.min <= s.median <= s.max
+    with pytest.raises(ValueError, match="repeats"):
+        bench.time_fn(lambda: None, repeats=0)
+
+
+def test_time_fn_measures_sleep():
+    import time
+
+    s = bench.time_fn(lambda: time.sleep(0.02), warmup=0, repeats=3)
+    assert 0.018 < s.median < 0.2
+
+
+def test_track_memory_sees_an_allocation():
+    with bench.track_memory("cpu") as m:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MB
+        x += 1
+    assert m.peak_bytes > 64e6 and "RSS" in m.kind
+
+
+def test_generation_numbers_are_consistent(tiny):
+    model, _ = tiny
+    r = bench.generation(model, batch_size=3, prompt_len=8, new_tokens=5, warmup=1, repeats=2)
+    assert r.tokens_per_s == pytest.approx(3 * 5 / r.total_s)
+    assert r.requests_per_s == pytest.approx(3 / r.total_s)
+    assert 0 < r.ttft_s < r.total_s
+    assert r.tpot_s == pytest.approx((r.total_s - r.ttft_s) / 4)
+    assert r.peak_memory_bytes > 0
+    assert r.joules_per_token is None  # no NVML on CPU
+    d = r.to_dict()
+    assert d["ttft"]["median"] == r.ttft_s
+    with pytest.raises(ValueError, match="new_tokens"):
+        bench.generation(model, new_tokens=0)
+
+
+def test_generation_produces_exactly_new_tokens(tiny):
+    model, _ = tiny
+    lengths = []
+
+    def gen(ids, n):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        lengths.append(out.shape[1] - ids.shape[1])
+        return out
+
+    bench.generation(model, batch_size=2, prompt_len=4, new_tokens=6, warmup=0, repeats=1, generate_fn=gen)
+    assert lengths == [1, 6]
+
+
+def test_bandwidth_and_roofline(tiny):
+    model, _ = tiny
+    bw = bench.memory_bandwidth("cpu", nbytes=1 << 24, repeats=3)
+    assert 1e8 < bw < 1e13
+    roof = bench.decode_roofline(model, measured_s_per_token=1e-3, bandwidth=1e9)
+    assert roof.floor_s_per_token == pytest.approx(bench.weight_bytes(model) / 1e9)
+    assert roof.floor_tokens_per_s == pytest.approx(1 / roof.floor_s_per_token)
+    assert roof.fraction_of_floor == pytest.approx(roof.floor_s_per_token / 1e-3)
+    assert roof.measured_tokens_per_s == pytest.approx(1000)
+
+
+def test_environment_names_the_machine():
+    env = bench.environment()
+    assert {"python", "torch", "cpu", "cuda"} <= set(env)
+
+
+@pytest.mark.gpu
+def test_cuda_timing_and_memory():
+    x = torch.randn(4096, 4096, device="cuda")
+    with bench.track_memory("cuda") as m:
+        s = bench.time_fn(lambda: x @ x, device="cuda", repeats=3)
+    assert s.median > 0 and m.peak_bytes >= x.numel() * 4 and m.kind == "cuda max allocated"

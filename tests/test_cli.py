@@ -1,0 +1,45 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmopt import cli
+
+
+def llmopt(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "llmopt.cli", *args], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def test_tour_smoke_writes_table_json_and_plot(tmp_path):
+    r = llmopt("tour", "--smoke", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and "tok/s b=1" in r.stdout and "machine:" in r.stdout
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    row = res["rows"][0]
+    assert row["method"] == "baseline float32"
+    for key in ("size_mb", "perplexity", "tok_s_b1", "ttft_ms", "tpot_ms", "peak_mem_mb", "roofline_pct"):
+        assert row[key] > 0, key
+    assert 10 < row["size_mb"] < 60  # 6.6M params in fp32
+    assert (tmp_path / "out" / "roofline.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["tour", "--model", "./no/such/dir"], "does not exist"),
+    (["tour", "--model", "nonsense"], "unknown model"),
+    (["tour", "--bogus"], "unrecognized arguments"),
+    (["fly"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line(args, needle):
+    r = llmopt(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_parser_has_the_commands():
+    p = cli.build_parser()
+    assert p.parse_args(["tour"]).command == "tour"
+    assert p.parse_args(["train", "--steps", "3"]).steps == 3
