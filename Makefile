@@ -3,7 +3,7 @@
 # TORCH=torch==2.13.0); the default takes pip's choice for this machine.
 PYTHON ?= python3
 VENV   ?= .venv
-TORCH  ?= torch>=2.4
+TORCH  ?= 'torch>=2.4'
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --quiet
 
@@ -12,7 +12,7 @@ PIP     = $(PY) -m pip install --quiet
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) "$(TORCH)"
+	$(PIP) $(TORCH)
 	$(PIP) -e .
 	touch $@
 

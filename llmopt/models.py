@@ -154,9 +154,10 @@ def load(name_or_path=None, dtype=None, device=None, trust_remote_code: bool = F
     dt = pick_dtype(dtype, dev)
     if str(name_or_path) in RANDOM:
         tok = load_tokenizer()
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(tiny_config(len(tok))).to(device=dev, dtype=dt).eval()
-        return model, tok
+        with torch.random.fork_rng(devices=[]):  # the same weights every time; global RNG untouched
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(tiny_config(len(tok)))
+        return model.to(device=dev, dtype=dt).eval(), tok
     where = _resolve(name_or_path)
     if isinstance(where, Path):
         for f in where.glob("*.safetensors"):

@@ -59,9 +59,10 @@ class Report:
 
     @property
     def columns(self) -> list:
+        """Every column some row has a value for, in first-seen order."""
         cols = []
         for r in self.rows:
-            cols += [c for c in r if c not in cols]
+            cols += [c for c, v in r.items() if c not in cols and v is not None]
         return cols
 
     def _cells(self):
@@ -140,10 +141,12 @@ def plot_roofline(points: dict, floor_tok_s: float, ax=None, path=None, title="b
     plt = _pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.8))
     names = list(points)
-    ax.bar(names, [points[n] for n in names], color="tab:blue", label="measured")
+    bars = ax.bar(names, [points[n] for n in names], color="tab:blue", label="measured")
+    for bar, n in zip(bars, names):
+        ax.annotate(f"{points[n]:,.0f} tok/s\n{100 * points[n] / floor_tok_s:.1f}% of floor",
+                    (bar.get_x() + bar.get_width() / 2, points[n]), ha="center", va="bottom", fontsize=8)
     ax.axhline(floor_tok_s, color="tab:red", ls="--", label=f"roofline {floor_tok_s:,.0f} tok/s")
-    ax.set(ylabel="tokens/s (batch 1)", title=title)
-    ax.set_yscale("log")
+    ax.set(ylabel="tokens/s (batch 1)", title=title, ylim=(0, 1.12 * max(floor_tok_s, *points.values())))
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
