@@ -1,8 +1,13 @@
-"""The `llmopt` command: `llmopt tour`, `llmopt train`, `llmopt bench`."""
+"""The `llmopt` command: `llmopt tour` (measure a model) and `llmopt train` (the bundled model).
+
+Bad arguments and load errors print one line (`llmopt: error: ...`) and exit with status 2.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def _train(args):
@@ -18,11 +23,9 @@ def _train(args):
 
 
 def _tour(args):
-    from pathlib import Path
-
     from .tour import tour
 
-    report = tour(args.model, args.out, smoke=args.smoke)
+    report = tour(args.model, args.out, smoke=args.smoke or os.environ.get("LLMOPT_SMOKE") == "1")
     print(report)
     print(f"saved {Path(args.out) / 'results.json'} and {Path(args.out) / 'roofline.png'}")
 
@@ -40,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None, help="bundled name, local directory or hub id "
                    "(default: $LLMOPT_MODEL or the bundled model)")
     t.add_argument("--out", default="tour_results", help="folder for results.json and plots")
-    t.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
+    t.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI (also LLMOPT_SMOKE=1)")
     t.set_defaults(func=_tour)
 
     t = sub.add_parser("train", help="train the bundled model from scratch (the recipe in data/)")

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import bench, models
 from . import eval as evaluate
 from .report import Report, plot_roofline
@@ -28,14 +26,16 @@ class TourConfig:
         return cls(prompt_len=16, new_tokens=16, big_batch=4, ppl_tokens=4096, repeats=1)
 
 
-def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None, progress: bool = True) -> dict:
-    """One comparison row: size, perplexity, latency and throughput, memory, roofline."""
+def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
+            progress: bool = True) -> tuple[dict, bench.Roofline]:
+    """One comparison row (size, perplexity, latency and throughput, memory, share of the
+    roofline) and the batch-1 roofline behind it."""
     ppl = evaluate.perplexity(model, tokenizer=tokenizer, split="test", max_tokens=cfg.ppl_tokens,
                               progress=progress)
     b1 = bench.generation(model, 1, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats)
     bb = bench.generation(model, cfg.big_batch, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats)
     roof = bench.decode_roofline(model, b1.tpot_s, bandwidth)
-    return {
+    row = {
         "size_mb": bench.model_size_bytes(model) / 1e6,
         "params_m": models.param_count(model) / 1e6,
         "perplexity": ppl,
@@ -47,8 +47,8 @@ def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None, p
         "peak_mem_mb": max(b1.peak_memory_bytes, bb.peak_memory_bytes) / 1e6,
         "roofline_pct": 100 * roof.fraction_of_floor,
         "joules_per_tok": b1.joules_per_token,
-        "_roofline": roof,
     }
+    return row, roof
 
 
 def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=None,
@@ -60,8 +60,7 @@ def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=
     bw = bench.memory_bandwidth(dev)
     report = Report(title=f"llmopt tour: {model_name or models.default_model()} on {dev.type}",
                     env=bench.environment())
-    row = measure(model, tok, cfg, bw, progress)
-    roof = row.pop("_roofline")
+    row, roof = measure(model, tok, cfg, bw, progress)
     report.add(f"baseline {str(model.dtype).removeprefix('torch.')}", **row)
     report.notes.append(
         f"roofline: {roof.weight_bytes/1e6:.1f} MB of weights per decode step / {bw/1e9:.1f} GB/s "
@@ -80,7 +79,6 @@ def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress:
                         path=out / "roofline.png")
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    plt.close(fig)  # a terminal command keeps no figures open
     report.to_json(out / "results.json")
-    torch.manual_seed(0)
     return report
