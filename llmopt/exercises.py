@@ -30,42 +30,38 @@ def _call(name, fn, *args):
         return False, f"raised {type(e).__name__}: {e}"
 
 
+def _check_numbers(name, fn, cases, rel_tol, success) -> bool:
+    """Call fn(*args) for each (args, want, what) case and compare with `want`."""
+    for args, want, what in cases:
+        ok, got = _call(name, fn, *args)
+        if not ok:
+            return _result(name, False, got)
+        try:
+            got = float(got)
+        except (TypeError, ValueError):
+            return _result(name, False, f"returned {type(got).__name__}, expected a number")
+        if not math.isclose(got, want, rel_tol=rel_tol):
+            return _result(name, False, f"got {got:.4g}, expected {want:.4g} for {what}")
+    return _result(name, True, success)
+
+
 # --------------------------------------------------------------------------- lesson 00
 
 def check_perplexity(fn) -> bool:
     """Exercise 0.1: fn(logits (T, V), targets (T,)) -> perplexity (a float)."""
-    name = "Exercise 0.1 (perplexity from logits)"
     g = torch.Generator().manual_seed(0)
-    cases = [(torch.randn(50, 11, generator=g) * 3, torch.randint(0, 11, (50,), generator=g)),
-             (torch.zeros(7, 5), torch.randint(0, 5, (7,), generator=g))]  # uniform: ppl == V
-    for logits, targets in cases:
-        ok, got = _call(name, fn, logits.clone(), targets.clone())
-        if not ok:
-            return _result(name, False, got)
+    cases = []
+    for logits, targets in [(torch.randn(50, 11, generator=g) * 3, torch.randint(0, 11, (50,), generator=g)),
+                            (torch.zeros(7, 5), torch.randint(0, 5, (7,), generator=g))]:  # uniform: ppl = V
         want = math.exp(torch.nn.functional.cross_entropy(logits, targets).item())
-        try:
-            got = float(got)
-        except (TypeError, ValueError):
-            return _result(name, False, f"returned {type(got).__name__}, expected a number")
-        if not math.isclose(got, want, rel_tol=1e-4):
-            return _result(name, False, f"got {got:.4f}, expected {want:.4f} for {tuple(logits.shape)} logits")
-    return _result(name, True, "matches exp(mean cross-entropy); uniform logits give perplexity = vocab size")
+        cases.append(((logits.clone(), targets.clone()), want, f"{tuple(logits.shape)} logits"))
+    return _check_numbers("Exercise 0.1 (perplexity from logits)", fn, cases, 1e-4,
+                          "matches exp(mean cross-entropy); uniform logits give perplexity = vocab size")
 
 
 def check_roofline_floor(fn) -> bool:
     """Exercise 0.2: fn(weight_bytes, bandwidth_bytes_per_s) -> floor tokens/s at batch 1."""
-    from .bench import Roofline  # noqa: F401  (the structure the lesson compares with)
-
-    name = "Exercise 0.2 (decode roofline)"
-    for wb, bw in [(2.2e9, 4.2e12), (13.2e6, 20e9), (1, 1)]:
-        ok, got = _call(name, fn, wb, bw)
-        if not ok:
-            return _result(name, False, got)
-        want = bw / wb
-        try:
-            got = float(got)
-        except (TypeError, ValueError):
-            return _result(name, False, f"returned {type(got).__name__}, expected a number")
-        if not math.isclose(got, want, rel_tol=1e-6):
-            return _result(name, False, f"got {got:.4g} tok/s for {wb:.3g} B at {bw:.3g} B/s, expected {want:.4g}")
-    return _result(name, True, "a 2.2 GB model at 4.2 TB/s cannot decode faster than ~1900 tok/s at batch 1")
+    cases = [((wb, bw), bw / wb, f"{wb:.3g} bytes at {bw:.3g} bytes/s")
+             for wb, bw in [(2.2e9, 4.2e12), (13.2e6, 20e9), (1, 1)]]
+    return _check_numbers("Exercise 0.2 (decode roofline)", fn, cases, 1e-6,
+                          "a 2.2 GB model at 4.2 TB/s cannot decode faster than ~1900 tok/s at batch 1")

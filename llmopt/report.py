@@ -119,21 +119,21 @@ class Report:
         ax.set(xlabel=COLUMNS.get(x, (x,))[0], ylabel=COLUMNS.get(y, (y,))[0], title=self.title)
         if logx:
             ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=120)
-        return fig
+        return _finish(fig, ax, path)
 
 
 def _pyplot():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg", "widget"):
-        matplotlib.use("Agg", force=False)  # headless terminals and CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # imported late: the package works without a display
 
     return plt
+
+
+def _finish(fig, ax, path=None, grid_axis="both"):
+    ax.grid(alpha=0.3, axis=grid_axis)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 def plot_roofline(points: dict, floor_tok_s: float, ax=None, path=None, title="batch-1 decode vs the roofline"):
@@ -148,8 +148,4 @@ def plot_roofline(points: dict, floor_tok_s: float, ax=None, path=None, title="b
     ax.axhline(floor_tok_s, color="tab:red", ls="--", label=f"roofline {floor_tok_s:,.0f} tok/s")
     ax.set(ylabel="tokens/s (batch 1)", title=title, ylim=(0, 1.12 * max(floor_tok_s, *points.values())))
     ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, ax, path, grid_axis="y")

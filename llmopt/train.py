@@ -116,9 +116,6 @@ def train(model, train_stream, cfg: TrainConfig, val_stream=None, loss_fn=lm_los
 
 
 def plot_log(log: TrainLog, path: Path, title: str = "training loss"):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -28,11 +28,14 @@ def run(path: Path, strict: bool, tmp_path: Path):
     return nb
 
 
+def printed(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", sorted((ROOT / "solutions").glob("*.ipynb")), ids=lambda p: p.name)
 def test_solution_notebook_runs(path, tmp_path):
-    nb = run(path, strict=True, tmp_path=tmp_path)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = printed(run(path, strict=True, tmp_path=tmp_path))
     assert "FAIL" not in text
     assert text.count("PASS") >= 1
 
@@ -40,6 +43,5 @@ def test_solution_notebook_runs(path, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
 def test_learner_notebook_runs_with_exercises_unsolved(path, tmp_path):
-    nb = run(path, strict=False, tmp_path=tmp_path)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = printed(run(path, strict=False, tmp_path=tmp_path))
     assert "not attempted yet" in text
