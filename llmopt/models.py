@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "tinypy"
-# Short names -> folder under data/. "tiny-random" is built on the fly (unit tests).
+# Short names -> folder under data/.
 BUNDLED = {"tinypy": "tinypy"}
-RANDOM = {"tiny-random"}
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -102,6 +101,20 @@ def bundled_config(vocab_size: int = 4096):
                        rope_theta=10000.0)
 
 
+def tinyllama_config(vocab_size: int = 32000, **overrides):
+    """TinyLlama-1.1B's architecture (22 layers, hidden 2048, 32 query / 4 KV heads)."""
+    kw = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+              num_key_value_heads=4, max_position_embeddings=2048)
+    kw.update(overrides)
+    return tiny_config(vocab_size, **kw)
+
+
+# Random-weight models built on the fly with the bundled tokenizer, no download: a tiny one
+# for unit tests, and TinyLlama-1.1B's shape for timing on a GPU (speed does not depend on
+# the weights; quality numbers of these are meaningless).
+RANDOM = {"tiny-random": tiny_config, "tinyllama-1.1b-random": tinyllama_config}
+
+
 def load_tokenizer(name_or_path=DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
@@ -137,7 +150,7 @@ def _resolve(name_or_path) -> Path | str:
         return p
     if looks_like_hub_id:
         return name
-    raise ValueError(f"unknown model {name!r}: use a bundled name {sorted(BUNDLED | dict.fromkeys(RANDOM))}, "
+    raise ValueError(f"unknown model {name!r}: use a bundled name {sorted(BUNDLED | RANDOM)}, "
                      "a local Hugging Face directory, or a hub id like 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'")
 
 
@@ -154,9 +167,12 @@ def load(name_or_path=None, dtype=None, device=None, trust_remote_code: bool = F
     dt = pick_dtype(dtype, dev)
     if str(name_or_path) in RANDOM:
         tok = load_tokenizer()
+        config = RANDOM[str(name_or_path)]()
+        if config.vocab_size < len(tok):
+            config.vocab_size = len(tok)
         with torch.random.fork_rng(devices=[]):  # the same weights every time; global RNG untouched
             torch.manual_seed(0)
-            model = LlamaForCausalLM(tiny_config(len(tok)))
+            model = LlamaForCausalLM(config)
         return model.to(device=dev, dtype=dt).eval(), tok
     where = _resolve(name_or_path)
     if isinstance(where, Path):

@@ -107,3 +107,14 @@ def test_cuda_timing_and_memory():
     with bench.track_memory("cuda") as m:
         s = bench.time_fn(lambda: x @ x, device="cuda", repeats=3)
     assert s.median > 0 and m.peak_bytes >= x.numel() * 4 and m.kind == "cuda max allocated"
+
+
+@pytest.mark.gpu
+def test_cuda_generation_uses_bf16_and_cuda_memory():
+    import llmopt
+
+    model, _ = llmopt.load("tiny-random")
+    assert model.device.type == "cuda" and model.dtype == torch.bfloat16
+    r = bench.generation(model, batch_size=4, prompt_len=8, new_tokens=8, repeats=2)
+    assert r.memory_kind == "cuda max allocated" and r.peak_memory_bytes > 0
+    assert r.tokens_per_s == pytest.approx(32 / r.total_s)

@@ -53,6 +53,15 @@ def test_tiny_random_builds_fast(tiny):
     assert model.config.vocab_size == len(tok)
 
 
+def test_tinyllama_shape_for_gpu_timing():
+    from transformers import LlamaForCausalLM
+
+    cfg = models.tinyllama_config()
+    with torch.device("meta"):  # no memory: just count
+        n = models.param_count(LlamaForCausalLM(cfg))
+    assert 1.09e9 < n < 1.11e9 and cfg.num_key_value_heads == 4
+
+
 def test_load_local_directory_and_dtype(tmp_path):
     model, tok = llmopt.load(models.bundled_path(), dtype="bf16", device="cpu")
     assert model.dtype == torch.bfloat16

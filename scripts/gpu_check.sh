@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU checks, in one run (for a lent GPU machine: no package index there, so nothing is
+# installed; the machine's own torch and transformers are used). Results go to $OUT (or ./gpu_out).
+#   bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+# the GPU-marked tests and the CPU suite's fast part, on this machine's stack
+$PY -m pytest -q -m "gpu or not slow" -p no:cacheprovider tests 2>&1 | tail -n 25 | tee "$OUT/pytest.txt"
+# the baseline of the bundled model, and of a TinyLlama-1.1B-shaped random model (timing only)
+$PY -m llmopt.cli tour --out "$OUT/tour_tinypy" 2>/dev/null | tee "$OUT/tour_tinypy.txt"
+$PY -m llmopt.cli tour --model tinyllama-1.1b-random --out "$OUT/tour_tinyllama" 2>/dev/null | tee "$OUT/tour_tinyllama.txt"
