@@ -44,6 +44,7 @@ class Report:
     rows: list = field(default_factory=list)
     env: dict = field(default_factory=dict)   # where the numbers came from
     notes: list = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # method -> raw measurements (JSON only)
 
     def add(self, method: str, **metrics) -> dict:
         """Add (or replace) the row for `method`."""
@@ -93,7 +94,8 @@ class Report:
         return f"<b>{html.escape(self.title)}</b><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>{foot}"
 
     def to_dict(self) -> dict:
-        return {"title": self.title, "rows": self.rows, "env": self.env, "notes": self.notes}
+        return {"title": self.title, "rows": self.rows, "env": self.env, "notes": self.notes,
+                "details": self.details}
 
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=1, default=str)

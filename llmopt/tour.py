@@ -5,7 +5,7 @@ all show numbers from the same code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import bench, models
@@ -27,9 +27,9 @@ class TourConfig:
 
 
 def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
-            progress: bool = True) -> tuple[dict, bench.Roofline]:
+            progress: bool = True) -> tuple[dict, dict]:
     """One comparison row (size, perplexity, latency and throughput, memory, share of the
-    roofline) and the batch-1 roofline behind it."""
+    roofline) and the raw measurements behind it (timings with their spread, the roofline)."""
     ppl = evaluate.perplexity(model, tokenizer=tokenizer, split="test", max_tokens=cfg.ppl_tokens,
                               progress=progress)
     b1 = bench.generation(model, 1, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats)
@@ -48,7 +48,7 @@ def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
         "roofline_pct": 100 * roof.fraction_of_floor,
         "joules_per_tok": b1.joules_per_token,
     }
-    return row, roof
+    return row, {"batch_1": b1, f"batch_{cfg.big_batch}": bb, "roofline": roof}
 
 
 def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=None,
@@ -60,8 +60,11 @@ def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=
     bw = bench.memory_bandwidth(dev)
     report = Report(title=f"llmopt tour: {model_name or models.default_model()} on {dev.type}",
                     env=bench.environment())
-    row, roof = measure(model, tok, cfg, bw, progress)
-    report.add(f"baseline {str(model.dtype).removeprefix('torch.')}", **row)
+    row, raw = measure(model, tok, cfg, bw, progress)
+    method = f"baseline {str(model.dtype).removeprefix('torch.')}"
+    report.add(method, **row)
+    report.details[method] = {k: asdict(v) for k, v in raw.items()}  # every run's time, in the JSON
+    roof = raw["roofline"]
     report.notes.append(
         f"roofline: {roof.weight_bytes/1e6:.1f} MB of weights per decode step / {bw/1e9:.1f} GB/s "
         f"measured copy bandwidth = {roof.floor_tokens_per_s:,.0f} tok/s floor; measured "

@@ -22,6 +22,10 @@ def test_tour_smoke_writes_table_json_and_plot(tmp_path):
     for key in ("size_mb", "perplexity", "tok_s_b1", "ttft_ms", "tpot_ms", "peak_mem_mb", "roofline_pct"):
         assert row[key] > 0, key
     assert 10 < row["size_mb"] < 60  # 6.6M params in fp32
+    details = res["details"]["baseline float32"]
+    runs = details["batch_1"]["total"]["runs"]
+    assert len(runs) == 1 and min(runs) <= details["batch_1"]["total_s"] <= max(runs)  # smoke: 1 repeat
+    assert details["roofline"]["floor_tokens_per_s"] > 0
     assert (tmp_path / "out" / "roofline.png").stat().st_size > 1000
 
 
