@@ -5,6 +5,7 @@ all show numbers from the same code.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,6 @@ def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
     roof = bench.decode_roofline(model, b1.tpot_s, bandwidth)
     row = {
         "size_mb": bench.model_size_bytes(model) / 1e6,
-        "params_m": models.param_count(model) / 1e6,
         "perplexity": ppl,
         "tok_s_b1": b1.tokens_per_s,
         "ttft_ms": b1.ttft_s * 1e3,
@@ -72,12 +72,29 @@ def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=
     return report, {"bandwidth": bw, "roofline": roof, "model": model, "tokenizer": tok}
 
 
+def techniques() -> list:
+    """(row name, function that turns a copy of the float model into the candidate).
+    Each lesson adds its methods here, so `llmopt tour` grows a row per technique."""
+    from .quant import QuantConfig, quantize
+
+    return [
+        ("rtn w8 per-channel", lambda m: quantize(m, QuantConfig(bits=8))),
+        ("rtn w4 g128 zero-point", lambda m: quantize(m, QuantConfig(bits=4, group_size=128, symmetric=False))),
+    ]
+
+
 def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress: bool = True) -> Report:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = TourConfig.smoke() if smoke else TourConfig()
     report, raw = baseline(model_name, cfg, progress=progress)
     roof = raw["roofline"]
+    for name, make in techniques():
+        candidate = make(copy.deepcopy(raw["model"]))
+        row, details = measure(candidate, raw["tokenizer"], cfg, raw["bandwidth"], progress)
+        report.add(name, **row)
+        report.details[name] = {k: asdict(v) for k, v in details.items()}
+        del candidate
     fig = plot_roofline({m["method"]: m["tok_s_b1"] for m in report.rows}, roof.floor_tokens_per_s,
                         path=out / "roofline.png")
     import matplotlib.pyplot as plt

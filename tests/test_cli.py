@@ -18,7 +18,8 @@ def test_tour_smoke_writes_table_json_and_plot(tmp_path):
     assert "perplexity" in r.stdout and "tok/s b=1" in r.stdout and "machine:" in r.stdout
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     row = res["rows"][0]
-    assert row["method"] == "baseline float32"
+    assert [r["method"] for r in res["rows"]] == ["baseline float32", "rtn w8 per-channel", "rtn w4 g128 zero-point"]
+    assert res["rows"][2]["size_mb"] < res["rows"][1]["size_mb"] < row["size_mb"]
     for key in ("size_mb", "perplexity", "tok_s_b1", "ttft_ms", "tpot_ms", "peak_mem_mb", "roofline_pct"):
         assert row[key] > 0, key
     assert 10 < row["size_mb"] < 60  # 6.6M params in fp32

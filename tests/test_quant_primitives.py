@@ -23,7 +23,7 @@ def weight(shape, seed, outliers=True):
 @given(shape=shapes, gran=granularities, bits=bits_, symmetric=st.booleans(), seed=st.integers(0, 10**6))
 def test_uniform_error_at_most_half_a_step(shape, gran, bits, symmetric, seed):
     w = weight(shape, seed)
-    qt = quant.quantize(w, bits, gran, symmetric)
+    qt = quant.quantize_tensor(w, bits, gran, symmetric)
     err = (w - qt.dequantize()).abs()
     step = qt.scale.expand(_groups(w, gran).shape).reshape(w.shape)
     assert torch.all(err <= step / 2 + 1e-6 * w.abs().max())
@@ -59,7 +59,7 @@ def test_finer_granularity_and_more_bits_lower_the_error():
 def test_dtype_round_trip_and_all_zero_rows():
     w = torch.zeros(3, 64, dtype=torch.bfloat16)
     w[1] = 1.5
-    deq = quant.quantize(w, 8, 32).dequantize()
+    deq = quant.quantize_tensor(w, 8, 32).dequantize()
     assert deq.dtype == torch.bfloat16 and torch.equal(deq, w)
 
 
@@ -70,9 +70,9 @@ def test_dtype_round_trip_and_all_zero_rows():
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
-        quant.quantize(torch.randn(4, 64), **kw)
+        quant.quantize_tensor(torch.randn(4, 64), **kw)
     with pytest.raises(ValueError, match="2-D"):
-        quant.quantize(torch.randn(64))
+        quant.quantize_tensor(torch.randn(64))
 
 
 @settings(max_examples=100, deadline=None)
@@ -92,7 +92,7 @@ def test_packing_layout_and_signed_codes():
     q = torch.arange(-8, 8, dtype=torch.int8).reshape(2, 8)
     assert torch.equal(quant.to_signed(quant.unpack(quant.pack(quant.to_unsigned(q, 4), 4), 4), 4), q)
     w = torch.randn(8, 64)
-    qt = quant.quantize(w, 4, 32)
+    qt = quant.quantize_tensor(w, 4, 32)
     assert quant.pack(quant.to_unsigned(qt.q, 4), 4).numel() == w.numel() // 2  # the bytes really halve
 
 

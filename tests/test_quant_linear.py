@@ -1,0 +1,78 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llmopt import bench
+from llmopt import eval as evaluate
+from llmopt.quant import QuantConfig, QuantLinear, fake_quantize, quantize
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(8, None, True), (4, 32, True), (4, 32, False),
+                                                    (2, 64, True), (3, None, False), (8, 64, False)])
+def test_quant_linear_equals_fake_quantized_linear(bits, group, symmetric):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48, bias=True)
+    cfg = QuantConfig(bits=bits, group_size=group, symmetric=symmetric)
+    q = QuantLinear.from_linear(lin, cfg)
+    ref_w = fake_quantize(lin.weight.detach(), bits, "channel" if group is None else group, symmetric)
+    # scales are stored in float16: allow for their rounding
+    assert torch.allclose(q.dequantized_weight(), ref_w, rtol=2e-3, atol=1e-6)
+    x = torch.randn(5, 128)
+    assert torch.allclose(q(x), nn.functional.linear(x, q.dequantized_weight(), lin.bias), atol=1e-5)
+    assert torch.allclose(q(x), nn.functional.linear(x, ref_w, lin.bias), atol=1e-2)
+
+
+def test_held_bytes_really_shrink():
+    lin = nn.Linear(256, 256, bias=False).to(torch.bfloat16)
+    bf16 = bench.model_size_bytes(lin)
+    w8 = bench.model_size_bytes(QuantLinear.from_linear(lin, QuantConfig(bits=8)))
+    w4 = bench.model_size_bytes(QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=128)))
+    w4z = bench.model_size_bytes(QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=128, symmetric=False)))
+    assert w8 == 256 * 256 + 256 * 2  # int8 codes + one fp16 scale per row
+    assert w4 == 256 * 128 + 256 * 2 * 2  # two codes a byte + 2 groups of fp16 scales per row
+    assert w4z / bf16 <= 0.30 and w8 / bf16 < 0.51
+
+
+def test_quantize_model_swaps_linears_and_still_generates(tiny):
+    model, tok = tiny
+    q = quantize(copy.deepcopy(model), QuantConfig(bits=8))
+    linears = [m for m in q.modules() if isinstance(m, nn.Linear)]
+    assert [type(m) for m in linears] == [nn.Linear]  # only lm_head stays float
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 7 * model.config.num_hidden_layers
+    ids = torch.randint(1, 100, (2, 6))
+    with torch.no_grad():
+        a, b = model(ids).logits, q(ids).logits
+    assert torch.allclose(a, b, atol=0.05 * a.abs().max())
+    out = q.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 10)
+
+
+def test_quantize_errors(tiny):
+    model, _ = tiny
+    q = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(q, QuantConfig())
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=48))
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(bits=5)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantConfig(group_size=0)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quantize(copy.deepcopy(model), QuantConfig(skip=(".",)))
+
+
+@pytest.mark.slow
+def test_bundled_w8_rtn_keeps_perplexity_and_w4_shrinks_bytes(bundled):
+    model, tok = bundled
+    stream = None  # the test split
+    kw = dict(tokenizer=tok, max_tokens=32768, progress=False)
+    base = evaluate.perplexity(model, stream, **kw)
+    w8 = quantize(copy.deepcopy(model), QuantConfig(bits=8))
+    assert evaluate.perplexity(w8, stream, **kw) < 1.01 * base
+    w4 = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=128))
+    layers = lambda m: sum(bench.model_size_bytes(x) for x in m.model.layers)  # noqa: E731
+    bf16_layers = 2 * sum(p.numel() for p in model.model.layers.parameters())
+    assert layers(w4) <= 0.30 * bf16_layers
