@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -186,12 +186,6 @@ class GenerationResult:
     joules_per_token: float | None = None
     ttft: Stats | None = None
     total: Stats | None = None
-
-    def to_dict(self):
-        d = asdict(self)
-        for k in ("ttft", "total"):
-            d[k] = None if d[k] is None else {x: d[k][x] for x in ("median", "min", "max")}
-        return d
 
 
 def random_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0,
