@@ -59,13 +59,20 @@ class QuantLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> QuantLinear:
-        w = linear.weight
-        if cfg.group_size is not None and w.shape[1] % cfg.group_size:
-            raise ValueError(f"group_size {cfg.group_size} does not divide in_features {w.shape[1]}")
-        if cfg.bits in (2, 4) and w.shape[1] % (8 // cfg.bits):
-            raise ValueError(f"in_features {w.shape[1]} cannot be packed {8 // cfg.bits} codes to a byte")
-        m = cls(w.shape[1], w.shape[0], cfg, bias=linear.bias is not None, device=w.device)
-        qt = quantize_tensor(w, cfg.bits, cfg.granularity, cfg.symmetric)
+        """Round-to-nearest quantization of an `nn.Linear`."""
+        qt = quantize_tensor(linear.weight, cfg.bits, cfg.granularity, cfg.symmetric)
+        return cls.from_qtensor(qt, cfg, linear.bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_qtensor(cls, qt, cfg: QuantConfig, bias: torch.Tensor | None = None) -> QuantLinear:
+        """Hold codes made by any algorithm (RTN, GPTQ, ...) in the packed layout."""
+        out_f, in_f = qt.shape
+        if (qt.bits, qt.granularity, qt.zero is None) != (cfg.bits, cfg.granularity, cfg.symmetric):
+            raise ValueError(f"codes ({qt.bits} bits, {qt.granularity}) do not match the config {cfg}")
+        if cfg.bits in (2, 4) and in_f % (8 // cfg.bits):
+            raise ValueError(f"in_features {in_f} cannot be packed {8 // cfg.bits} codes to a byte")
+        m = cls(in_f, out_f, cfg, bias=bias is not None, device=qt.q.device)
         codes = qt.q
         if cfg.bits in (2, 4):
             codes = packing.pack(packing.to_unsigned(codes, cfg.bits) if cfg.symmetric else codes, cfg.bits)
@@ -73,8 +80,8 @@ class QuantLinear(nn.Module):
         m.scales.copy_(qt.scale.reshape(m.scales.shape))
         if qt.zero is not None:
             m.zeros.copy_(qt.zero.reshape(m.zeros.shape))
-        if linear.bias is not None:
-            m.bias = nn.Parameter(linear.bias.detach().clone())
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone())
         return m
 
     def codes(self) -> torch.Tensor:

@@ -63,32 +63,41 @@ class QTensor:
         return dequantize(self)
 
 
+def scale_zero(g: torch.Tensor, bits: int, symmetric: bool):
+    """Scale (and integer zero point, or None) for each last-dim slice of `g` (float32)."""
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        return (g.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-12), None
+    lo = g.amin(dim=-1, keepdim=True).clamp(max=0)  # the range always holds 0: zero stays exact
+    hi = g.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12)  # an all-zero group: avoid 0/0
+    return scale, torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+
+
+def to_codes(x: torch.Tensor, scale: torch.Tensor, zero, bits: int) -> torch.Tensor:
+    """Round to the nearest code: clamp(round(x / s) + z) (float tensor of integers)."""
+    qmin, qmax = qrange(bits, zero is None)
+    q = torch.round(x / scale)
+    return torch.clamp(q if zero is None else q + zero, qmin, qmax)
+
+
+def from_codes(q: torch.Tensor, scale: torch.Tensor, zero) -> torch.Tensor:
+    return (q if zero is None else q - zero) * scale
+
+
 def quantize(w: torch.Tensor, bits: int = 8, granularity="channel", symmetric: bool = True) -> QTensor:
     """Round-to-nearest uniform quantization of a 2-D tensor (computed in float32)."""
-    qmin, qmax = qrange(bits, symmetric)
+    qrange(bits, symmetric)  # validates bits
     g = _groups(w.detach().float(), granularity)
-    if symmetric:
-        scale = g.abs().amax(dim=-1, keepdim=True) / qmax
-        zero = None
-    else:
-        lo = g.amin(dim=-1, keepdim=True).clamp(max=0)  # the range always holds 0: zero stays exact
-        hi = g.amax(dim=-1, keepdim=True).clamp(min=0)
-        scale = (hi - lo) / (qmax - qmin)
-    scale = scale.clamp(min=1e-12)  # an all-zero group: any scale works, avoid 0/0
-    if symmetric:
-        q = torch.clamp(torch.round(g / scale), qmin, qmax)
-    else:
-        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-        q = torch.clamp(torch.round(g / scale) + zero, qmin, qmax)
+    scale, zero = scale_zero(g, bits, symmetric)
+    q = to_codes(g, scale, zero, bits)
     return QTensor(q.to(torch.int8 if symmetric else torch.uint8).reshape(w.shape), scale, zero, bits,
                    granularity, tuple(w.shape), w.dtype)
 
 
 def dequantize(qt: QTensor) -> torch.Tensor:
     g = _groups(qt.q.float(), qt.granularity)
-    if qt.zero is not None:
-        g = g - qt.zero
-    return (g * qt.scale).reshape(qt.shape).to(qt.dtype)
+    return from_codes(g, qt.scale, qt.zero).reshape(qt.shape).to(qt.dtype)
 
 
 def fake_quantize(w: torch.Tensor, bits: int = 8, granularity="channel", symmetric: bool = True) -> torch.Tensor:
