@@ -11,11 +11,11 @@ from pathlib import Path
 
 
 def _train(args):
-    from . import models, train
+    from . import train
 
     cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                             lr=args.lr, seed=args.seed, autocast=args.autocast)
-    out = args.out or models.bundled_path()
+    out = args.out
     record = train.build_bundled(out, cfg, vocab_size=args.vocab_size, tiny=args.tiny)
     print(f"saved {out}: {record['parameters']/1e6:.2f}M params, {record['tokens_seen']:,} tokens, "
           f"{record['train_seconds']/60:.1f} min; perplexity {record['perplexity_bf16_weights']}")
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_tour)
 
     t = sub.add_parser("train", help="train the bundled model from scratch (the recipe in data/)")
-    t.add_argument("--out", help="output folder (default: the bundled model's folder)")
+    t.add_argument("--out", required=True,
+                   help="output folder (data/tinypy replaces the bundled model)")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=512)

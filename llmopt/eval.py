@@ -38,7 +38,7 @@ def nll(model, stream: torch.Tensor, seq_len: int = 512, stride: int | None = No
         raise ValueError("the token stream needs at least 2 tokens")
     device = next(model.parameters()).device
     wins = _windows(stream.numel(), seq_len, stride)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     bar = tqdm(total=sum(w[2] for w in wins), desc="perplexity", unit="tok", disable=not progress, leave=False)
     i = 0
     while i < len(wins):
@@ -54,11 +54,11 @@ def nll(model, stream: torch.Tensor, seq_len: int = 512, stride: int | None = No
         for row, (_, _, k) in enumerate(group):
             # logits at position t predict token t+1: the last k tokens need logits [-k-1:-1]
             lp = F.cross_entropy(logits[row, -k - 1 : -1], x[row, -k:], reduction="sum")
-            total += lp.item()
+            total += lp.double()  # summed on the device: one sync at the end, not one per window
             count += k
         bar.update(sum(k for *_, k in group))
     bar.close()
-    return total, count
+    return total.item(), count
 
 
 def perplexity(model, stream=None, tokenizer=None, split: str = "test", seq_len: int = 512,

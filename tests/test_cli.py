@@ -47,4 +47,4 @@ def test_bad_arguments_give_one_line(args, needle):
 def test_parser_has_the_commands():
     p = cli.build_parser()
     assert p.parse_args(["tour"]).command == "tour"
-    assert p.parse_args(["train", "--steps", "3"]).steps == 3
+    assert p.parse_args(["train", "--out", "x", "--steps", "3"]).steps == 3

@@ -38,15 +38,16 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         raise ValueError(f"damp must be in [0, 1), got {damp}")
     granularity = "channel" if group_size is None else group_size
     gs = n if group_size is None else group_size
-    W, H = w.detach().float().clone(), H.float().clone()
+    W, H = w.detach().float().clone(), H.to(w.device, torch.float32).clone()
+    dev = W.device
     _groups(W, granularity)  # validates group_size
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1
     W[:, dead] = 0
 
     n_groups = n // gs
-    scales = torch.empty(rows, n_groups, 1)
-    zeros = None if symmetric else torch.empty(rows, n_groups, 1)
+    scales = torch.empty(rows, n_groups, 1, device=dev)
+    zeros = None if symmetric else torch.empty(rows, n_groups, 1, device=dev)
     static = act_order or group_size is None
     if static:
         s, z = scale_zero(_groups(W, granularity), bits, symmetric)
@@ -56,15 +57,15 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     else:
         block_size = gs * max(1, block_size // gs)  # a group never straddles two blocks
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(n)
+    H += damp * torch.diag(H).mean() * torch.eye(n, device=dev)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros_like(W)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1, err1, U1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), U[i1:i2, i1:i2]
+        W1, err1, U1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=dev), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = int(perm[i1 + i]) // gs
             if not static and (i1 + i) % gs == 0:  # the group's scale from the weights as updated so far

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import packing
-from .primitives import UNIFORM_BITS
+from .primitives import UNIFORM_BITS, from_codes
 from .primitives import quantize as quantize_tensor
 
 
@@ -94,9 +94,9 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         c = self.codes().float().reshape(self.out_features, self.scales.shape[1], -1)
-        if self.zeros is not None:
-            c = c - self.zeros.float()[..., None]
-        return (c * self.scales.float()[..., None]).reshape(self.out_features, self.in_features).to(dtype)
+        zero = None if self.zeros is None else self.zeros.float()[..., None]
+        w = from_codes(c, self.scales.float()[..., None], zero)
+        return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
