@@ -7,6 +7,7 @@ streams are cached under ``~/.cache/llmopt`` (``LLMOPT_CACHE`` overrides).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import sys
@@ -108,7 +109,13 @@ def token_stream(split: str, tokenizer, root: Path | None = None, cache: bool = 
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    vocab_key = hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12]
+    # A copy of the fast backend without padding or truncation: a padded call on the tokenizer
+    # (tok(..., padding=True)) leaves padding switched on in its backend, which would pad every
+    # document to the longest; and the cache key must not change with those settings.
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    vocab_key = hashlib.sha1(backend.to_str().encode()).hexdigest()[:12]
     root_key = hashlib.sha1(str(Path(root) if root else stdlib_root()).encode()).hexdigest()[:8]
     path = _cache_dir() / f"{corpus_id()}-{root_key}-{split}-{vocab_key}.pt"
     if cache and path.exists():
@@ -118,7 +125,7 @@ def token_stream(split: str, tokenizer, root: Path | None = None, cache: bool = 
         raise ValueError(f"the {split} split of {root or stdlib_root()} is empty")
     # The fast backend directly: no max-length warnings, and its post-processor puts the
     # EOS in front of each document.
-    encs = tokenizer.backend_tokenizer.encode_batch([d.text for d in docs])
+    encs = backend.encode_batch([d.text for d in docs])
     flat = torch.tensor([t for e in encs for t in e.ids], dtype=torch.int32)
     if cache:
         tmp = path.with_suffix(".tmp")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import bench, models
 from . import eval as evaluate
+from .quant import bnb
 from .report import Report, plot_roofline
 
 
@@ -21,10 +22,13 @@ class TourConfig:
     big_batch: int = 16
     ppl_tokens: int | None = None  # None: the whole test split
     repeats: int = 3
+    calib_samples: int = 128       # PTQ calibration: windows of the train split
+    calib_len: int = 256
 
     @classmethod
     def smoke(cls):
-        return cls(prompt_len=16, new_tokens=16, big_batch=4, ppl_tokens=4096, repeats=1)
+        return cls(prompt_len=16, new_tokens=16, big_batch=4, ppl_tokens=4096, repeats=1, calib_samples=32,
+                   calib_len=128)
 
 
 def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
@@ -72,15 +76,35 @@ def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=
     return report, {"bandwidth": bw, "roofline": roof, "model": model, "tokenizer": tok}
 
 
-def techniques() -> list:
+def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -> list:
     """(row name, function that turns a copy of the float model into the candidate).
     Each lesson adds its methods here, so `llmopt tour` grows a row per technique."""
-    from .quant import QuantConfig, quantize
+    from .data import calibration_batches
+    from .quant import QuantConfig, bnb, quantize
 
+    cfg = cfg or TourConfig()
+    calib = []  # made once, on first use, and shared by the calibrated methods
+
+    def calibrated(qcfg):
+        def make(model):
+            if not calib:
+                calib.append(calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_len))
+            return quantize(model, qcfg, calib[0])
+        return make
+
+    w4 = dict(bits=4, group_size=128, symmetric=False)
     return [
         ("rtn w8 per-channel", lambda m: quantize(m, QuantConfig(bits=8))),
-        ("rtn w4 g128 zero-point", lambda m: quantize(m, QuantConfig(bits=4, group_size=128, symmetric=False))),
-    ]
+        ("rtn w4 g128 zero-point", lambda m: quantize(m, QuantConfig(**w4))),
+        ("gptq w4 g128 zero-point", calibrated(QuantConfig(**w4, method="gptq", act_order=True))),
+        ("awq w4 g128 zero-point", calibrated(QuantConfig(**w4, method="awq"))),
+        ("nf4 double-quant", lambda m: quantize(m, QuantConfig(bits=4, method="nf4", double_quant=True))),
+        ("smoothquant w8a8", calibrated(QuantConfig(bits=8, method="smoothquant"))),
+    ] + ([  # bitsandbytes loads the model itself, from its folder
+        ("bnb nf4 double-quant", lambda m: bnb.load(model_name, "nf4", double_quant=True, compute_dtype=m.dtype,
+                                                    device=m.device)[0]),
+        ("bnb llm.int8", lambda m: bnb.load(model_name, "int8", device=m.device)[0]),
+    ] if bnb.available() else [])
 
 
 def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress: bool = True) -> Report:
@@ -89,9 +113,10 @@ def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress:
     cfg = TourConfig.smoke() if smoke else TourConfig()
     report, raw = baseline(model_name, cfg, progress=progress)
     roof = raw["roofline"]
-    for name, make in techniques():
+    for name, make in techniques(raw["tokenizer"], cfg, model_name or models.default_model()):
         candidate = make(copy.deepcopy(raw["model"]))
         row, details = measure(candidate, raw["tokenizer"], cfg, raw["bandwidth"], progress)
+        row["size_mb"] += bnb.quant_state_bytes(candidate) / 1e6  # 0 unless bitsandbytes holds a quant_state
         report.add(name, **row)
         report.details[name] = {k: asdict(v) for k, v in details.items()}
         del candidate

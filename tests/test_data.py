@@ -40,6 +40,10 @@ def test_tokenizer_round_trip_and_stream(small_root, tmp_path, monkeypatch):
     assert int((stream == tok.eos_token_id).sum()) == len(docs)
     again = data.token_stream("train", tok, root=small_root)  # from the cache
     assert torch.equal(stream, again)
+    tok.pad_token = tok.eos_token
+    tok(["a", "a much longer line"], padding=True)  # leaves padding on in the fast backend
+    fresh = data.token_stream("train", tok, root=small_root, cache=False)
+    assert torch.equal(stream, fresh)  # neither padded nor a different cache key
     with pytest.raises(ValueError, match="vocab_size"):
         data.train_tokenizer(vocab_size=10, root=small_root)
 

@@ -66,3 +66,77 @@ def test_gptq_codes_load_into_quant_linear():
     assert torch.allclose(layer.dequantized_weight(), dequantize(qt), rtol=2e-3, atol=1e-6)  # fp16 scales
     with pytest.raises(ValueError, match="do not match"):
         QuantLinear.from_qtensor(qt, QuantConfig(bits=8))
+
+
+# --------------------------------------------------------------------------- the whole model
+
+def layer_inputs(model, ids, layer_index):
+    """Inputs of every linear of one decoder layer when the (partly quantized) model runs `ids`."""
+    from llmopt.quant import calibrate
+
+    layer, seen = calibrate.decoder_layers(model)[layer_index], {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.setdefault(n, []).append(a[0].reshape(
+        -1, a[0].shape[-1]))) for n, m in layer.named_modules() if hasattr(m, "weight") and m.weight.dim() == 2]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+def test_gptq_model_is_sequential(tiny):
+    """Layer 1 is quantized with the Hessian of inputs that went through the *quantized* layer 0:
+    redo both layers by hand and get the same codes."""
+    import copy
+
+    from llmopt.quant import QuantConfig, QuantLinear, quantize
+
+    model, _ = tiny
+    cfg = QuantConfig(bits=4, group_size=32, method="gptq")
+    ids = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    q = quantize(copy.deepcopy(model), cfg, ids)
+
+    by_hand = copy.deepcopy(model)
+    for i in range(2):
+        x = layer_inputs(by_hand, ids, i)
+        layer = by_hand.model.layers[i]
+        for name, lin in list(layer.named_modules()):
+            if isinstance(lin, torch.nn.Linear):
+                qt = gptq_quantize(lin.weight, hessian(x[name]), 4, 32)
+                with torch.no_grad():  # as the model holds it: fp16 scales
+                    lin.weight.copy_(QuantLinear.from_qtensor(qt, cfg).dequantized_weight())
+                assert torch.equal(q.model.layers[i].get_submodule(name).codes(), qt.q.to(torch.int16)), (i, name)
+    assert not hasattr(q.lm_head, "codes")  # skipped by default
+
+
+def test_gptq_model_beats_rtn_on_bundled(bundled):
+    import copy
+
+    from llmopt import data
+    from llmopt import eval as evaluate
+    from llmopt.quant import QuantConfig, quantize
+
+    model, tok = bundled
+    calib = data.calibration_batches(tok, n_samples=8, seq_len=128)
+    ppl = {}
+    for method in ("rtn", "gptq"):
+        q = quantize(copy.deepcopy(model), QuantConfig(bits=3, group_size=128, method=method), calib)
+        ppl[method] = evaluate.perplexity(q, tokenizer=tok, max_tokens=4096, progress=False)
+    base = evaluate.perplexity(model, tokenizer=tok, max_tokens=4096, progress=False)
+    assert base < ppl["gptq"] < ppl["rtn"], (base, ppl)
+
+
+def test_gptq_model_needs_calibration(tiny):
+    import copy
+
+    from llmopt.quant import QuantConfig, quantize
+
+    model, _ = tiny
+    cfg = QuantConfig(bits=4, group_size=32, method="gptq")
+    for bad, match in [(None, "needs calibration"), (torch.empty(0, 16, dtype=torch.long), "empty"),
+                       (torch.arange(10), "2-D")]:
+        with pytest.raises(ValueError, match=match):
+            quantize(copy.deepcopy(model), cfg, bad)
+    lm = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, method="gptq", skip=()),
+                  torch.randint(0, 100, (2, 8)))
+    assert hasattr(lm.lm_head, "codes")  # outside the decoder layers: round-to-nearest

@@ -1,13 +1,21 @@
 """Quantization (lessons 01-03).
 
-So far: the primitives (uniform absmax and zero-point quantization at tensor, channel and
-group granularity; FP8 e4m3; NF4), bit packing, and weight-only `QuantLinear` with
-`quantize(model, QuantConfig(...))` (round-to-nearest).
+- primitives: uniform absmax and zero-point quantization at tensor, channel and group
+  granularity (INT8/4/3/2); FP8 e4m3; NF4; bit packing.
+- modules: weight-only `QuantLinear` (W8A16, W4A16 packed, group scales and zeros),
+  `NF4Linear` (with double quantization), `W8A8Linear` (int8 weights and activations).
+- algorithms, all through `quantize(model, QuantConfig(method=...), calibration)`:
+  round-to-nearest, GPTQ, AWQ, NF4, SmoothQuant; QAT in `qat`; bitsandbytes in `bnb`.
+- `save_quantized` / `load_quantized`: the packed model on disk and back.
 
     from llmopt.quant import QuantConfig, quantize
-    quantize(model, QuantConfig(bits=4, group_size=128))
+    from llmopt.data import calibration_batches
+    quantize(model, QuantConfig(bits=4, group_size=128, method="gptq"), calibration_batches(tok))
 """
+from . import awq, bnb, calibrate, gptq, qat, smoothquant  # noqa: F401
+from .io import load_quantized, save_quantized  # noqa: F401
 from .linear import QuantConfig, QuantLinear, quantize  # noqa: F401
+from .nf4 import NF4Linear, double_dequantize, double_quantize  # noqa: F401
 from .packing import pack, to_signed, to_unsigned, unpack  # noqa: F401
 from .primitives import (  # noqa: F401
     QTensor,
@@ -21,3 +29,5 @@ from .primitives import (  # noqa: F401
 )
 from .primitives import dequantize as dequantize_tensor  # noqa: F401
 from .primitives import quantize as quantize_tensor  # noqa: F401
+from .qat import FakeQuantLinear, convert, prepare_qat  # noqa: F401
+from .smoothquant import W8A8Linear  # noqa: F401

@@ -25,6 +25,18 @@ def hessian(inputs: torch.Tensor) -> torch.Tensor:
     return 2 * x.T @ x / x.shape[0]
 
 
+def column_update(W: torch.Tensor, U: torch.Tensor, i: int, scale: torch.Tensor, zero, bits: int):
+    """GPTQ's step for one column, in place: round column i to codes, then move its rounding
+    error onto the columns after it (i+1, ...) along row i of U, the upper Cholesky factor of
+    H^-1, so the layer's output on the calibration inputs moves as little as possible.
+    W: (rows, n) weights not yet quantized from column i on; scale/zero: (rows, 1).
+    Returns (codes of column i (rows,), the scaled error (rows,) that was spread)."""
+    q = to_codes(W[:, i : i + 1], scale, zero, bits)
+    err = (W[:, i] - from_codes(q, scale, zero)[:, 0]) / U[i, i]
+    W[:, i:] -= err[:, None] * U[i, i:][None, :]  # column i itself becomes its dequantized value
+    return q[:, 0], err
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int | None = None,
                   symmetric: bool = True, damp: float = 0.01, block_size: int = 128,
@@ -73,14 +85,37 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
                 scales[:, g] = s[:, 0]
                 if zeros is not None:
                     zeros[:, g] = z[:, 0]
-            s, z = scales[:, g], None if zeros is None else zeros[:, g]
-            q = to_codes(W1[:, i : i + 1], s, z, bits)
-            Q[:, i1 + i] = q[:, 0]
-            err = (W1[:, i] - from_codes(q, s, z)[:, 0]) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            err1[:, i] = err
+            q, err1[:, i] = column_update(W1, U1, i, scales[:, g], None if zeros is None else zeros[:, g], bits)
+            Q[:, i1 + i] = q
         W[:, i2:] -= err1 @ U[i1:i2, i2:]
 
     codes = Q[:, torch.argsort(perm)]
     return QTensor(codes.to(torch.int8 if symmetric else torch.uint8), scales, zeros, bits, granularity,
                    tuple(w.shape), w.dtype)
+
+
+@torch.no_grad()
+def gptq_model(model, calibration: torch.Tensor, cfg):
+    """GPTQ a whole model, one decoder layer at a time: each layer's Hessians come from
+    inputs that already went through the quantized layers before it, so later layers learn
+    to absorb the earlier layers' error. Called by `quantize(model, cfg, calibration)`.
+    Linears outside the decoder layers (lm_head, unless cfg.skip lets it through) get RTN."""
+    from . import calibrate
+    from .linear import QuantLinear, targets
+
+    todo = targets(model, cfg)
+    wanted, done = {id(m) for _, m in todo}, set()
+    for _, layer, inputs in calibrate.layerwise(model, calibration, cfg.calib_batch_size):
+        found = {n: m for n, m in calibrate.linears(layer).items() if id(m) in wanted}
+        stats = calibrate.HessianAccumulator()
+        calibrate.collect(layer, inputs, found, stats)
+        for name, linear in found.items():
+            qt = gptq_quantize(linear.weight, stats.H[name], cfg.bits, cfg.group_size, cfg.symmetric,
+                               cfg.damp, act_order=cfg.act_order)
+            calibrate.replace(layer, name, QuantLinear.from_qtensor(qt, cfg, linear.bias))
+            done.add(id(linear))
+        del stats
+    for name, linear in todo:
+        if id(linear) not in done:
+            calibrate.replace(model, name, QuantLinear.from_linear(linear, cfg))
+    return model

@@ -18,22 +18,42 @@ from . import packing
 from .primitives import UNIFORM_BITS, from_codes
 from .primitives import quantize as quantize_tensor
 
+METHODS = ("rtn", "gptq", "awq", "nf4", "smoothquant")
+CALIBRATED = ("gptq", "awq", "smoothquant")  # these need calibration batches
+
 
 @dataclass
 class QuantConfig:
+    """How to quantize: the storage format (bits, group_size, symmetric) and the algorithm
+    that picks the codes (method). One config describes every method of lessons 01-02."""
     bits: int = 8
-    group_size: int | None = None   # None: one scale per output channel
+    group_size: int | None = None   # None: one scale per output channel (nf4: the block size, default 64)
     symmetric: bool = True
     skip: tuple = ("lm_head",)      # regexes of module names left in float (embeddings are not Linear)
-    method: str = "rtn"             # round-to-nearest; GPTQ/AWQ arrive with lesson 02
+    method: str = "rtn"             # one of METHODS
+    damp: float = 0.01              # gptq: dampening, a fraction of the mean Hessian diagonal
+    act_order: bool = False         # gptq: visit columns by decreasing activation energy
+    double_quant: bool = False      # nf4: quantize the block scales too (8-bit, blocks of 256)
+    alpha: float = 0.5              # smoothquant: migration strength
+    calib_batch_size: int = 8       # calibrated methods: samples per forward pass
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "nf4" and self.bits != 4:
+            raise ValueError(f"method 'nf4' stores 4 bits, got bits={self.bits!r}")
+        if self.method == "smoothquant" and (self.bits, self.group_size, self.symmetric) != (8, None, True):
+            raise ValueError("method 'smoothquant' is W8A8 with symmetric per-channel weights: bits=8, "
+                             f"group_size=None, symmetric=True; got {self.bits!r}, {self.group_size!r}, "
+                             f"{self.symmetric!r}")
         if self.bits not in UNIFORM_BITS:
             raise ValueError(f"bits must be one of {UNIFORM_BITS}, got {self.bits!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group_size must be None (per channel) or a positive int, got {self.group_size!r}")
-        if self.method != "rtn":
-            raise ValueError(f"method must be 'rtn' (so far), got {self.method!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if self.calib_batch_size < 1:
+            raise ValueError(f"calib_batch_size must be >= 1, got {self.calib_batch_size!r}")
 
     @property
     def granularity(self):
@@ -42,6 +62,7 @@ class QuantConfig:
 
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + b with W stored as `bits`-bit codes and per-group scales."""
+    quantized = True  # every llmopt quantized module says so: quantize() refuses to run twice
 
     def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False,
                  device=None):
@@ -108,16 +129,49 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.cfg.bits} {kind}, per {g}"
 
 
-def quantize(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """Swap every `nn.Linear` not matched by `cfg.skip` for a `QuantLinear`, in place."""
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("this model is already quantized; quantize a fresh copy of the float model")
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not any(re.search(p, name) for p in cfg.skip)]
-    if not targets:
+def targets(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    """The (name, nn.Linear) pairs that `quantize` replaces: all but those `cfg.skip` matches."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not any(re.search(p, name) for p in cfg.skip)]
+    if not found:
         raise ValueError(f"no nn.Linear left to quantize (skip={cfg.skip})")
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(linear, cfg))
+    return found
+
+
+def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Swap every `nn.Linear` not matched by `cfg.skip` for a quantized module, in place.
+
+    rtn and nf4 look at the weights only; gptq, awq and smoothquant also need `calibration`,
+    token ids (n_samples, seq_len) from the train split: `llmopt.data.calibration_batches(tok)`.
+    """
+    if not isinstance(cfg, QuantConfig):
+        raise ValueError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
+    if any(getattr(m, "quantized", False) for m in model.modules()):
+        raise ValueError("this model is already quantized; quantize a fresh copy of the float model")
+    if cfg.method in CALIBRATED:
+        from .calibrate import check_calibration
+
+        calibration = check_calibration(calibration)
+    if cfg.method == "gptq":
+        from .gptq import gptq_model
+
+        return gptq_model(model, calibration, cfg)
+    if cfg.method == "awq":
+        from .awq import awq_model
+
+        return awq_model(model, calibration, cfg)
+    if cfg.method == "smoothquant":
+        from .smoothquant import smoothquant_model
+
+        return smoothquant_model(model, calibration, cfg)
+    if cfg.method == "nf4":
+        from .nf4 import NF4Linear
+
+        make = NF4Linear.from_linear
+    else:
+        make = QuantLinear.from_linear
+    from .calibrate import replace
+
+    for name, linear in targets(model, cfg):
+        replace(model, name, make(linear, cfg))
     return model

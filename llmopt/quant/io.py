@@ -1,0 +1,111 @@
+"""Save a quantized model and load it back: the packed codes as they are held in memory.
+
+A folder holds the Hugging Face `config.json` and tokenizer (so the float architecture can
+be rebuilt), `model.safetensors` (every parameter and buffer: codes, scales, zeros, folded
+norms), and `quant_config.json`: the `QuantConfig` and which quantized module sits at each
+name. Loading rebuilds the float model, swaps in empty quantized modules of the right
+shapes, and loads the tensors strictly, so a missing or extra tensor is an error.
+
+    save_quantized(model, tokenizer, "w4-gptq")
+    model, tokenizer = load_quantized("w4-gptq")
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT = "llmopt-quant"
+VERSION = 1
+
+
+def module_classes() -> dict[str, type]:
+    """Every quantized module class a folder may name (looked up by class name)."""
+    from .linear import QuantLinear
+
+    classes = {"QuantLinear": QuantLinear}
+    for mod, name in (("nf4", "NF4Linear"), ("smoothquant", "W8A8Linear")):
+        try:
+            classes[name] = getattr(__import__(f"{__package__}.{mod}", fromlist=[name]), name)
+        except (ImportError, AttributeError):
+            pass
+    return classes
+
+
+def _cfg_dict(cfg) -> dict:
+    d = asdict(cfg)
+    d["skip"] = list(d["skip"])
+    return d
+
+
+def _cfg_from(d: dict):
+    from .linear import QuantConfig
+
+    known = {f.name for f in fields(QuantConfig)}
+    d = {k: (tuple(v) if k == "skip" else v) for k, v in d.items() if k in known}
+    return QuantConfig(**d)
+
+
+def save_quantized(model: nn.Module, tokenizer, path) -> Path:
+    """Write `model` (already quantized by llmopt) and its tokenizer to the folder `path`."""
+    from safetensors.torch import save_model
+
+    quantized = {name: m for name, m in model.named_modules() if getattr(m, "quantized", False)}
+    if not quantized:
+        raise ValueError("the model holds no llmopt quantized modules: quantize it first, "
+                         "or save a float model with model.save_pretrained")
+    classes = module_classes()
+    modules = {}
+    for name, m in quantized.items():
+        if type(m).__name__ not in classes:
+            raise ValueError(f"{name}: cannot save a {type(m).__name__} (known: {sorted(classes)})")
+        modules[name] = {"class": type(m).__name__, "in_features": m.in_features,
+                         "out_features": m.out_features, "bias": m.bias is not None, "cfg": _cfg_dict(m.cfg)}
+    float_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    dtype = model.dtype if getattr(model, "dtype", None) in float_dtypes else next(iter(float_dtypes))
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"))  # de-duplicates tied weights
+    meta = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."), "modules": modules}
+    (out / "quant_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_quantized(path, device=None):
+    """Rebuild a model saved by `save_quantized`: returns (model in eval mode, tokenizer or None)."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .. import models
+    from . import calibrate
+
+    folder = Path(path)
+    meta_path = folder / "quant_config.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} has no quant_config.json: not a folder written by save_quantized")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')!r} is not "
+                         f"{FORMAT!r} v{VERSION}")
+    dtype = getattr(torch, meta["dtype"])
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    classes = module_classes()
+    for name, spec in meta["modules"].items():
+        if spec["class"] not in classes:
+            raise ValueError(f"{meta_path}: unknown module class {spec['class']!r} at {name}")
+        cls = classes[spec["class"]]
+        calibrate.replace(model, name, cls(spec["in_features"], spec["out_features"], _cfg_from(spec["cfg"]),
+                                           bias=spec["bias"]))
+    load_model(model, str(folder / "model.safetensors"), strict=True)
+    model.to(models.pick_device(device)).eval()
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        tokenizer = models.load_tokenizer(folder)
+    return model, tokenizer

@@ -1,0 +1,224 @@
+"""Quantization-aware training (QAT): fine-tune the model *through* the rounding it will get.
+
+PTQ rounds a trained model once and hopes; at 2-3 bits the errors of thousands of weights
+add up and nothing downstream was trained to absorb them. QAT keeps the float weights,
+quantizes them on the fly in every forward pass ("fake quantization", in the exact format
+`QuantLinear` stores), and lets the loss see the quantized model. Rounding has zero gradient
+almost everywhere, so the backward pass pretends it was the identity: the straight-through
+estimator (STE; Bengio et al., 2013). The float weights then drift until their *rounded*
+values do the job.
+
+    prepare_qat(model, QuantConfig(bits=2, group_size=64))   # nn.Linear -> FakeQuantLinear
+    qat_finetune(model, tokenizer, steps=200)                # a short fine-tune on the train split
+    convert(model)                                           # FakeQuantLinear -> QuantLinear (real bits)
+
+`learn_scales=True` also trains each group's scale, as LSQ does (Esser et al., 2020): the
+scale gets a gradient from every weight of its group, through the rounding (STE) and the
+clamp, scaled by 1/sqrt(n * qmax) so it moves at the same pace as the weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibrate import replace
+from .linear import QuantConfig, QuantLinear, targets
+from .primitives import QTensor, _groups, from_codes, qrange, scale_zero
+
+_MIN_SCALE = 2.0**-24  # the smallest float16 > 0: a scale QuantLinear can store without becoming 0
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, gradient 1 in the backward pass (straight-through).
+
+    `x + (round(x) - x).detach()` has the value round(x) (exactly: the difference is exact
+    in floating point) and, since the detached part is a constant, the gradient of x."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` forward, the gradient of `x` backward (used to store scales as float16)."""
+    return x + (value - x).detach()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x forward, gradient multiplied by `factor` backward (LSQ's gradient scaling)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """(clamp(round(w / s) + z, qmin, qmax) - z) * s, differentiable (symmetric when zero is None).
+
+    `w` is grouped like `primitives._groups` gives it, (rows, n_groups, group), and `scale`
+    (and `zero`) broadcast against it, (rows, n_groups, 1). Gradients (LSQ, eq. 3-5):
+    to w, 1 inside the range and 0 where the clamp bites; to the scale, round(w/s) - w/s
+    inside the range and qmin - z or qmax - z where clamped."""
+    qmin, qmax = qrange(bits, zero is None)
+    q = ste_round(w / scale)
+    q = torch.clamp(q if zero is None else q + zero, qmin, qmax)
+    return from_codes(q, scale, zero)
+
+
+class FakeQuantLinear(nn.Module):
+    """An nn.Linear whose float weight is quantized on the fly, in QuantLinear's format.
+
+    Its output equals that of the `QuantLinear` that `convert` makes from it, to the bit:
+    scales are rounded to float16 (as QuantLinear stores them) before use."""
+    quantized = True  # quantize() must not quantize a QAT model: convert() it instead
+
+    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False,
+                 device=None, learn_scales: bool = False):
+        super().__init__()
+        if not isinstance(cfg, QuantConfig) or cfg.method != "rtn":
+            raise ValueError("cfg must be a QuantConfig with method='rtn' (QAT picks the codes by training; "
+                             f"bits, group_size and symmetric set the format), got {cfg!r}")
+        if cfg.group_size is not None and in_features % cfg.group_size:
+            raise ValueError(f"group_size {cfg.group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
+        self.learn_scales = learn_scales
+        n_groups = 1 if cfg.group_size is None else in_features // cfg.group_size
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        # learned scales (LSQ) are parameters; the zero point stays where absmax put it
+        self.scale = nn.Parameter(torch.ones(out_features, n_groups, device=device)) if learn_scales else None
+        self.register_buffer("zero", torch.zeros(out_features, n_groups, device=device)
+                             if learn_scales and not cfg.symmetric else None)
+        _, qmax = qrange(cfg.bits, cfg.symmetric)
+        self.grad_factor = 1.0 / math.sqrt(in_features // n_groups * qmax)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig, learn_scales: bool = False) -> FakeQuantLinear:
+        """Start from the float layer; learned scales start at the absmax (min/max) ones."""
+        m = cls(linear.in_features, linear.out_features, cfg, linear.bias is not None,
+                device=linear.weight.device, learn_scales=learn_scales)
+        m.weight.copy_(linear.weight.float())
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.float())
+        if learn_scales:
+            s, z = scale_zero(_groups(m.weight, cfg.granularity), cfg.bits, cfg.symmetric)
+            m.scale.copy_(s.squeeze(-1))
+            if z is not None:
+                m.zero.copy_(z.squeeze(-1))
+        return m
+
+    def scale_zero(self, groups: torch.Tensor):
+        """(scale, zero) as used: learned, or absmax of the current weights (no gradient),
+        rounded to float16 the way QuantLinear will store them. Shapes (rows, n_groups, 1)."""
+        if self.learn_scales:
+            s = grad_scale(self.scale, self.grad_factor)[..., None]
+            z = None if self.zero is None else self.zero[..., None]
+        else:
+            with torch.no_grad():
+                s, z = scale_zero(groups.detach().float(), self.cfg.bits, self.cfg.symmetric)
+        s = s.float().clamp(min=_MIN_SCALE)  # a learned scale may try to cross zero
+        return _ste(s, s.half().float()), z
+
+    def fake_weight(self) -> torch.Tensor:
+        """The weight the quantized layer will compute with (float32, differentiable)."""
+        g = _groups(self.weight.float(), self.cfg.granularity)
+        s, z = self.scale_zero(g)
+        return fake_quant(g, s, z, self.cfg.bits).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.fake_weight().to(x.dtype), bias)
+
+    @torch.no_grad()
+    def to_quant_linear(self) -> QuantLinear:
+        """The real thing: codes of the current weights under the current scales."""
+        g = _groups(self.weight.float(), self.cfg.granularity)
+        s, z = self.scale_zero(g)
+        qmin, qmax = qrange(self.cfg.bits, z is None)
+        q = torch.round(g / s)
+        q = torch.clamp(q if z is None else q + z, qmin, qmax)
+        qt = QTensor(q.to(torch.int8 if z is None else torch.uint8).reshape(self.weight.shape), s, z,
+                     self.cfg.bits, self.cfg.granularity, tuple(self.weight.shape), torch.float32)
+        return QuantLinear.from_qtensor(qt, self.cfg, self.bias)
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.cfg.group_size is None else f"group {self.cfg.group_size}"
+        kind = "symmetric" if self.cfg.symmetric else "zero-point"
+        scales = "learned (LSQ)" if self.learn_scales else "absmax"
+        return (f"in={self.in_features}, out={self.out_features}, fake int{self.cfg.bits} {kind}, "
+                f"per {g}, scales {scales}")
+
+
+def prepare_qat(model: nn.Module, cfg: QuantConfig, learn_scales: bool = False) -> nn.Module:
+    """Swap every targeted `nn.Linear` (all but `cfg.skip`) for a `FakeQuantLinear`, in place."""
+    if not isinstance(cfg, QuantConfig):
+        raise ValueError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
+    if cfg.method != "rtn":
+        raise ValueError(f"QAT needs cfg.method='rtn' (the uniform format QAT trains for), got {cfg.method!r}")
+    if not isinstance(learn_scales, bool):
+        raise ValueError(f"learn_scales must be True or False, got {learn_scales!r}")
+    if any(getattr(m, "quantized", False) for m in model.modules()):
+        raise ValueError("this model is already quantized or prepared for QAT; start from the float model")
+    for name, linear in targets(model, cfg):
+        replace(model, name, FakeQuantLinear.from_linear(linear, cfg, learn_scales))
+    return model
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Swap every `FakeQuantLinear` for the `QuantLinear` holding its codes, in place. The
+    result computes exactly what the fake-quant model computed, from packed integers."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    if not found:
+        raise ValueError("the model has no FakeQuantLinear to convert: call prepare_qat(model, cfg) first")
+    for name, m in found:
+        replace(model, name, m.to_quant_linear())
+    return model
+
+
+def distillation_loss(teacher: nn.Module, temperature: float = 1.0, kd_weight: float = 1.0):
+    """A `train()` loss: kd_weight * KL(teacher || student) + (1 - kd_weight) * cross-entropy.
+
+    The float model as teacher hands the student its whole next-token distribution, not
+    just the one true token: more signal per token for the short fine-tune QAT can afford."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0 <= kd_weight <= 1:
+        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
+    teacher.eval()  # frozen: run under no_grad below, its parameters are left as they are
+
+    def loss_fn(model, x, y):
+        logits = model(input_ids=x).logits.flatten(0, 1).float()
+        with torch.no_grad():
+            t = teacher(input_ids=x).logits.flatten(0, 1).float()
+        kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t / temperature, -1),
+                      log_target=True, reduction="batchmean") * temperature**2
+        if kd_weight == 1:
+            return kl
+        return kd_weight * kl + (1 - kd_weight) * F.cross_entropy(logits, y.flatten())
+
+    return loss_fn
+
+
+def qat_finetune(model: nn.Module, tokenizer, steps: int = 200, lr: float = 2e-4, batch_size: int = 8,
+                 seq_len: int = 512, warmup: int | None = None, teacher: nn.Module | None = None,
+                 temperature: float = 1.0, kd_weight: float = 1.0, seed: int = 0, progress: bool = True,
+                 **train_overrides):
+    """Fine-tune a `prepare_qat` model on the TRAIN split with `llmopt.train.train`; returns
+    its `TrainLog`. With `teacher` (the float model) the loss is distillation, else plain
+    cross-entropy. No weight decay by default: it would pull weights (and learned scales)
+    toward 0. Other `TrainConfig` fields (autocast, log_every, threads, ...) pass through."""
+    from .. import data
+    from ..train import TrainConfig, lm_loss, train
+
+    if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        raise ValueError("the model has no FakeQuantLinear: call prepare_qat(model, cfg) first")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    known = set(TrainConfig.__dataclass_fields__)
+    if set(train_overrides) - known:
+        raise ValueError(f"unknown TrainConfig fields {sorted(set(train_overrides) - known)}; known: {sorted(known)}")
+    kw = dict(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed, weight_decay=0.0,
+              warmup=max(1, steps // 10) if warmup is None else warmup)
+    cfg = TrainConfig(**{**kw, **train_overrides})
+    loss_fn = lm_loss if teacher is None else distillation_loss(teacher, temperature, kd_weight)
+    return train(model, data.token_stream("train", tokenizer), cfg, loss_fn=loss_fn, progress=progress)
