@@ -132,22 +132,56 @@ def test_awq_model_on_mha_lowers_output_error():
         assert err(awq) < err(rtn), (err(awq), err(rtn))
 
 
-@pytest.mark.slow
-def test_awq_beats_rtn_on_the_bundled_model(bundled):
+def with_outlier_channels(model, n=4, factor=16.0):
+    """The same function with a few loud input channels, as real LLMs have and the bundled
+    model lacks: each norm's weight x factor on `n` channels, the columns that read them
+    / factor (a power of two: the float model is unchanged bit for bit)."""
+    model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        for group in scale_groups(layer):
+            if group.prev.endswith("layernorm"):
+                d = layer.get_submodule(group.consumers[0]).in_features
+                s = torch.ones(d)
+                s[torch.randperm(d, generator=torch.Generator().manual_seed(0))[:n]] = 1 / factor
+                apply_scale(layer, group, s)
+    return model
+
+
+def test_awq_model_protects_outlier_channels(bundled):
     import llmopt
-    from llmopt.eval import perplexity
 
     model, tok = bundled
-    calib = llmopt.data.calibration_batches(tok, n_samples=32, seq_len=256)
+    loud = with_outlier_channels(model)
+    calib = llmopt.data.calibration_batches(tok, n_samples=8, seq_len=128)
+    held_out = llmopt.data.calibration_batches(tok, n_samples=2, seq_len=128, seed=1)
     kw = dict(bits=4, group_size=128, symmetric=False)
-    awq = quantize(copy.deepcopy(model), QuantConfig(**kw, method="awq"), calib)
-    rtn = quantize(copy.deepcopy(model), QuantConfig(**kw))
-    ppl = lambda m: perplexity(m, tokenizer=tok, split="test", max_tokens=20000, progress=False)  # noqa: E731
-    assert ppl(awq) < ppl(rtn)
+    awq = awq_model(copy.deepcopy(loud), calib, QuantConfig(**kw, method="awq"), n_grid=10, search_batches=1)
+    rtn = quantize(copy.deepcopy(loud), QuantConfig(**kw))
+    with torch.no_grad():
+        ref = model(held_out).logits
+        assert torch.equal(loud(held_out).logits, ref)
+        err = lambda m: (m(held_out).logits - ref).pow(2).mean().item()  # noqa: E731
+        assert err(awq) < 0.5 * err(rtn), (err(awq), err(rtn))
     ids = tok("def ", return_tensors="pt").input_ids
     out = awq.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
                        do_sample=False, pad_token_id=0)
     assert out.shape == (1, ids.shape[1] + 8) and torch.equal(out[:, : ids.shape[1]], ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outliers, bits", [(True, 4), (False, 3)])
+def test_awq_perplexity_below_rtn_on_the_bundled_model(bundled, outliers, bits):
+    import llmopt
+    from llmopt.eval import perplexity
+
+    model, tok = bundled
+    model = with_outlier_channels(model) if outliers else model
+    calib = llmopt.data.calibration_batches(tok, n_samples=32, seq_len=256)
+    kw = dict(bits=bits, group_size=128, symmetric=False)
+    awq = quantize(copy.deepcopy(model), QuantConfig(**kw, method="awq"), calib)
+    rtn = quantize(copy.deepcopy(model), QuantConfig(**kw))
+    ppl = lambda m: perplexity(m, tokenizer=tok, split="test", max_tokens=20000, progress=False)  # noqa: E731
+    assert ppl(awq) < ppl(rtn)
 
 
 def test_awq_bad_input(tiny):

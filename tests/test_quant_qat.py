@@ -12,6 +12,7 @@ from llmopt.quant.qat import (
     convert,
     distillation_loss,
     fake_quant,
+    grad_scale,
     prepare_qat,
     qat_finetune,
     ste_round,
@@ -103,6 +104,14 @@ def test_lsq_scales_get_scaled_gradients_and_weights_get_ste(symmetric):
     qmax = 1 if symmetric else 3
     assert fq.grad_factor == pytest.approx(1 / (32 * qmax) ** 0.5)
     assert torch.allclose(fq.scale.grad, s.grad * fq.grad_factor, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_scale_keeps_the_value_and_scales_the_gradient():
+    s = (torch.rand(50) * 3).requires_grad_(True)
+    y = grad_scale(s, 0.37)
+    assert torch.equal(y, s.detach())  # the value untouched, to the bit
+    y.sum().backward()
+    assert torch.allclose(s.grad, torch.full_like(s, 0.37))
 
 
 def perturb(model, seed=0):

@@ -19,12 +19,16 @@ the one whose quantized output is closest to the float output on calibration inp
 
 Then weight clipping: for each group of each row, shrink the quantization range (a grid
 of factors down to `max_shrink`) and keep the one with the lowest output error; q_proj and
-k_proj are not clipped (their errors meet in the q.k product, which a per-layer output
+k_proj are not clipped (their errors meet in the q.k product, which a per-linear output
 error does not see), as in the paper's code. The codes are then plain round-to-nearest.
 
-The output error of a candidate weight W' over every calibration token is
-||X W'^T - X W^T||^2 = sum over rows of dW H dW^T with H = X^T X / n and dW = W' - W,
-so the search keeps H (inputs x inputs) instead of the tokens themselves.
+"Output" means what the scaled linears feed: the attention block's output for q/k/v, the
+MLP's for gate/up (run on a few kept calibration batches), the linear's own otherwise. A
+linear's output error over *every* calibration token needs no tokens kept:
+||X W'^T - X W^T||^2 / n = sum over rows of dW H dW^T, with H = X^T X / n and dW = W' - W.
+
+AWQ gains most where a few input channels are much louder than the rest (real LLMs have
+them); a model without such channels leaves it little to protect.
 """
 from __future__ import annotations
 

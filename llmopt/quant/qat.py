@@ -34,8 +34,9 @@ _MIN_SCALE = 2.0**-24  # the smallest float16 > 0: a scale QuantLinear can store
 def ste_round(x: torch.Tensor) -> torch.Tensor:
     """round(x) in the forward pass, gradient 1 in the backward pass (straight-through).
 
-    `x + (round(x) - x).detach()` has the value round(x) (exactly: the difference is exact
-    in floating point) and, since the detached part is a constant, the gradient of x."""
+    `x + (round(x) - x).detach()` has the value round(x) (to the bit: x and round(x) are
+    within a factor 2 of each other, or round(x) is 0, so their difference is exact) and,
+    since the detached part is a constant, the gradient of x."""
     return x + (torch.round(x) - x).detach()
 
 
@@ -46,7 +47,8 @@ def _ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     """x forward, gradient multiplied by `factor` backward (LSQ's gradient scaling)."""
-    return (x - x * factor).detach() + x * factor
+    scaled = x * factor
+    return x.detach() + (scaled - scaled.detach())  # the value of x, to the bit
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -142,7 +144,7 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = "channel" if self.cfg.group_size is None else f"group {self.cfg.group_size}"
         kind = "symmetric" if self.cfg.symmetric else "zero-point"
-        scales = "learned (LSQ)" if self.learn_scales else "absmax"
+        scales = "learned (LSQ)" if self.learn_scales else "absmax" if self.cfg.symmetric else "min/max"
         return (f"in={self.in_features}, out={self.out_features}, fake int{self.cfg.bits} {kind}, "
                 f"per {g}, scales {scales}")
 
