@@ -232,3 +232,18 @@ def test_unknown_architecture_and_unfoldable_norm():
     with pytest.raises(ValueError, match="cannot fold"):
         apply_scale(layer, scale_groups(layer)[0], torch.rand(64) + 0.5)
     assert torch.equal(layer.input_layernorm.weight, torch.zeros(64))
+
+
+def test_folding_into_a_layernorm_with_bias():
+    from llmopt.quant.awq import ScaleGroup
+
+    layer = torch.nn.Module()
+    layer.norm, layer.fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 2)
+        layer.norm.bias.normal_()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = layer.fc(layer.norm(x))
+        apply_scale(layer, ScaleGroup("norm", ("fc",), "fc"), torch.rand(16) + 0.5)
+        assert torch.allclose(layer.fc(layer.norm(x)), ref, atol=1e-5)

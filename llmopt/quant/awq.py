@@ -174,18 +174,19 @@ def apply_scale(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
     The float layer computes exactly the same function afterwards (up to rounding)."""
     prev = layer.get_submodule(group.prev)
     s = s.float().to(prev.weight.device)
-    if isinstance(prev, nn.Linear):
-        prev.weight.div_(s[:, None].to(prev.weight.dtype))
-    else:  # a norm: its output must be linear in its weight, which a (1 + w) norm is not
-        probe = torch.randn(2, s.numel(), device=s.device, dtype=prev.weight.dtype)
-        before = prev(probe).float()
-        prev.weight.div_(s.to(prev.weight.dtype))
-        if not torch.allclose(prev(probe).float() * s, before, rtol=1e-2, atol=1e-4):
-            prev.weight.mul_(s.to(prev.weight.dtype))
-            raise ValueError(f"cannot fold AWQ scales into {type(prev).__name__}: its output does not "
-                             "scale with its weight")
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s.to(prev.bias.dtype))
+    bias = getattr(prev, "bias", None)
+    probe = torch.randn(2, s.numel(), device=s.device, dtype=prev.weight.dtype)
+    before = None if isinstance(prev, nn.Linear) else prev(probe).float()
+    prev.weight.div_((s[:, None] if isinstance(prev, nn.Linear) else s).to(prev.weight.dtype))
+    if bias is not None:
+        bias.div_(s.to(bias.dtype))
+    # a norm's output must scale with its weight (and bias); a Gemma-style x * (1 + w) does not
+    if before is not None and not torch.allclose(prev(probe).float() * s, before, rtol=1e-2, atol=1e-4):
+        prev.weight.mul_(s.to(prev.weight.dtype))
+        if bias is not None:
+            bias.mul_(s.to(bias.dtype))
+        raise ValueError(f"cannot fold AWQ scales into {type(prev).__name__}: its output does not "
+                         "scale with its weight")
     for name in group.consumers:
         lin = layer.get_submodule(name)
         lin.weight.mul_(s.to(lin.weight.dtype))
