@@ -92,12 +92,15 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -
             return quantize(model, qcfg, calib[0])
         return make
 
-    w4 = dict(bits=4, group_size=128, symmetric=False)
+    w4 = []  # the same storage (4-bit codes, a scale per group of 128 inputs) with and without zero points
+    for sym, label in ((True, "symmetric"), (False, "zero-point")):
+        kw = dict(bits=4, group_size=128, symmetric=sym)
+        w4 += [(f"rtn w4 g128 {label}", lambda m, kw=kw: quantize(m, QuantConfig(**kw))),
+               (f"gptq w4 g128 {label}", calibrated(QuantConfig(**kw, method="gptq", act_order=True))),
+               (f"awq w4 g128 {label}", calibrated(QuantConfig(**kw, method="awq")))]
     return [
         ("rtn w8 per-channel", lambda m: quantize(m, QuantConfig(bits=8))),
-        ("rtn w4 g128 zero-point", lambda m: quantize(m, QuantConfig(**w4))),
-        ("gptq w4 g128 zero-point", calibrated(QuantConfig(**w4, method="gptq", act_order=True))),
-        ("awq w4 g128 zero-point", calibrated(QuantConfig(**w4, method="awq"))),
+        *w4,
         ("nf4 double-quant", lambda m: quantize(m, QuantConfig(bits=4, method="nf4", double_quant=True))),
         ("smoothquant w8a8", calibrated(QuantConfig(bits=8, method="smoothquant"))),
     ] + ([  # bitsandbytes loads the model itself, from its folder

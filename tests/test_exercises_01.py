@@ -128,20 +128,29 @@ def not_strict(monkeypatch):
     monkeypatch.delenv("LLMOPT_STRICT", raising=False)
 
 
-def test_absmax_check_passes_on_a_correct_answer(capsys):
-    assert exercises.check_absmax(absmax_q, absmax_dq) is True
-    assert "PASS Exercise 1.1" in capsys.readouterr().out
+TENSOR_CHECKS = {"1.1": (exercises.check_absmax, absmax_q, absmax_dq),
+                 "1.2": (exercises.check_zero_point, zp_q, zp_dq)}
 
 
-@pytest.mark.parametrize("wrong, says", [
-    (absmax_q_qmax_128, "scale"),
-    (absmax_q_floor, "codes differ"),
-    (absmax_q_nan_on_zeros, "NaN"),
+@pytest.mark.parametrize("ex", TENSOR_CHECKS)
+def test_tensor_quantizer_checks_pass_on_a_correct_answer(ex, capsys):
+    check, quantize, dequantize = TENSOR_CHECKS[ex]
+    assert check(quantize, dequantize) is True
+    assert f"PASS Exercise {ex}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ex, wrong, says", [
+    ("1.1", absmax_q_qmax_128, "scale"),
+    ("1.1", absmax_q_floor, "codes differ"),
+    ("1.1", absmax_q_nan_on_zeros, "NaN"),
+    ("1.2", zp_q_float_zero, "not an integer"),
+    ("1.2", zp_q_range_without_zero, "must include 0"),
 ])
-def test_absmax_check_fails_on_mistakes(wrong, says, capsys):
-    assert exercises.check_absmax(wrong, absmax_dq) is False
+def test_tensor_quantizer_checks_fail_on_mistakes(ex, wrong, says, capsys):
+    check, _, dequantize = TENSOR_CHECKS[ex]
+    assert check(wrong, dequantize) is False
     out = capsys.readouterr().out
-    assert "FAIL Exercise 1.1" in out and says in out
+    assert f"FAIL Exercise {ex}" in out and says in out
 
 
 def test_absmax_check_tests_dequantize_and_shape(capsys):
@@ -150,21 +159,6 @@ def test_absmax_check_tests_dequantize_and_shape(capsys):
     assert exercises.check_absmax(lambda x, b: (absmax_q(x, b)[0].flatten(), absmax_q(x, b)[1]), absmax_dq) is False
     out = capsys.readouterr().out
     assert "dequantized" in out and "(codes, scale)" in out and "shape" in out
-
-
-def test_zero_point_check_passes_on_a_correct_answer(capsys):
-    assert exercises.check_zero_point(zp_q, zp_dq) is True
-    assert "PASS Exercise 1.2" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("wrong, says", [
-    (zp_q_float_zero, "not an integer"),
-    (zp_q_range_without_zero, "must include 0"),
-])
-def test_zero_point_check_fails_on_mistakes(wrong, says, capsys):
-    assert exercises.check_zero_point(wrong, zp_dq) is False
-    out = capsys.readouterr().out
-    assert "FAIL Exercise 1.2" in out and says in out
 
 
 def test_zero_point_check_catches_a_dequantize_that_forgets_the_zero(capsys):

@@ -11,6 +11,7 @@ from llmopt.quant.awq import (
     clip_weight,
     scale_groups,
     search_scale,
+    weight_absmean,
 )
 from llmopt.quant.primitives import dequantize
 
@@ -55,6 +56,29 @@ def test_alpha_zero_is_rtn_and_search_keeps_the_best():
     assert s.max() * s.min() == pytest.approx(1, rel=1e-4)
     s, alpha, _ = search_scale(w, torch.ones(128), loss, 4, 32, True)  # flat activations: nothing to do
     assert torch.equal(s, torch.ones(128))
+
+
+def test_weight_absmean_by_hand():
+    w = torch.tensor([[1.0, -2.0, 4.0, 0.0], [3.0, 3.0, -1.0, 2.0]])
+    # groups of 2: |w| / its group's max, then the mean over rows
+    want = torch.tensor([(0.5 + 1) / 2, (1 + 1) / 2, (1 + 0.5) / 2, (0 + 1) / 2])
+    assert torch.allclose(weight_absmean(w, 2), want)
+    assert torch.allclose(weight_absmean(w, None), torch.tensor([(0.25 + 1) / 2, (0.5 + 1) / 2, (1 + 1 / 3) / 2,
+                                                                 (0 + 2 / 3) / 2]))
+
+
+def test_duo_scaling_keeps_rtn_as_a_candidate():
+    w, x = torch.randn(32, 128), loud_inputs(512, 128, 0)
+    H = x.T @ x / len(x)
+    loss = lambda wq: ((wq - w) @ H * (wq - w)).sum().item()  # noqa: E731
+    s, alpha, losses = search_scale(w, x.abs().mean(0), loss, 4, 32, True, n_grid=10, duo=True)
+    assert len(losses) == 11 and losses[0] == pytest.approx(loss(fake_quantize(w, 4, 32, True)))
+    assert loss(fake_quantize(w * s, 4, 32, True) / s) == pytest.approx(min(losses))
+    assert min(losses) < losses[0]
+    assert alpha == (losses.index(min(losses)) - 1) / 10
+    wm = weight_absmean(w, 32)
+    s0 = 1 / (wm + 1e-4)  # alpha = 0 under duo scaling: the weights' statistic alone
+    assert losses[1] == pytest.approx(loss(fake_quantize(w * s0, 4, 32, True) / s0), rel=1e-4)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -103,12 +127,12 @@ def test_folding_scales_keeps_the_float_model(which, bundled):
 
 
 def test_one_point_grid_without_clipping_is_rtn():
-    """alpha = 0 only, no clipping: s = 1 everywhere, so AWQ's codes are RTN's, bit for bit,
-    on a model whose v_proj -> o_proj scale is folded too."""
+    """alpha = 0 only (the paper's scales, no duo), no clipping: s = 1 everywhere, so AWQ's
+    codes are RTN's, bit for bit, on a model whose v_proj -> o_proj scale is folded too."""
     model = mha_llama()
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     cfg = QuantConfig(bits=4, group_size=32, symmetric=False, method="awq")
-    a = awq_model(copy.deepcopy(model), calib, cfg, n_grid=1, clip=False)
+    a = awq_model(copy.deepcopy(model), calib, cfg, n_grid=1, clip=False, duo=False)
     b = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, symmetric=False))
     qa, qb = dict(a.named_modules()), dict(b.named_modules())
     names = [n for n, m in qb.items() if isinstance(m, QuantLinear)]

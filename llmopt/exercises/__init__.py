@@ -1,0 +1,17 @@
+"""The checks behind the notebooks' exercises, one module a lesson.
+
+Each `check_*` takes the learner's function, tries it on inputs of its own, compares
+with llmopt's implementation and prints what it found. It returns True or False and
+never stops the notebook, so a learner who skips an exercise runs on; with
+`LLMOPT_STRICT=1` (how CI runs the solutions) a failed check raises instead.
+
+    from llmopt import exercises
+    exercises.check_absmax(my_quantize, my_dequantize)
+"""
+from .lesson00 import check_perplexity, check_roofline_floor
+from .lesson01 import check_absmax, check_groupwise, check_pack_int4, check_zero_point
+from .lesson02 import check_gptq_column
+from .lesson03 import check_fake_quant, check_ste
+
+__all__ = ["check_perplexity", "check_roofline_floor", "check_absmax", "check_zero_point", "check_groupwise",
+           "check_pack_int4", "check_gptq_column", "check_ste", "check_fake_quant"]
