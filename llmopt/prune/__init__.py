@@ -1,7 +1,8 @@
 """Pruning (lesson 04): masks that choose which weights to zero.
 
 Unstructured (magnitude per layer or global, Wanda) and N:M semi-structured masks live in
-`masks`; model-level pruning, SparseGPT and structured pruning build on them.
+`masks`; SparseGPT in `sparsegpt`; `prune(model, method, sparsity, calibration)` applies any of
+them to a whole model.
 """
 from .masks import (
     check_sparsity,
@@ -13,6 +14,8 @@ from .masks import (
     wanda_mask,
     wanda_scores,
 )
+from .model import METHODS, prune, sparsity_report
+from .sparsegpt import sparsegpt_prune
 
-__all__ = ["check_sparsity", "global_magnitude_masks", "magnitude_mask", "nm_mask", "row_mask", "sparsity",
-           "wanda_mask", "wanda_scores"]
+__all__ = ["METHODS", "prune", "sparsity_report", "sparsegpt_prune", "check_sparsity", "global_magnitude_masks",
+           "magnitude_mask", "nm_mask", "row_mask", "sparsity", "wanda_mask", "wanda_scores"]

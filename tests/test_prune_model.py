@@ -1,0 +1,111 @@
+import copy
+
+import pytest
+import torch
+
+from llmopt.prune import nm_mask, prune, sparsegpt_prune, sparsity_report, wanda_mask
+from llmopt.prune.model import targets
+from llmopt.quant import calibrate
+from llmopt.quant.gptq import hessian
+
+
+def correlated(n, d, seed):
+    """Samples of one distribution with strongly correlated channels, as LLM activations have."""
+    mix = torch.randn(d, d, generator=torch.Generator().manual_seed(123)) / d**0.5 + 0.3 * torch.eye(d)
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) @ mix
+
+
+def out_err(x, w, w2):
+    return (x @ (w2 - w).T).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_sparsegpt_beats_magnitude_on_held_out_inputs(nm):
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    fit, held = correlated(1024, 128, 1), correlated(512, 128, 2)
+    pruned, mask = sparsegpt_prune(w, hessian(fit), 0.5, nm, block_size=32)
+    assert torch.equal(pruned == 0, ~mask)
+    if nm is None:
+        assert int((~mask).sum()) == w.numel() // 2
+        baseline = w * (w.abs() >= w.abs().flatten().kthvalue(w.numel() // 2).values)
+    else:
+        assert (mask.reshape(48, -1, nm[1]).sum(-1) == nm[0]).all()
+        baseline = w * nm_mask(w.abs(), *nm)
+    assert out_err(held, w, pruned) < 0.75 * out_err(held, w, baseline)
+
+
+def test_sparsegpt_exact_count_with_odd_blocks_and_zero_sparsity():
+    w, H = torch.randn(7, 45), hessian(correlated(200, 45, 3))
+    for s in (0.3, 0.77):
+        _, mask = sparsegpt_prune(w, H, s, block_size=16)
+        assert int((~mask).sum()) == round(s * w.numel())
+    same, mask = sparsegpt_prune(w, H, 0.0)
+    assert mask.all() and torch.allclose(same, w)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_model_exact_sparsity_per_layer(tiny, method):
+    model, _ = tiny
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    p = prune(copy.deepcopy(model), method, 0.5, calibration=calib)
+    report = sparsity_report(p)
+    assert len(report) == 14 + 1 and all(v == 0.5 for v in report.values())
+    assert torch.equal(p.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(p.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    p24 = prune(copy.deepcopy(model), method, calibration=calib, nm=(2, 4))
+    for name, lin in targets(p24).items():
+        assert ((lin.weight != 0).reshape(lin.weight.shape[0], -1, 4).sum(-1) <= 2).all(), name
+        assert (lin.weight == 0).float().mean() >= 0.5
+
+
+def test_global_magnitude_prunes_layers_unevenly(tiny):
+    model = copy.deepcopy(tiny[0])
+    model.model.layers[1].mlp.up_proj.weight.data *= 0.1  # a quiet layer: one threshold prunes it most
+    report = sparsity_report(prune(model, "magnitude-global", 0.6))
+    assert report["total"] == pytest.approx(0.6, abs=1e-4)
+    assert report["model.layers.1.mlp.up_proj"] > 0.95 and report["model.layers.0.mlp.up_proj"] < 0.6
+
+
+def test_wanda_uses_the_layers_input_norms(tiny):
+    """Layer 0's inputs do not depend on any pruning: its masks must be Wanda's on those inputs."""
+    model, _ = tiny
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    xs = {}
+    layer0 = copy.deepcopy(calibrate.decoder_layers(model)[0])
+    inputs = calibrate.first_layer_inputs(copy.deepcopy(model), calib)
+    calibrate.collect(layer0, inputs, calibrate.linears(layer0),
+                      lambda n, x: xs.setdefault(n, []).append(x.float()))
+    p = prune(copy.deepcopy(model), "wanda", 0.5, calibration=calib)
+    for name, lin in calibrate.linears(calibrate.decoder_layers(p)[0]).items():
+        w = calibrate.decoder_layers(model)[0].get_submodule(name).weight
+        want = wanda_mask(w, torch.cat(xs[name]).norm(dim=0), 0.5)
+        assert torch.equal(lin.weight != 0, want & (w != 0)), name
+
+
+def test_calibrated_methods_beat_magnitude_on_the_bundled_model(bundled):
+    from llmopt import data
+    from llmopt import eval as evaluate
+
+    model, tok = bundled
+    calib = data.calibration_batches(tok, 16, 128)
+    stream = data.token_stream("test", tok)[:4096]
+    ppl = {m: evaluate.perplexity(prune(copy.deepcopy(model), m, 0.5, calibration=calib), stream, progress=False)
+           for m in ("magnitude", "sparsegpt")}
+    dense = evaluate.perplexity(model, stream, progress=False)
+    assert dense < ppl["sparsegpt"] < dense + 0.6 * (ppl["magnitude"] - dense), (dense, ppl)
+
+
+def test_bad_input(tiny):
+    model = copy.deepcopy(tiny[0])
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        prune(model, "random")
+    with pytest.raises(ValueError, match="sparsity"):
+        prune(model, "magnitude", 1.0)
+    with pytest.raises(ValueError, match="calibration"):
+        prune(model, "wanda", 0.5)
+    with pytest.raises(ValueError, match="0 < N <= M"):
+        prune(model, "magnitude", nm=(4, 2))
+    with pytest.raises(ValueError, match="magnitude-global"):
+        prune(model, "magnitude-global", nm=(2, 4))
+    with pytest.raises(ValueError, match="H must be"):
+        sparsegpt_prune(torch.randn(4, 8), torch.eye(4))
