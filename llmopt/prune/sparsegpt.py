@@ -12,19 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.gptq import inverse_factor
 from .masks import _check_weight, _prune_lowest, check_sparsity
-
-
-def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, and the inputs
-    that were always zero (their weights can go for free)."""
-    if not 0 <= damp < 1:
-        raise ValueError(f"damp must be in [0, 1), got {damp}")
-    H = H.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
 
 
 @torch.no_grad()
@@ -47,9 +36,13 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, nm:
         block_size = m * max(1, block_size // m)  # a group never straddles two blocks
     else:
         sparsity = check_sparsity(sparsity)
-    W = w.detach().float().clone()
-    U, dead = inverse_hessian_factor(H.to(W.device), damp)
+    if not 0 <= damp < 1:
+        raise ValueError(f"damp must be in [0, 1), got {damp}")
+    W, H = w.detach().float().clone(), H.to(w.device, torch.float32).clone()
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights can go for free
+    H[dead, dead] = 1
     W[:, dead] = 0
+    U = inverse_factor(H, damp)
     mask = torch.ones_like(W, dtype=torch.bool)
     total = round(sparsity * W.numel()) if nm is None else 0
     for i1 in range(0, n, block_size):

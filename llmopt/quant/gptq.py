@@ -25,6 +25,13 @@ def hessian(inputs: torch.Tensor) -> torch.Tensor:
     return 2 * x.T @ x / x.shape[0]
 
 
+def inverse_factor(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1: row i says how column
+    i's error spreads onto the later columns (shared with SparseGPT)."""
+    H = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def column_update(W: torch.Tensor, U: torch.Tensor, i: int, scale: torch.Tensor, zero, bits: int):
     """GPTQ's step for one column, in place: round column i to codes, then move its rounding
     error onto the columns after it (i+1, ...) along row i of U, the upper Cholesky factor of
@@ -71,8 +78,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(n, device=dev)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = inverse_factor(H, damp)
 
     Q = torch.zeros_like(W)
     for i1 in range(0, n, block_size):
