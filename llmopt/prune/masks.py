@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 
-def check_sparsity(sparsity) -> float:
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
     return float(sparsity)
 
 
