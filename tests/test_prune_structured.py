@@ -63,3 +63,57 @@ def test_prune_ffn_bad_ratio(tiny):
             prune_ffn(copy.deepcopy(tiny[0]), bad)
     with pytest.raises(ValueError, match="every one"):
         prune_ffn(copy.deepcopy(tiny[0]), 0.999)
+
+
+def llama(**overrides):
+    from transformers import LlamaForCausalLM
+
+    from llmopt.models import tiny_config
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(512, **overrides)).eval()
+
+
+@pytest.mark.parametrize("kv_heads, remove, calibrated", [(2, 1, False), (4, 2, True), (4, 3, False)])
+def test_prune_heads_equals_zeroing_those_heads(kv_heads, remove, calibrated):
+    from llmopt.prune.structured import prune_heads
+
+    model = llama(num_attention_heads=8, num_key_value_heads=kv_heads)
+    hd, rep = 64 // 8, 8 // kv_heads
+    calib = ids(512, 1) if calibrated else None
+    p = prune_heads(copy.deepcopy(model), remove, calibration=calib)
+    assert (p.config.num_key_value_heads, p.config.num_attention_heads, p.config.head_dim) == \
+        (kv_heads - remove, (kv_heads - remove) * rep, hd)
+    ref = copy.deepcopy(model)
+    for lp, lr in zip(calibrate.decoder_layers(p), calibrate.decoder_layers(ref)):
+        assert lp.self_attn.q_proj.weight.shape == ((kv_heads - remove) * rep * hd, 64)
+        assert lp.self_attn.k_proj.weight.shape == ((kv_heads - remove) * hd, 64)
+        kept_kv = [int((lr.self_attn.k_proj.weight.reshape(kv_heads, hd, 64) == h).all((1, 2)).nonzero()[0])
+                   for h in lp.self_attn.k_proj.weight.reshape(-1, hd, 64)]
+        for g in sorted(set(range(kv_heads)) - set(kept_kv)):  # a removed group's query heads write nothing
+            lr.self_attn.o_proj.weight.data[:, g * rep * hd:(g + 1) * rep * hd] = 0
+    x = ids(512)
+    with torch.no_grad():
+        assert torch.allclose(p(x).logits, ref(x).logits, atol=1e-5)
+
+
+def test_head_pruned_model_round_trips(tmp_path):
+    from llmopt.prune.structured import prune_heads
+
+    p = prune_ffn(prune_heads(llama(num_attention_heads=8, num_key_value_heads=4), 2), 0.25)
+    p.save_pretrained(tmp_path / "p")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    x = ids(512)
+    with torch.no_grad():
+        assert torch.equal(p(x).logits, back(x).logits)
+    assert back.generate(x[:1, :6], max_new_tokens=4, do_sample=False).shape == (1, 10)
+
+
+def test_prune_heads_bad_input(tiny):
+    from llmopt.prune.structured import prune_heads
+
+    for bad in (2, 5, -1, 0.5):  # the tiny model has 2 key/value groups
+        with pytest.raises(ValueError, match="more heads than exist"):
+            prune_heads(copy.deepcopy(tiny[0]), bad)
+    with pytest.raises(ValueError, match="divide hidden_size"):  # 8 query heads -> 6 of hidden 64
+        prune_heads(llama(num_attention_heads=8, num_key_value_heads=4), 1)

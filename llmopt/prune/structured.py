@@ -76,3 +76,69 @@ def prune_ffn(model: nn.Module, ratio: float, calibration=None, batch_size: int 
             mlp.intermediate_size = keep_n
     model.config.intermediate_size = keep_n
     return model
+
+
+class _HeadActivity:
+    """Mean ||z_h|| per query head over the tokens, z being o_proj's input split into heads."""
+
+    def __init__(self, head_dim: int):
+        self.head_dim, self.total, self.n = head_dim, None, 0
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        a = x.float().reshape(x.shape[0], -1, self.head_dim).norm(dim=-1).sum(0)
+        self.total = a if self.total is None else self.total + a
+        self.n += x.shape[0]
+
+
+def group_importance(attn: nn.Module, head_dim: int, activity: torch.Tensor | None = None) -> torch.Tensor:
+    """Score per key/value group (a KV head and the query heads that share it): the summed
+    ||o_proj[:, head]|| of its query heads, times each head's mean output norm when calibrated."""
+    o = attn.o_proj.weight.detach().float()
+    per_head = o.reshape(o.shape[0], -1, head_dim).norm(dim=(0, 2))
+    if activity is not None:
+        per_head = per_head * activity.float().to(per_head.device)
+    n_kv = attn.k_proj.out_features // head_dim
+    return per_head.reshape(n_kv, -1).sum(1)
+
+
+def _rows(head_ids: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (head_ids[:, None] * head_dim + torch.arange(head_dim, device=head_ids.device)).flatten()
+
+
+@torch.no_grad()
+def prune_heads(model: nn.Module, n_groups: int, calibration=None, batch_size: int = 8) -> nn.Module:
+    """Remove `n_groups` key/value groups (each a KV head with its query heads) from every
+    attention layer, the least important by `group_importance`; in place, returns the model.
+    With grouped-query attention a query head cannot go alone without breaking the sharing,
+    so whole groups go; every layer loses the same number, so the config stays uniform."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_kv, n_rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    if not isinstance(n_groups, int) or isinstance(n_groups, bool) or not 0 <= n_groups < n_kv:
+        raise ValueError(f"can remove 0 to {n_kv - 1} of the {n_kv} key/value groups "
+                         f"({n_rep} query heads each), got {n_groups!r}: pruning more heads than exist")
+    if cfg.hidden_size % ((n_kv - n_groups) * n_rep):
+        raise ValueError(f"{(n_kv - n_groups) * n_rep} query heads would not divide hidden_size {cfg.hidden_size}, "
+                         "which transformers' Llama config requires: remove another number of groups")
+    layers = calibrate.decoder_layers(model)
+    if calibration is not None:
+        stages = calibrate.layerwise(model, calibrate.check_calibration(calibration), batch_size)
+    else:
+        stages = ((i, layer, None) for i, layer in enumerate(layers))
+    for _, layer, inputs in stages:
+        attn, activity = layer.self_attn, None
+        if inputs is not None:
+            stats = _HeadActivity(head_dim)
+            calibrate.collect(layer, inputs, {"self_attn.o_proj": attn.o_proj}, stats)
+            activity = stats.total / stats.n
+        groups = torch.topk(group_importance(attn, head_dim, activity), n_kv - n_groups).indices.sort().values
+        q_heads = (groups[:, None] * n_rep + torch.arange(n_rep, device=groups.device)).flatten()
+        q_rows, kv_rows = _rows(q_heads, head_dim), _rows(groups, head_dim)
+        attn.q_proj = _shrink(attn.q_proj, q_rows, 0)
+        attn.k_proj = _shrink(attn.k_proj, kv_rows, 0)
+        attn.v_proj = _shrink(attn.v_proj, kv_rows, 0)
+        attn.o_proj = _shrink(attn.o_proj, q_rows, 1)
+    cfg.head_dim = head_dim  # hidden_size / heads no longer gives it
+    cfg.num_key_value_heads = n_kv - n_groups
+    cfg.num_attention_heads = (n_kv - n_groups) * n_rep
+    return model
