@@ -1,11 +1,13 @@
-"""Structured pruning: remove whole FFN channels, so the matrices really shrink and the
-result is a smaller, ordinary Hugging Face model (it saves, reloads and generates as one).
+"""Structured pruning: remove whole FFN channels or attention-head groups, so the matrices
+really shrink and the result is a smaller, ordinary Hugging Face model (it saves, reloads
+and generates as one).
 
 A Llama MLP computes down(act(gate(x)) * up(x)); intermediate channel j is row j of gate and
 up and column j of down. Removing it removes 3 * hidden weights. Every layer keeps the same
 number of channels, so one `config.intermediate_size` still describes the model.
 
     prune_ffn(model, 0.25, calibration=calib)   # drop the 25% least important channels per layer
+    prune_heads(model, 1, calibration=calib)    # drop the least important key/value group per layer
 """
 from __future__ import annotations
 
@@ -16,16 +18,27 @@ from ..quant import calibrate
 from .masks import check_sparsity
 
 
-class _ChannelActivity:
-    """Mean |act(gate(x)) * up(x)| per intermediate channel: what reaches down_proj."""
+class _MeanActivity:
+    """Running mean over tokens of `measure(x)` (one value per channel or head) for one input."""
 
-    def __init__(self):
-        self.total, self.n = None, 0
+    def __init__(self, measure):
+        self.measure, self.total, self.n = measure, None, 0
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        a = x.float().abs().sum(0)
+        a = self.measure(x.float()).sum(0)
         self.total = a if self.total is None else self.total + a
         self.n += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n
+
+
+def _stages(model: nn.Module, calibration, batch_size: int):
+    """(index, layer, inputs) per decoder layer: `calibrate.layerwise` with calibration data
+    (each layer sees the already pruned layers' outputs), inputs None without."""
+    if calibration is None:
+        return ((i, layer, None) for i, layer in enumerate(calibrate.decoder_layers(model)))
+    return calibrate.layerwise(model, calibrate.check_calibration(calibration), batch_size)
 
 
 def ffn_importance(mlp: nn.Module, activity: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,22 +65,16 @@ def prune_ffn(model: nn.Module, ratio: float, calibration=None, batch_size: int 
     """Remove round(ratio * intermediate_size) channels from every MLP, the least important
     by `ffn_importance` (on calibration data if given, layer by layer); in place, returns the model."""
     ratio = check_sparsity(ratio, "ratio")
-    layers = calibrate.decoder_layers(model)
-    size = layers[0].mlp.down_proj.in_features
+    size = calibrate.decoder_layers(model)[0].mlp.down_proj.in_features
     keep_n = size - round(ratio * size)
     if keep_n < 1:
         raise ValueError(f"ratio {ratio} would remove every one of the {size} FFN channels")
-    if calibration is not None:
-        stages = calibrate.layerwise(model, calibrate.check_calibration(calibration), batch_size)
-    else:
-        stages = ((i, layer, None) for i, layer in enumerate(layers))
-    for _, layer, inputs in stages:
-        mlp = layer.mlp
-        activity = None
+    for _, layer, inputs in _stages(model, calibration, batch_size):
+        mlp, activity = layer.mlp, None
         if inputs is not None:
-            stats = _ChannelActivity()
+            stats = _MeanActivity(torch.abs)
             calibrate.collect(layer, inputs, {"mlp.down_proj": mlp.down_proj}, stats)
-            activity = stats.total / stats.n
+            activity = stats.mean()
         keep = torch.topk(ffn_importance(mlp, activity), keep_n).indices.sort().values
         mlp.gate_proj = _shrink(mlp.gate_proj, keep, 0)
         mlp.up_proj = _shrink(mlp.up_proj, keep, 0)
@@ -76,18 +83,6 @@ def prune_ffn(model: nn.Module, ratio: float, calibration=None, batch_size: int 
             mlp.intermediate_size = keep_n
     model.config.intermediate_size = keep_n
     return model
-
-
-class _HeadActivity:
-    """Mean ||z_h|| per query head over the tokens, z being o_proj's input split into heads."""
-
-    def __init__(self, head_dim: int):
-        self.head_dim, self.total, self.n = head_dim, None, 0
-
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        a = x.float().reshape(x.shape[0], -1, self.head_dim).norm(dim=-1).sum(0)
-        self.total = a if self.total is None else self.total + a
-        self.n += x.shape[0]
 
 
 def group_importance(attn: nn.Module, head_dim: int, activity: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,17 +115,12 @@ def prune_heads(model: nn.Module, n_groups: int, calibration=None, batch_size: i
     if cfg.hidden_size % ((n_kv - n_groups) * n_rep):
         raise ValueError(f"{(n_kv - n_groups) * n_rep} query heads would not divide hidden_size {cfg.hidden_size}, "
                          "which transformers' Llama config requires: remove another number of groups")
-    layers = calibrate.decoder_layers(model)
-    if calibration is not None:
-        stages = calibrate.layerwise(model, calibrate.check_calibration(calibration), batch_size)
-    else:
-        stages = ((i, layer, None) for i, layer in enumerate(layers))
-    for _, layer, inputs in stages:
+    for _, layer, inputs in _stages(model, calibration, batch_size):
         attn, activity = layer.self_attn, None
-        if inputs is not None:
-            stats = _HeadActivity(head_dim)
+        if inputs is not None:  # mean ||z_h|| per query head, z = o_proj's input split into heads
+            stats = _MeanActivity(lambda x: x.reshape(x.shape[0], -1, head_dim).norm(dim=-1))
             calibrate.collect(layer, inputs, {"self_attn.o_proj": attn.o_proj}, stats)
-            activity = stats.total / stats.n
+            activity = stats.mean()
         groups = torch.topk(group_importance(attn, head_dim, activity), n_kv - n_groups).indices.sort().values
         q_heads = (groups[:, None] * n_rep + torch.arange(n_rep, device=groups.device)).flatten()
         q_rows, kv_rows = _rows(q_heads, head_dim), _rows(groups, head_dim)
