@@ -115,6 +115,26 @@ def train(model, train_stream, cfg: TrainConfig, val_stream=None, loss_fn=lm_los
     return log
 
 
+def finetune(model, tokenizer, steps: int = 200, lr: float = 2e-4, batch_size: int = 8, seq_len: int = 512,
+             warmup: int | None = None, loss_fn=lm_loss, seed: int = 0, progress: bool = True,
+             **train_overrides) -> TrainLog:
+    """A short fine-tune of an already trained model on the TRAIN split (QAT, recovery after
+    pruning): `train()` with a small learning rate, a warm-up of a tenth of the steps and no
+    weight decay, which would pull weights (and learned scales) toward 0. Other `TrainConfig`
+    fields (autocast, log_every, threads, ...) pass through."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    known = set(TrainConfig.__dataclass_fields__)
+    if set(train_overrides) - known:
+        raise ValueError(f"unknown TrainConfig fields {sorted(set(train_overrides) - known)}; known: {sorted(known)}")
+    kw = dict(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed, weight_decay=0.0,
+              warmup=max(1, steps // 10) if warmup is None else warmup)
+    cfg = TrainConfig(**{**kw, **train_overrides})
+    return train(model, data.token_stream("train", tokenizer), cfg, loss_fn=loss_fn, progress=progress)
+
+
 def plot_log(log: TrainLog, path: Path, title: str = "training loss"):
     import matplotlib.pyplot as plt
 

@@ -3,7 +3,7 @@
 Unstructured (magnitude per layer or global, Wanda) and N:M semi-structured masks live in
 `masks`; SparseGPT in `sparsegpt`; `prune(model, method, sparsity, calibration)` applies any of
 them to a whole model; `prune_ffn` and `prune_heads` remove whole FFN channels and key/value
-groups of attention heads (a smaller model, not zeros).
+groups of attention heads (a smaller model, not zeros); `recover` fine-tunes what is left.
 """
 from .masks import (
     check_sparsity,
@@ -16,9 +16,10 @@ from .masks import (
     wanda_scores,
 )
 from .model import METHODS, prune, sparsity_report
+from .recover import recover
 from .sparsegpt import sparsegpt_prune
 from .structured import ffn_importance, group_importance, prune_ffn, prune_heads
 
-__all__ = ["METHODS", "prune", "sparsity_report", "sparsegpt_prune", "ffn_importance", "prune_ffn",
+__all__ = ["METHODS", "prune", "sparsity_report", "recover", "sparsegpt_prune", "ffn_importance", "prune_ffn",
            "group_importance", "prune_heads", "check_sparsity", "global_magnitude_masks", "magnitude_mask",
            "nm_mask", "row_mask", "sparsity", "wanda_mask", "wanda_scores"]

@@ -203,24 +203,13 @@ def qat_finetune(model: nn.Module, tokenizer, steps: int = 200, lr: float = 2e-4
                  seq_len: int = 512, warmup: int | None = None, teacher: nn.Module | None = None,
                  temperature: float = 1.0, kd_weight: float = 1.0, seed: int = 0, progress: bool = True,
                  **train_overrides):
-    """Fine-tune a `prepare_qat` model on the TRAIN split with `llmopt.train.train`; returns
+    """Fine-tune a `prepare_qat` model on the TRAIN split with `llmopt.train.finetune`; returns
     its `TrainLog`. With `teacher` (the float model) the loss is distillation, else plain
-    cross-entropy. No weight decay by default: it would pull weights (and learned scales)
-    toward 0. Other `TrainConfig` fields (autocast, log_every, threads, ...) pass through."""
-    from .. import data
-    from ..train import TrainConfig, lm_loss, train
+    cross-entropy. Other `TrainConfig` fields (autocast, log_every, threads, ...) pass through."""
+    from ..train import finetune, lm_loss
 
     if not any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise ValueError("the model has no FakeQuantLinear: call prepare_qat(model, cfg) first")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    known = set(TrainConfig.__dataclass_fields__)
-    if set(train_overrides) - known:
-        raise ValueError(f"unknown TrainConfig fields {sorted(set(train_overrides) - known)}; known: {sorted(known)}")
-    kw = dict(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed, weight_decay=0.0,
-              warmup=max(1, steps // 10) if warmup is None else warmup)
-    cfg = TrainConfig(**{**kw, **train_overrides})
     loss_fn = lm_loss if teacher is None else distillation_loss(teacher, temperature, kd_weight)
-    return train(model, data.token_stream("train", tokenizer), cfg, loss_fn=loss_fn, progress=progress)
+    return finetune(model, tokenizer, steps, lr, batch_size, seq_len, warmup, loss_fn, seed, progress,
+                    **train_overrides)
