@@ -264,6 +264,37 @@ def decode_roofline(model, measured_s_per_token: float, bandwidth: float | None 
                     floor / measured_s_per_token)
 
 
+def prefill(model, tokens: int = 512, batch_size: int = 1, warmup: int = 2, repeats: int = 9, seed: int = 0) -> Stats:
+    """Time one forward pass over a prompt of `tokens` tokens, as `generate` starts: every
+    position through every layer (compute-bound, so fewer FLOPs show), logits for the last
+    position only (the next token's; all 512 rows of a large vocabulary would swamp the rest)."""
+    device = next(model.parameters()).device
+    ids = random_prompts(model.config.vocab_size, batch_size, tokens, seed=seed, device=device)
+    with torch.no_grad():
+        return time_fn(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), device=device,
+                       warmup=warmup, repeats=repeats)
+
+
+def matmul_flops(model, tokens: int, context: float, logits: int | None = None) -> dict[str, float]:
+    """Multiply-add FLOPs (2 per MAC) of the matrix products in a Llama-family forward pass
+    over `tokens` tokens that each attend to `context` positions on average, with `logits`
+    rows of lm_head (default: one per token). By part, from the model's actual linears, so a
+    pruned or factorised model is counted as it is. What is left out (norms, activations,
+    rotary, softmax) is small in FLOPs but not always in time."""
+    from .quant import calibrate
+
+    parts = dict.fromkeys(("attention projections", "attention scores", "mlp", "lm_head"), 0.0)
+    for layer in calibrate.decoder_layers(model):
+        for name, lin in calibrate.linears(layer).items():
+            parts["mlp" if "mlp" in name else "attention projections"] += 2 * tokens * lin.in_features * lin.out_features
+        q_dim = layer.self_attn.q_proj.out_features
+        parts["attention scores"] += 2 * 2 * tokens * context * q_dim  # q.k over the context, then p.v
+    head = model.get_output_embeddings()
+    parts["lm_head"] = 2 * (tokens if logits is None else logits) * head.in_features * head.out_features
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def cpu_name() -> str:
     import platform
 

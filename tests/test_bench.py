@@ -120,3 +120,24 @@ def test_cuda_generation_uses_bf16_and_cuda_memory():
     r = bench.generation(model, batch_size=4, prompt_len=8, new_tokens=8, repeats=2)
     assert r.memory_kind == "cuda max allocated" and r.peak_memory_bytes > 0
     assert r.tokens_per_s == pytest.approx(32 / r.total_s)
+
+
+def test_matmul_flops_by_hand_and_after_pruning(bundled):
+    from llmopt.prune import prune_ffn
+
+    model, _ = bundled  # 6 layers, hidden 256, 8 query heads of 32, 2 kv heads, MLP 768, vocab 4096
+    f = bench.matmul_flops(model, tokens=10, context=100, logits=1)
+    assert f["attention projections"] == 6 * 2 * 10 * (2 * 256 * 256 + 2 * 256 * 64)
+    assert f["mlp"] == 6 * 2 * 10 * 3 * 256 * 768
+    assert f["attention scores"] == 6 * 2 * 2 * 10 * 100 * 256
+    assert f["lm_head"] == 2 * 256 * 4096
+    assert f["total"] == sum(v for k, v in f.items() if k != "total")
+    small = prune_ffn(copy.deepcopy(model), 0.25)
+    g = bench.matmul_flops(small, tokens=10, context=100, logits=1)
+    assert g["mlp"] == 0.75 * f["mlp"] and g["attention projections"] == f["attention projections"]
+
+
+def test_prefill_times_a_forward_pass(tiny):
+    model, _ = tiny
+    stats = bench.prefill(model, tokens=16, batch_size=2, warmup=1, repeats=3)
+    assert len(stats.runs) == 3 and 0 < stats.min <= stats.median <= stats.max
