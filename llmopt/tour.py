@@ -22,13 +22,14 @@ class TourConfig:
     big_batch: int = 16
     ppl_tokens: int | None = None  # None: the whole test split
     repeats: int = 3
-    calib_samples: int = 128       # PTQ calibration: windows of the train split
+    calib_samples: int = 128       # PTQ and pruning calibration: windows of the train split
     calib_len: int = 256
+    recovery_steps: int = 200      # the fine-tune after structured pruning (0: no recovery row)
 
     @classmethod
     def smoke(cls):
         return cls(prompt_len=16, new_tokens=16, big_batch=4, ppl_tokens=4096, repeats=1, calib_samples=32,
-                   calib_len=128)
+                   calib_len=128, recovery_steps=2)
 
 
 def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
@@ -79,18 +80,25 @@ def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=
 def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -> list:
     """(row name, function that turns a copy of the float model into the candidate).
     Each lesson adds its methods here, so `llmopt tour` grows a row per technique."""
+    from . import prune
     from .data import calibration_batches
     from .quant import QuantConfig, bnb, quantize
 
     cfg = cfg or TourConfig()
     calib = []  # made once, on first use, and shared by the calibrated methods
 
-    def calibrated(qcfg):
+    def calibrated(qcfg=None, then=quantize):
+        """A maker that calls then(model, qcfg, calibration) (or then(model, calibration))."""
         def make(model):
             if not calib:
                 calib.append(calibration_batches(tokenizer, cfg.calib_samples, cfg.calib_len))
-            return quantize(model, qcfg, calib[0])
+            return then(model, calib[0]) if qcfg is None else then(model, qcfg, calib[0])
         return make
+
+    def ffn_recovered(model, calibration):
+        prune.prune_ffn(model, 0.25, calibration)
+        prune.recover(model, tokenizer, steps=cfg.recovery_steps, progress=False)
+        return model
 
     w4 = []  # the same storage (4-bit codes, a scale per group of 128 inputs) with and without zero points
     for sym, label in ((True, "symmetric"), (False, "zero-point")):
@@ -103,7 +111,15 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -
         *w4,
         ("nf4 double-quant", lambda m: quantize(m, QuantConfig(bits=4, method="nf4", double_quant=True))),
         ("smoothquant w8a8", calibrated(QuantConfig(bits=8, method="smoothquant"))),
-    ] + ([  # bitsandbytes loads the model itself, from its folder
+        # lesson 04: zeros in dense tensors (same size and speed here; the 2:4 kernel is a GPU's)...
+        ("magnitude 50%", lambda m: prune.prune(m, "magnitude", 0.5)),
+        ("wanda 50%", calibrated(then=lambda m, c: prune.prune(m, "wanda", 0.5, c))),
+        ("sparsegpt 50%", calibrated(then=lambda m, c: prune.prune(m, "sparsegpt", 0.5, c))),
+        ("sparsegpt 2:4", calibrated(then=lambda m, c: prune.prune(m, "sparsegpt", calibration=c, nm=(2, 4)))),
+        # ...and a smaller model: a quarter of every MLP's channels removed
+        ("ffn -25%", calibrated(then=lambda m, c: prune.prune_ffn(m, 0.25, c))),
+    ] + ([(f"ffn -25% + {cfg.recovery_steps}-step recovery", calibrated(then=ffn_recovered))]
+         if cfg.recovery_steps else []) + ([  # bitsandbytes loads the model itself, from its folder
         ("bnb nf4 double-quant", lambda m: bnb.load(model_name, "nf4", double_quant=True, compute_dtype=m.dtype,
                                                     device=m.device)[0]),
         ("bnb llm.int8", lambda m: bnb.load(model_name, "int8", device=m.device)[0]),

@@ -22,6 +22,10 @@ def test_tour_smoke_writes_table_json_and_plot(tmp_path):
     assert methods[:3] == ["baseline float32", "rtn w8 per-channel", "rtn w4 g128 symmetric"]
     w4 = {f"{m} w4 g128 {f}" for m in ("rtn", "gptq", "awq") for f in ("symmetric", "zero-point")}
     assert w4 | {"nf4 double-quant", "smoothquant w8a8"} <= set(methods)
+    pruned = {"magnitude 50%", "wanda 50%", "sparsegpt 50%", "sparsegpt 2:4", "ffn -25%", "ffn -25% + 2-step recovery"}
+    assert pruned <= set(methods)
+    by = {r["method"]: r for r in res["rows"]}
+    assert by["ffn -25%"]["size_mb"] < 0.9 * row["size_mb"] and by["sparsegpt 50%"]["size_mb"] == row["size_mb"]
     assert all(r["perplexity"] < 1.2 * row["perplexity"] for r in res["rows"])  # every method kept the model usable
     assert res["rows"][2]["size_mb"] < res["rows"][1]["size_mb"] < row["size_mb"]
     for key in ("size_mb", "perplexity", "tok_s_b1", "ttft_ms", "tpot_ms", "peak_mem_mb", "roofline_pct"):

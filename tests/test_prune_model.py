@@ -109,3 +109,35 @@ def test_bad_input(tiny):
         prune(model, "magnitude-global", nm=(2, 4))
     with pytest.raises(ValueError, match="H must be"):
         sparsegpt_prune(torch.randn(4, 8), torch.eye(4))
+
+
+def test_is_2to4_and_semi_structured_needs_a_gpu(tiny):
+    from llmopt.prune import is_2to4, linear_speedup, to_semi_structured
+
+    w = torch.randn(8, 16)
+    assert not is_2to4(w) and is_2to4(w * nm_mask(w.abs(), 2, 4)) and is_2to4(w * nm_mask(w.abs(), 1, 4))
+    assert not is_2to4(torch.zeros(4, 6))  # inputs not a multiple of 4
+    if torch.cuda.is_available():
+        return
+    model, _ = tiny
+    p24 = prune(copy.deepcopy(model), "magnitude", nm=(2, 4))
+    with pytest.raises(ValueError, match="CUDA"):
+        to_semi_structured(p24)
+    with pytest.raises(ValueError, match="CUDA"):
+        linear_speedup(64, 64, 16, device="cpu")
+
+
+@pytest.mark.gpu
+def test_semi_structured_model_matches_masked_dense_and_a_big_linear_is_faster(bundled):
+    from llmopt.prune import linear_speedup, to_semi_structured
+
+    model, _ = bundled
+    dense = prune(copy.deepcopy(model), "magnitude", nm=(2, 4)).half().cuda()
+    sparse = to_semi_structured(copy.deepcopy(dense))
+    ids = torch.randint(1, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        a, b = dense(ids).logits.float(), sparse(ids).logits.float()
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    r = linear_speedup(8192, 8192, 4096)
+    print(r)
+    assert r["max_abs_diff"] < 1.0 and r["speedup"] > 1.0, r  # compute-bound: half the multiplies
