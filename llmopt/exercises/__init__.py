@@ -12,6 +12,8 @@ from .lesson00 import check_perplexity, check_roofline_floor
 from .lesson01 import check_absmax, check_groupwise, check_pack_int4, check_zero_point
 from .lesson02 import check_gptq_column
 from .lesson03 import check_fake_quant, check_ste
+from .lesson04 import check_nm_mask, check_wanda_mask
 
 __all__ = ["check_perplexity", "check_roofline_floor", "check_absmax", "check_zero_point", "check_groupwise",
-           "check_pack_int4", "check_gptq_column", "check_ste", "check_fake_quant"]
+           "check_pack_int4", "check_gptq_column", "check_ste", "check_fake_quant", "check_wanda_mask",
+           "check_nm_mask"]
