@@ -286,7 +286,8 @@ def matmul_flops(model, tokens: int, context: float, logits: int | None = None) 
     parts = dict.fromkeys(("attention projections", "attention scores", "mlp", "lm_head"), 0.0)
     for layer in calibrate.decoder_layers(model):
         for name, lin in calibrate.linears(layer).items():
-            parts["mlp" if "mlp" in name else "attention projections"] += 2 * tokens * lin.in_features * lin.out_features
+            part = "mlp" if "mlp" in name else "attention projections"
+            parts[part] += 2 * tokens * lin.in_features * lin.out_features
         q_dim = layer.self_attn.q_proj.out_features
         parts["attention scores"] += 2 * 2 * tokens * context * q_dim  # q.k over the context, then p.v
     head = model.get_output_embeddings()

@@ -2,7 +2,7 @@
 measured in turns (dense, pruned, dense, ...) so slow drifts of a shared machine hit both,
 beside the FLOP ceiling `bench.matmul_flops` gives. The table in BENCHMARKS.md comes from here.
 
-    python scripts/bench_structured.py [--ratios 0.25 0.5] [--rounds 3]
+    python scripts/bench_structured.py [--ratios 0.25 0.5] [--rounds 3] [--threads 1]
 """
 import argparse
 import copy
@@ -22,7 +22,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--ppl-tokens", type=int, default=None, help="default: the whole test split")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tok = llmopt.load(args.model, dtype=torch.float32)
     calib = data.calibration_batches(tok, 128, 256)
