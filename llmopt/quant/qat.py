@@ -176,27 +176,16 @@ def convert(model: nn.Module) -> nn.Module:
 
 
 def distillation_loss(teacher: nn.Module, temperature: float = 1.0, kd_weight: float = 1.0):
-    """A `train()` loss: kd_weight * KL(teacher || student) + (1 - kd_weight) * cross-entropy.
+    """A `train()` loss: kd_weight * T^2 KL(teacher || student) + (1 - kd_weight) * cross-entropy
+    (`llmopt.distill.distill_loss_fn`, lesson 05, with alpha named kd_weight).
 
     The float model as teacher hands the student its whole next-token distribution, not
     just the one true token: more signal per token for the short fine-tune QAT can afford."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not 0 <= kd_weight <= 1:
+    from ..distill import distill_loss_fn
+
+    if not 0 <= kd_weight <= 1:  # checked here too, to name this function's argument
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight!r}")
-    teacher.eval()  # frozen: run under no_grad below, its parameters are left as they are
-
-    def loss_fn(model, x, y):
-        logits = model(input_ids=x).logits.flatten(0, 1).float()
-        with torch.no_grad():
-            t = teacher(input_ids=x).logits.flatten(0, 1).float()
-        kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t / temperature, -1),
-                      log_target=True, reduction="batchmean") * temperature**2
-        if kd_weight == 1:
-            return kl
-        return kd_weight * kl + (1 - kd_weight) * F.cross_entropy(logits, y.flatten())
-
-    return loss_fn
+    return distill_loss_fn(teacher, temperature, kd_weight)
 
 
 def qat_finetune(model: nn.Module, tokenizer, steps: int = 200, lr: float = 2e-4, batch_size: int = 8,
