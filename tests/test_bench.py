@@ -60,11 +60,12 @@ def test_track_memory_sees_an_allocation():
 
 def test_generation_numbers_are_consistent(tiny):
     model, _ = tiny
-    r = bench.generation(model, batch_size=3, prompt_len=8, new_tokens=5, warmup=1, repeats=2)
-    assert r.tokens_per_s == pytest.approx(3 * 5 / r.total_s)
+    # 16 new tokens: the whole call must outlast the first token even on a busy machine
+    r = bench.generation(model, batch_size=3, prompt_len=8, new_tokens=16, warmup=1, repeats=2)
+    assert r.tokens_per_s == pytest.approx(3 * 16 / r.total_s)
     assert r.requests_per_s == pytest.approx(3 / r.total_s)
     assert 0 < r.ttft_s < r.total_s
-    assert r.tpot_s == pytest.approx((r.total_s - r.ttft_s) / 4)
+    assert r.tpot_s == pytest.approx((r.total_s - r.ttft_s) / 15)
     assert r.peak_memory_bytes > 0
     assert r.joules_per_token is None  # no NVML on CPU
     d = asdict(r)  # how the tour writes it to JSON
