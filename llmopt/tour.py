@@ -24,12 +24,12 @@ class TourConfig:
     repeats: int = 3
     calib_samples: int = 128       # PTQ and pruning calibration: windows of the train split
     calib_len: int = 256
-    recovery_steps: int = 200      # the fine-tune after structured pruning (0: no recovery row)
+    train_steps: int = 200         # pruning's recovery, the distilled student, the upcycled MoE (0: no such rows)
 
     @classmethod
     def smoke(cls):
         return cls(prompt_len=16, new_tokens=16, big_batch=4, ppl_tokens=4096, repeats=1, calib_samples=32,
-                   calib_len=128, recovery_steps=2)
+                   calib_len=128, train_steps=2)
 
 
 def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
@@ -80,7 +80,7 @@ def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=
 def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -> list:
     """(row name, function that turns a copy of the float model into the candidate).
     Each lesson adds its methods here, so `llmopt tour` grows a row per technique."""
-    from . import prune
+    from . import distill, lowrank, moe, prune, train
     from .data import calibration_batches
     from .quant import QuantConfig, bnb, quantize
 
@@ -97,8 +97,26 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -
 
     def ffn_recovered(model, calibration):
         prune.prune_ffn(model, 0.25, calibration)
-        prune.recover(model, tokenizer, steps=cfg.recovery_steps, progress=False)
+        prune.recover(model, tokenizer, steps=cfg.train_steps, progress=False)
         return model
+
+    def distilled_student(teacher):  # lesson 05: half the layers, from the teacher's, then distilled
+        student = distill.init_from_teacher(teacher, distill.student_config(
+            teacher.config, num_hidden_layers=max(1, teacher.config.num_hidden_layers // 2)))
+        train.finetune(student, tokenizer, steps=cfg.train_steps, lr=1e-3, progress=False,
+                       loss_fn=distill.distill_loss_fn(teacher, temperature=1.0, alpha=0.9))
+        return student.eval()
+
+    def upcycled(model):  # lesson 07: 8 copies of every FFN, top-2, then fine-tuned with the balancing loss
+        big = moe.upcycle(model, num_experts=8, top_k=2)
+        train.finetune(big, tokenizer, steps=cfg.train_steps, progress=False, loss_fn=moe.moe_lm_loss())
+        return big.eval()
+
+    trained = [
+        (f"ffn -25% + {cfg.train_steps}-step recovery", calibrated(then=ffn_recovered)),
+        (f"student, half the layers + {cfg.train_steps}-step distillation", distilled_student),
+        (f"moe 8x top-2 upcycled + {cfg.train_steps} steps", upcycled),
+    ] if cfg.train_steps else []
 
     w4 = []  # the same storage (4-bit codes, a scale per group of 128 inputs) with and without zero points
     for sym, label in ((True, "symmetric"), (False, "zero-point")):
@@ -118,8 +136,10 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -
         ("sparsegpt 2:4", calibrated(then=lambda m, c: prune.prune(m, "sparsegpt", calibration=c, nm=(2, 4)))),
         # ...and a smaller model: a quarter of every MLP's channels removed
         ("ffn -25%", calibrated(then=lambda m, c: prune.prune_ffn(m, 0.25, c))),
-    ] + ([(f"ffn -25% + {cfg.recovery_steps}-step recovery", calibrated(then=ffn_recovered))]
-         if cfg.recovery_steps else []) + ([  # bitsandbytes loads the model itself, from its folder
+        # lesson 06: every decoder linear as two thin factors holding half its weights
+        ("low-rank whitened 50%", calibrated(then=lambda m, c: lowrank.factorize(m, "whitened", ratio=0.5,
+                                                                                   calibration=c))),
+    ] + trained + ([  # bitsandbytes loads the model itself, from its folder
         ("bnb nf4 double-quant", lambda m: bnb.load(model_name, "nf4", double_quant=True, compute_dtype=m.dtype,
                                                     device=m.device)[0]),
         ("bnb llm.int8", lambda m: bnb.load(model_name, "int8", device=m.device)[0]),

@@ -15,3 +15,6 @@ $PY -m pytest -q -m "gpu or not slow" -p no:cacheprovider tests 2>&1 | tail -n 2
 # the baseline of the bundled model, and of a TinyLlama-1.1B-shaped random model (timing only)
 $PY -m llmopt.cli tour --out "$OUT/tour_tinypy" 2>/dev/null | tee "$OUT/tour_tinypy.txt"
 $PY -m llmopt.cli tour --model tinyllama-1.1b-random --out "$OUT/tour_tinyllama" 2>/dev/null | tee "$OUT/tour_tinyllama.txt"
+# lesson 07: the MoE dispatch paths (Triton included) and stock MoE models, bf16
+$PY scripts/bench_moe.py dispatch 2>&1 | tee "$OUT/moe_dispatch.txt"
+$PY scripts/bench_moe.py models 2>&1 | tee "$OUT/moe_models.txt"

@@ -1,0 +1,169 @@
+"""Lesson 07's measurements: MoE dispatch paths, MoE-shaped transformers models, sparse upcycling.
+BENCHMARKS.md's MoE tables come from here.
+
+    python scripts/bench_moe.py dispatch [--tokens 16 128 1024 4096]
+    python scripts/bench_moe.py models
+    python scripts/bench_moe.py upcycle [--steps 200] [--out moe_results]
+"""
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import llmopt
+from llmopt import bench, data, moe, train
+from llmopt import eval as evaluate
+
+SHAPES = {"8 experts top-2, I=768 (Mixtral-like)": (8, 2, 768),
+          "64 experts top-8, I=96 (fine-grained, Qwen/DeepSeek-like)": (64, 8, 96)}
+
+
+def gemm_rate(hidden, device, dtype, rows=4096, cols=768, repeats=7):
+    """FLOP/s of one large matmul on this device: the ceiling any dispatch path can reach."""
+    a, w = torch.randn(rows, hidden, device=device, dtype=dtype), torch.randn(cols, hidden, device=device, dtype=dtype)
+    t = bench.time_fn(lambda: torch.nn.functional.linear(a, w), device=device, repeats=repeats).median
+    return 2 * rows * hidden * cols / t
+
+
+def dispatch(args):
+    paths = ("dense", "loop", "sorted") + (("triton",) if args.device == "cuda" else ())
+    peak = gemm_rate(args.hidden, args.device, args.dtype)
+    print(bench.environment())
+    print(f"one 4096x{args.hidden}x768 {args.dtype} matmul on {args.device}: {peak / 1e9:.0f} GFLOP/s")
+    print("| shape | tokens | " + " | ".join(f"{p} ms" for p in paths) +
+          " | sorted vs dense | sorted vs loop | best vs loop | loop GFLOP/s |")
+    print("|---|---|" + "---|" * (len(paths) + 4))
+    rows = []
+    for label, (E, k, inter) in SHAPES.items():
+        for T in args.tokens:
+            t = moe.dispatch_times(T, args.hidden, inter, E, k, paths=paths, device=args.device, dtype=args.dtype,
+                                   repeats=args.repeats)
+            flops = 2 * T * k * 3 * args.hidden * inter
+            rows.append(dict(shape=label, tokens=T, **{n: v * 1e3 for n, v in t.items()}))
+            print(f"| {label} | {T} | " + " | ".join(f"{t[p] * 1e3:.2f}" for p in paths) +
+                  f" | {t['dense'] / t['sorted']:.2f}x | {t['loop'] / t['sorted']:.2f}x | "
+                  f"{t['loop'] / min(t[p] for p in paths if p != 'loop'):.2f}x | {flops / t['loop'] / 1e9:.0f} |")
+    return rows
+
+
+def models(args):
+    """Stock transformers MoE models (random weights, small configs) with every dispatch path."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    common = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+    configs = {
+        "Mixtral-shaped (8 experts top-2, I=768)": MixtralForCausalLM(MixtralConfig(
+            **common, intermediate_size=768, num_local_experts=8, num_experts_per_tok=2)),
+        "Qwen3-MoE-shaped (64 experts top-8, I=96)": Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            **common, intermediate_size=768, moe_intermediate_size=96, head_dim=32, num_experts=64,
+            num_experts_per_tok=8, norm_topk_prob=True)),
+    }
+    print(f"| model | total / active params | prefill {args.batch}x{args.seq} ms: transformers | dense | loop "
+          "| sorted | (triton on a GPU) |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for label, model in configs.items():
+        torch.manual_seed(0)
+        model.to(args.device, args.dtype).eval()
+        with torch.no_grad():  # Qwen3-MoE zero-initialises its routers: give them something to say
+            for name, p in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    p.normal_(std=0.02)
+        paths = ("dense", "loop", "sorted") + (("triton",) if args.device == "cuda" else ())
+        t = moe.model_dispatch_times(model, args.batch, args.seq, paths=paths, repeats=args.repeats)
+        pc = moe.param_counts(model)
+        rows.append(dict(model=label, **pc, **{n: v * 1e3 for n, v in t.items()}))
+        print(f"| {label} | {pc['total'] / 1e6:.1f}M / {pc['active'] / 1e6:.1f}M | " +
+              " | ".join(f"{v * 1e3:.0f}" for v in t.values()) + " |")
+    return rows
+
+
+def upcycle(args):
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dense, tok = llmopt.load(args.model, dtype=torch.float32)
+    probe = data.calibration_batches(tok, 16, 512, seed=1)  # train-split windows for the load histograms
+    variants, loads, logs = {"dense": dense}, {}, {}
+
+    def fine_tune(name, model, loss_fn):
+        t0 = time.perf_counter()
+        logs[name] = train.finetune(model, tok, steps=args.steps, lr=args.lr, loss_fn=loss_fn, progress=False)
+        print(f"{name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s, last loss {logs[name].loss[-1]:.3f}")
+        variants[name] = model.eval()
+
+    fine_tune(f"dense + {args.steps} steps", copy.deepcopy(dense), train.lm_loss)
+    start = moe.upcycle(dense, args.experts, args.top_k).eval()
+    name = f"upcycled {args.experts}x top-{args.top_k}, no training"
+    variants[name], loads[name] = start, moe.expert_loads(start, probe)
+    for label, coef in (("no balancing loss", 0.0), (f"balancing loss {args.balance}", args.balance)):
+        name = f"upcycled + {args.steps} steps, {label}"
+        fine_tune(name, moe.upcycle(dense, args.experts, args.top_k).train(), moe.moe_lm_loss(coef, args.z))
+        loads[name] = moe.expert_loads(variants[name], probe)
+
+    print(bench.environment())
+    print("| model | params total / active | GFLOP per token | perplexity | prefill 512 ms | tok/s b=16 | "
+          "tok/s b=1 | expert load max/mean |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name, m in variants.items():
+        pc = moe.param_counts(m)
+        ppl = evaluate.perplexity(m, tokenizer=tok, split="test", max_tokens=args.ppl_tokens, progress=False)
+        pre = bench.prefill(m, 512, repeats=5).median
+        b16 = bench.generation(m, 16, 32, 64, repeats=3).tokens_per_s
+        b1 = bench.generation(m, 1, 32, 64, repeats=3).tokens_per_s
+        imb = moe.load_imbalance(loads[name]) if name in loads else None
+        rows.append(dict(model=name, **pc, gflop_per_token=moe.flops_per_token(m) / 1e9, perplexity=ppl,
+                         prefill_ms=pre * 1e3, tok_s_b16=b16, tok_s_b1=b1, load_max_over_mean=imb))
+        print(f"| {name} | {pc['total'] / 1e6:.2f}M / {pc['active'] / 1e6:.2f}M | {rows[-1]['gflop_per_token']:.4f} | "
+              f"{ppl:.3f} | {pre * 1e3:.1f} | {b16:.0f} | {b1:.0f} | {'-' if imb is None else f'{imb:.2f}'} |")
+
+    fig, axes = plt.subplots(1, len(loads), figsize=(4.5 * len(loads), 3.2), sharey=True)
+    for ax, (name, c) in zip(axes, loads.items()):
+        share = (c.float() / c.sum(-1, keepdim=True)).numpy()
+        for layer, s in enumerate(share):
+            ax.plot(range(len(s)), sorted(s, reverse=True), marker="o", ms=3, lw=1, label=f"layer {layer}")
+        ax.axhline(1 / c.shape[1], color="k", ls=":", lw=1)
+        ax.set(title=name, xlabel="expert (busiest first)")
+    axes[0].set_ylabel("share of assignments")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "expert_load.png", dpi=120)
+    (out / "upcycle.json").write_text(json.dumps({"rows": rows, "loads": {k: v.tolist() for k, v in loads.items()},
+                                                  "loss": {k: v.loss for k, v in logs.items()}}, indent=1))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["dispatch", "models", "upcycle"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16, 128, 1024, 4096])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--model", default="tinypy")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--balance", type=float, default=0.01)
+    ap.add_argument("--z", type=float, default=0.001)
+    ap.add_argument("--ppl-tokens", type=int, default=None, help="default: the whole test split")
+    ap.add_argument("--out", default="moe_results")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"dispatch": dispatch, "models": models, "upcycle": upcycle}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
