@@ -103,8 +103,9 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"{type(block).__name__} is not a Mixtral-style MoE block (gate + experts "
                              f"with gate_up_proj/down_proj); Qwen2-MoE's shared expert is not supported")
         E, two_i, H = experts.gate_up_proj.shape
-        layer = cls(H, two_i // 2, E, router.top_k, getattr(router, "norm_topk_prob", True),
-                    capacity_factor, dispatch).to(experts.gate_up_proj.device)
+        with torch.device("meta"):  # no memory for weights that are replaced at once by the block's
+            layer = cls(H, two_i // 2, E, router.top_k, getattr(router, "norm_topk_prob", True),
+                        capacity_factor, dispatch)
         layer.gate.weight = router.weight
         layer.experts.gate_up_proj, layer.experts.down_proj = experts.gate_up_proj, experts.down_proj
         if getattr(experts, "act_fn", None) is not None:
