@@ -31,13 +31,16 @@ def model_size_bytes(model: torch.nn.Module) -> int:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step must read: everything but the embedding table, of which a
-    step reads one row per token (a tied lm_head is read in full and stays counted)."""
+    """Bytes one batch-1 decode step must read: everything but the embedding table, of which a
+    step reads one row per token (a tied lm_head is read in full and stays counted), and, in a
+    Mixture-of-Experts model, only the top_k experts of each MoE block that the token goes to."""
+    from .moe.stats import inactive_expert_bytes
+
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = emb is not None and out is not None and out.weight.data_ptr() == emb.data_ptr()
     skip = 0 if emb is None or tied else emb.numel() * emb.element_size()
-    return model_size_bytes(model) - skip
+    return model_size_bytes(model) - skip - inactive_expert_bytes(model)
 
 
 # --------------------------------------------------------------------------- timing

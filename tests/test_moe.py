@@ -306,3 +306,15 @@ def test_counts_of_stock_and_swapped_blocks_agree():
     assert stock[0]["total"] - stock[0]["active"] == cfg.num_hidden_layers * (6 - 2) * per_expert
     moe.use_llmopt_moe(model)
     assert (moe.param_counts(model), moe.flops_per_token(model)) == stock
+
+
+def test_decode_reads_only_the_active_experts(tiny, upcycled):
+    from llmopt import bench
+
+    dense = tiny[0]
+    cfg = dense.config
+    per_expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * 4  # float32
+    emb = dense.get_input_embeddings().weight
+    held = bench.model_size_bytes(upcycled)
+    assert bench.weight_bytes(upcycled) == held - emb.numel() * 4 - cfg.num_hidden_layers * (4 - 2) * per_expert_bytes
+    assert moe.stats.inactive_expert_bytes(dense) == 0

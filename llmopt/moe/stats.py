@@ -31,6 +31,13 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {"total": total, "active": active}
 
 
+def inactive_expert_bytes(model: nn.Module) -> int:
+    """Bytes of the experts one token does not use: (E - top_k) experts of every MoE block
+    (0 for a dense model)."""
+    return sum((b.experts.gate_up_proj.shape[0] - b.gate.top_k) * _expert_params(b)
+               * b.experts.gate_up_proj.element_size() for b in _blocks(model))
+
+
 def flops_per_token(model: nn.Module, context: float = 0.0) -> float:
     """Matrix-product FLOPs (2 per multiply-add) one token costs: every linear it passes through
     (top_k experts per MoE block, the router, `lm_head`) plus attention scores over `context`
