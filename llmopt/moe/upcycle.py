@@ -80,9 +80,10 @@ def aux_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def moe_lm_loss(balance_coef: float = 0.01, z_coef: float = 0.001):
     """A `loss_fn` for `llmopt.train.train`: next-token cross-entropy + balance_coef * the
     load-balancing loss + z_coef * the router z-loss (Mixtral and ST-MoE use 0.01-0.02 and 0.001)."""
+    from ..train import lm_loss
+
     def loss_fn(model, x, y):
-        logits = model(input_ids=x).logits
-        ce = nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        ce = lm_loss(model, x, y)  # the forward pass leaves each MoE layer's routing behind
         balance, z = aux_losses(model)
         return ce + balance_coef * balance + z_coef * z
     return loss_fn
