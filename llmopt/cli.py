@@ -1,4 +1,5 @@
-"""The `llmopt` command: `llmopt tour` (measure a model) and `llmopt train` (the bundled model).
+"""The `llmopt` command: `llmopt tour` (measure a model), `llmopt train` (the bundled model) and
+`llmopt bench kernels` (the Triton kernels of lesson 08).
 
 Bad arguments and load errors print one line (`llmopt: error: ...`) and exit with status 2.
 """
@@ -30,6 +31,14 @@ def _tour(args):
     print(f"saved {Path(args.out) / 'results.json'} and {Path(args.out) / 'roofline.png'}")
 
 
+def _bench(args):
+    if args.what == "kernels":
+        from .kernels.bench import main
+
+        main(args.device, args.json, compile=not args.no_compile, only=tuple(args.only), repeats=args.repeats,
+             e2e=args.e2e, model=args.model)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -58,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--autocast", choices=["bf16", "none"], default="bf16")
     t.add_argument("--tiny", action="store_true", help="the 2-layer test architecture")
     t.set_defaults(func=_train)
+
+    t = sub.add_parser("bench", help="benchmarks: `llmopt bench kernels` times the Triton kernels (lesson 08)")
+    t.add_argument("what", choices=["kernels"])
+    t.add_argument("--device", default=None, help="default: cuda if present, else cpu (correctness checks only)")
+    t.add_argument("--json", default=None, help="also write the results to this JSON file")
+    t.add_argument("--only", nargs="*", default=[], help="kernel names to keep (e.g. rmsnorm w4a16)")
+    t.add_argument("--repeats", type=int, default=100, help="timed runs per measurement (GPU)")
+    t.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    t.add_argument("--e2e", action="store_true", help="also decode with the fused and W4-fused model")
+    t.add_argument("--model", default=None, help="model for --e2e (default: the bundled one; "
+                   "tinyllama-1.1b-random for a 1.1B-shaped random model)")
+    t.set_defaults(func=_bench)
     return p
 
 

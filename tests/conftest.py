@@ -5,6 +5,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton's interpreter must be chosen before `triton` is first imported (triton.language binds
+    # tl.sum, tl.zeros, ... to the interpreter's versions at import): set it before any test imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,26 +13,17 @@ SiLU, the product with `up`, and the gate weight. Here:
 - `_down_kernel`: the same tiling over the down projection, times each row's gate weight;
 - the host adds each row back onto its token (`index_add_`, summing the k slots).
 
-On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here
-before the kernels are defined): numpy under the hood, exact but slow, so only for small tests.
-The kernels write `tl.full(..., 0.0)` and x / (1 + exp(-x)) where `tl.zeros` and `tl.sigmoid`
-would do: those two are jit helpers, not builtins, and fail under the interpreter in Triton
-<= 3.9 (triton-lang/triton#11757).
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+`llmopt.kernels.common` before `triton` is imported): numpy under the hood, exact but slow, so only
+for small tests.
 The reference is `dispatch.sorted_dispatch`; the tests compare the two.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from .dispatch import sort_by_expert  # noqa: E402
+from ..kernels.common import interpreted, precision, tl, triton
+from .dispatch import sort_by_expert
 
 
 @triton.jit
@@ -111,7 +102,7 @@ def triton_dispatch(x, experts, weights, gate_up, down, act=None, block_m: int =
     """Same contract as the other dispatch paths (SiLU experts only: `act` must be SiLU or None)."""
     if act is not None and getattr(act, "__name__", "") != "silu" and type(act).__name__ != "SiLUActivation":
         raise ValueError(f"the Triton MoE kernel fuses SiLU; got activation {act!r}")
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.device.type == "cpu" and not interpreted():
         raise ValueError("Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before llmopt.moe.triton_moe "
                          "is imported to run them on CPU")
     E, two_i, H = gate_up.shape
@@ -125,15 +116,9 @@ def triton_dispatch(x, experts, weights, gate_up, down, act=None, block_m: int =
         tiles = P // block_m
         _gate_up_kernel[(tiles, triton.cdiv(INTER, block_n))](
             x, gate_up, h, token, block_expert, H, INTER, x.stride(0), gate_up.stride(0), gate_up.stride(1),
-            h.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype))
+            h.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision(x.dtype))
         _down_kernel[(tiles, triton.cdiv(H, block_n))](
             h, down, y, weight, token, block_expert, H, INTER, h.stride(0), down.stride(0), down.stride(1),
-            y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype))
+            y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision(x.dtype))
     valid = token >= 0
     return torch.zeros_like(x).index_add_(0, token[valid], y[valid])
-
-
-def _precision(dtype) -> str:
-    # bf16/fp16 go to the tensor cores as they are; float32 stays float32 ("tf32" would round the
-    # inputs to 10-bit mantissas, too coarse to compare with the PyTorch reference)
-    return "ieee" if dtype == torch.float32 else "tf32"

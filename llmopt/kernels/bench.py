@@ -1,0 +1,232 @@
+"""`llmopt bench kernels`: each kernel against eager PyTorch and `torch.compile`, in one run.
+
+For every kernel and size: the median time (CUDA events, many runs), the bytes it must move at
+least (inputs read once, outputs written once) and the flops, hence GB/s, TFLOP/s and the
+fraction of the bandwidth a device-to-device copy reaches in the same run; the speedups over the
+eager reference and over `torch.compile(reference)`; for the quantized GEMV/GEMM also over the
+bf16 `F.linear` of the same layer. On a CPU there is nothing to time the kernels with (the
+interpreter measures numpy), so it checks each kernel against its reference at small sizes and
+measures what `torch.compile` fusion gives the references on this CPU instead.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import bench
+from .common import use_triton
+from .rmsnorm import rmsnorm
+from .rope import rope
+from .softmax import softmax
+from .swiglu import swiglu
+from .w4a16 import w4a16_linear
+from .w8a16 import w8a16_linear
+
+
+@dataclass
+class Case:
+    kernel: str
+    size: str
+    run: object            # run(backend) -> output
+    nbytes: int            # bytes moved at least: every input read once, every output written once
+    flops: float
+    baseline: object = None  # for the quantized matmuls: the bf16 F.linear of the same layer
+
+
+def _qlinear(N, K, bits, group_size, device, dtype):
+    from ..quant import QuantConfig, QuantLinear
+
+    lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=torch.float32)
+    q = QuantLinear.from_linear(lin, QuantConfig(bits=bits, group_size=group_size, symmetric=True))
+    return q, lin.weight.detach().to(dtype)
+
+
+# the sizes per scale: "gpu" (a 7B-class layer: hidden 4096, MLP 11008), "cpu" (what a CPU times in
+# seconds), "small" (the interpreter's correctness checks: odd sizes, tails)
+SIZES = {
+    "gpu": dict(norm=[(4096, 4096), (8192, 8192)], swiglu=[(4096, 4096), (4096, 11008)],
+                softmax=[(4096, 4096), (32 * 1024, 1024)], rope=(1, 4096, 32, 8, 128),
+                linear=[(11008, 4096), (4096, 11008)], group=128, m4=[1, 8, 512], m8=[1, 8]),
+    "cpu": dict(norm=[(2048, 2048)], swiglu=[(2048, 2048)], softmax=[(2048, 2048)], rope=(1, 512, 8, 2, 64),
+                linear=[(2048, 1024)], group=128, m4=[1, 256], m8=[1]),
+    "small": dict(norm=[(37, 300)], swiglu=[(37, 300)], softmax=[(37, 300)], rope=(2, 5, 4, 2, 16),
+                  linear=[(100, 192)], group=64, m4=[1, 17], m8=[1, 3]),
+}
+
+
+def cases(device="cuda", dtype=torch.bfloat16, scale: str = "gpu") -> list[Case]:
+    """The benchmark's kernels and sizes at `scale` (a key of SIZES)."""
+    if scale not in SIZES:
+        raise ValueError(f"scale must be one of {tuple(SIZES)}, got {scale!r}")
+    S = SIZES[scale]
+    e = torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+
+    out = []
+    for R, N in S["norm"]:
+        x, w, r = rand(R, N), rand(N), rand(R, N)
+        out.append(Case("rmsnorm", f"{R}x{N}", lambda b, x=x, w=w: rmsnorm(x, w, 1e-5, backend=b),
+                        2 * R * N * e + N * e, 4 * R * N))
+        out.append(Case("rmsnorm+residual", f"{R}x{N}",
+                        lambda b, x=x, w=w, r=r: rmsnorm(x, w, 1e-5, residual=r, backend=b),
+                        4 * R * N * e + N * e, 5 * R * N))
+    for R, N in S["swiglu"]:
+        a, c = rand(R, N), rand(R, N)
+        out.append(Case("swiglu", f"{R}x{N}", lambda b, a=a, c=c: swiglu(a, c, backend=b), 3 * R * N * e, 5 * R * N))
+    for R, N in S["softmax"]:
+        x = rand(R, N)
+        out.append(Case("softmax", f"{R}x{N}", lambda b, x=x: softmax(x, backend=b), 2 * R * N * e, 5 * R * N))
+    B, T, Hq, Hk, D = S["rope"]
+    q = rand(B, T, Hq, D).transpose(1, 2)
+    k = rand(B, T, Hk, D).transpose(1, 2)
+    cos, sin = rand(B, T, D), rand(B, T, D)
+    out.append(Case("rope q+k", f"{B}x{T}x({Hq}+{Hk})x{D}", lambda b: rope(q, k, cos, sin, backend=b),
+                    2 * (q.numel() + k.numel()) * e + 2 * cos.numel() * e, 6 * (q.numel() + k.numel())))
+    for bits, name, fn in ((4, "w4a16", w4a16_linear), (8, "w8a16", w8a16_linear)):
+        gsz = S["group"] if bits == 4 else None   # INT4 per group of 128, INT8 per channel
+        for N, K in S["linear"]:
+            ql, w16 = _qlinear(N, K, bits, gsz, device, dtype)
+            packed = ql.qweight.numel() + ql.scales.numel() * 2
+            for M in S["m4" if bits == 4 else "m8"]:
+                x = rand(M, K)
+                out.append(Case(f"{name} {'gemv' if M <= 8 else 'gemm'}", f"M={M} {K}->{N}",
+                                lambda b, x=x, ql=ql, fn=fn, gsz=gsz: fn(x, ql.qweight, ql.scales, ql.zeros, gsz,
+                                                                           backend=b),
+                                packed + (M * K + M * N) * e, 2 * M * N * K,
+                                baseline=lambda x=x, w16=w16: F.linear(x, w16)))
+    return out
+
+
+def check(device="cpu") -> list[dict]:
+    """Every kernel against its reference at small sizes (the interpreter on a CPU)."""
+    rows = []
+    for c in cases(device, torch.float32 if device == "cpu" else torch.bfloat16, scale="small"):
+        got, want = c.run("triton"), c.run("torch")
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want))
+        rows.append({"kernel": c.kernel, "size": c.size, "max_abs_err": err})
+    return rows
+
+
+def time_cases(device="cuda", warmup: int = 10, repeats: int = 100, compile: bool = True,
+               only: tuple = ()) -> dict:
+    """Time every case on `device`; on a CPU only the references (eager vs compiled)."""
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    bw = bench.memory_bandwidth(device)
+    out = {"device": torch.cuda.get_device_name(device) if gpu else bench.cpu_name(),
+           "copy_bandwidth_GBps": bw / 1e9, "torch": torch.__version__, "rows": []}
+    all_cases = cases(device, torch.bfloat16 if gpu else torch.float32, scale="gpu" if gpu else "cpu")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for c in all_cases:
+        if only and not any(c.kernel.startswith(o) for o in only):
+            continue
+        t = {}
+        if gpu and use_triton(torch.empty(0, device=device), "auto"):
+            t["kernel"] = bench.time_fn(lambda c=c: c.run("triton"), device=device, warmup=warmup,
+                                        repeats=repeats).median
+        t["eager"] = bench.time_fn(lambda c=c: c.run("torch"), device=device, warmup=warmup, repeats=repeats).median
+        if compile:
+            fn = torch.compile(lambda c=c: c.run("torch"), dynamic=False)
+            t["compiled"] = bench.time_fn(fn, device=device, warmup=max(warmup, 3), repeats=repeats).median
+        if c.baseline is not None:
+            t["bf16_linear"] = bench.time_fn(c.baseline, device=device, warmup=warmup, repeats=repeats).median
+        row = {"kernel": c.kernel, "size": c.size, "bytes": c.nbytes, "flops": c.flops,
+               **{f"{k}_us": v * 1e6 for k, v in t.items()}}
+        best = t.get("kernel", t.get("compiled", t["eager"]))
+        row["GBps"] = c.nbytes / best / 1e9
+        row["TFLOPs"] = c.flops / best / 1e12
+        row["fraction_of_copy_bw"] = row["GBps"] * 1e9 / bw
+        for k in ("eager", "compiled", "bf16_linear"):
+            if k in t and "kernel" in t:
+                row[f"speedup_vs_{k}"] = t[k] / t["kernel"]
+        if "compiled" in t:
+            row["compiled_vs_eager"] = t["eager"] / t["compiled"]
+        out["rows"].append(row)
+    return out
+
+
+def format_rows(result: dict) -> str:
+    cols = [("kernel", "{}"), ("size", "{}"), ("kernel_us", "{:.1f}"), ("eager_us", "{:.1f}"),
+            ("compiled_us", "{:.1f}"), ("bf16_linear_us", "{:.1f}"), ("GBps", "{:.0f}"),
+            ("fraction_of_copy_bw", "{:.2f}"), ("speedup_vs_eager", "{:.2f}x"), ("speedup_vs_compiled", "{:.2f}x"),
+            ("speedup_vs_bf16_linear", "{:.2f}x"), ("compiled_vs_eager", "{:.2f}x")]
+    cols = [(k, f) for k, f in cols if any(k in r for r in result["rows"])]
+    lines = [" | ".join(k for k, _ in cols)]
+    for r in result["rows"]:
+        lines.append(" | ".join(f.format(r[k]) if k in r else "-" for k, f in cols))
+    head = f"{result['device']}, torch {result['torch']}, copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s"
+    return head + "\n" + "\n".join(lines)
+
+
+def main(device=None, json_path=None, compile: bool = True, only: tuple = (), repeats: int = 100,
+         e2e: bool = False, model=None) -> dict:
+    """What `llmopt bench kernels` runs; returns the JSON-able result."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = {}
+    if device.type != "cuda":
+        print("no GPU: kernel timings need one (the interpreter runs numpy). Checking each kernel against its "
+              "reference instead, then timing what torch.compile gives the references on this CPU.")
+        result["check"] = check("cpu")
+        for r in result["check"]:
+            print(f"  {r['kernel']:18s} {r['size']:22s} max |kernel - reference| = {r['max_abs_err']:.2e}")
+    result.update(time_cases(device, warmup=3 if device.type == "cpu" else 10,
+                             repeats=5 if device.type == "cpu" else repeats, compile=compile, only=only))
+    print(format_rows(result))
+    if e2e:
+        result["end_to_end"] = end_to_end(model, device)
+        print(format_e2e(result["end_to_end"]))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"saved {json_path}")
+    return result
+
+
+@torch.no_grad()
+def end_to_end(model_name=None, device=None, new_tokens: int = 128, group_size: int = 128, repeats: int = 3) -> dict:
+    """Batch-1 greedy decode: the model as loaded (bf16 on a GPU) vs fused, vs W4 (RTN, groups of
+    `group_size`) unfused and fused. Also the largest logit difference of each against the first."""
+    import copy
+
+    from .. import models
+    from ..quant import QuantConfig, quantize
+    from .fuse import fuse
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, _ = models.load(model_name, dtype=dtype, device=device)
+    model.eval()
+    ids = bench.random_prompts(model.config.vocab_size, 1, 32, device=device)
+    variants = {"as loaded": model}
+    variants["fused"] = fuse(copy.deepcopy(model))
+    w4 = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=group_size))
+    variants["w4 (dequantize + matmul)"] = w4
+    variants["w4 fused (W4A16 kernels)"] = fuse(copy.deepcopy(w4))
+    ref = model(ids).logits.float()
+    out = {"model": model_name or models.default_model(), "device": str(device), "dtype": str(dtype),
+           "new_tokens": new_tokens, "rows": []}
+    for name, m in variants.items():
+        r = bench.generation(m, batch_size=1, prompt_len=32, new_tokens=new_tokens, repeats=repeats)
+        out["rows"].append({"variant": name, "tok_s": r.tokens_per_s, "ms_per_token": r.tpot_s * 1e3,
+                            "weight_MB": bench.weight_bytes(m) / 1e6,
+                            "max_logit_diff": float((m(ids).logits.float() - ref).abs().max())})
+    base = out["rows"][0]["tok_s"]
+    for row in out["rows"]:
+        row["speedup"] = row["tok_s"] / base
+    return out
+
+
+def format_e2e(result: dict) -> str:
+    lines = [f"{result['model']} on {result['device']} ({result['dtype']}), batch 1, {result['new_tokens']} new tokens",
+             "variant | tok/s | ms/token | weights MB | speedup | max |logit diff|"]
+    for r in result["rows"]:
+        lines.append(f"{r['variant']} | {r['tok_s']:.1f} | {r['ms_per_token']:.2f} | {r['weight_MB']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['max_logit_diff']:.3g}")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""What every kernel file shares: where Triton runs, which path a wrapper takes, block configs.
+
+- On a machine without CUDA, Triton kernels run in its interpreter (TRITON_INTERPRET=1, set
+  here before `triton` is imported): numpy under the hood, exact but slow, so tests use small
+  sizes. The interpreter has no bf16 arithmetic: the tests use float32 and float16.
+- Each public op (`rmsnorm`, `swiglu`, ...) takes `backend`: "triton" runs the kernel (a CUDA
+  tensor, or any CPU tensor under the interpreter), "torch" runs the PyTorch reference, and
+  "auto" (the default) takes the kernel on a GPU and the reference elsewhere, so a fused model
+  on a laptop stays as fast as PyTorch can make it.
+- Kernel files take `triton` and `tl` from here (`from .common import tl, triton`), so the package
+  imports without Triton installed (macOS): the kernels are then never launched.
+- `pick_config` is a tiny autotuner: on a GPU it times each candidate block config once per
+  shape and remembers the fastest; on CPU it takes the first (the interpreter's speed says
+  nothing about a GPU's).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+# The interpreter is chosen when `triton` is first imported (triton.language binds tl.sum, tl.zeros,
+# ... then): a triton imported earlier without the flag cannot run kernels on CPU tensors.
+_IMPORTED_TOO_EARLY = "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if _IMPORTED_TOO_EARLY:
+        warnings.warn("triton was imported before llmopt.kernels without TRITON_INTERPRET=1, so its interpreter "
+                      "is off: Triton kernels cannot run on CPU tensors in this process (the references still "
+                      "do). Restart and import llmopt.kernels first, or set TRITON_INTERPRET=1.", stacklevel=2)
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS: the kernels are defined but never launched; every op uses its reference
+    from types import SimpleNamespace
+
+    HAS_TRITON = False
+    triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
+    tl = SimpleNamespace(constexpr=int)
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreted() -> bool:
+    """True when Triton kernels run in the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and not _IMPORTED_TOO_EARLY
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
+    """True when the op should launch its Triton kernel for the tensor `x`."""
+    check_backend(backend)
+    if backend == "torch":
+        return False
+    runnable = HAS_TRITON and (x.is_cuda or (x.device.type == "cpu" and interpreted()))
+    if backend == "triton":
+        if not runnable:
+            why = "Triton is not installed" if not HAS_TRITON else (
+                f"a {x.device.type} tensor needs CUDA, or TRITON_INTERPRET=1 set before llmopt.kernels is imported")
+            raise ValueError(f"backend='triton' cannot run here: {why}")
+        return True
+    return runnable and x.is_cuda  # auto: kernels on a GPU, the reference on a CPU
+
+
+def precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision: float32 stays float32 ("tf32" would round the inputs to a
+    10-bit mantissa, too coarse to compare with the reference); fp16/bf16 go to the tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+_best: dict = {}
+
+
+def pick_config(key, candidates: list[dict], launch) -> dict:
+    """The fastest of `candidates` (dicts of block sizes) for `key`, timed once on a GPU.
+
+    `launch(**config)` runs the kernel once with that config. Results are cached per key (the
+    shape and dtype), as `triton.autotune` does; on CPU the first candidate is returned untimed."""
+    if key in _best:
+        return _best[key]
+    if not torch.cuda.is_available() or len(candidates) == 1:
+        return candidates[0]
+    from triton.testing import do_bench
+
+    times = [do_bench(lambda c=c: launch(**c), warmup=5, rep=20) for c in candidates]
+    _best[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    return _best[key]

@@ -1,0 +1,172 @@
+"""`fuse(model)`: swap a Llama-family model's modules for ones that call the fused kernels.
+
+What changes, per decoder layer (state-dict keys stay the same, the weights are shared):
+- the two RMSNorms and the final norm -> `FusedRMSNorm` (one pass per row); the norm after
+  attention also takes the residual add (`h = x + residual; y = norm(h)` in one kernel);
+- the MLP -> `FusedMLP`: gate and up projections, then one SwiGLU kernel instead of SiLU, a
+  product and two round trips of the (tokens, intermediate) activations through memory;
+- attention -> `FusedAttention`: rotary embedding of q and k in one launch (the attention
+  itself stays transformers' SDPA / eager path, which is already fused);
+- every 4- or 8-bit `QuantLinear` -> `KernelQuantLinear`: the W4A16 / W8A16 kernels read the
+  packed bytes directly instead of dequantizing the whole weight every call.
+
+`backend` says where the ops run ("auto": the kernels on a GPU and the PyTorch references on
+a CPU; "triton": the kernels everywhere, under the interpreter on a CPU - slow, for tests;
+"torch": the references). `FusedAttention.forward` mirrors transformers' `LlamaAttention`
+(tested against it on 5.x, DynamicCache, sdpa and eager attention).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .common import check_backend
+from .rmsnorm import rmsnorm
+from .rope import rope
+from .swiglu import swiglu
+
+
+class FusedRMSNorm(nn.Module):
+    """LlamaRMSNorm through the kernel; `forward(x, residual)` also does the residual add."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, backend: str = "auto"):
+        super().__init__()
+        self.weight, self.variance_epsilon, self.backend = weight, eps, backend
+
+    def forward(self, x, residual=None):
+        return rmsnorm(x, self.weight, self.variance_epsilon, residual, backend=self.backend)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, backend={self.backend}"
+
+
+class FusedMLP(nn.Module):
+    """down(swiglu(gate(x), up(x))) with the SwiGLU in one kernel."""
+
+    def __init__(self, mlp: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.backend = backend
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+
+
+class FusedAttention(nn.Module):
+    """transformers' Llama attention with the rotary embedding of q and k in one kernel."""
+
+    def __init__(self, attn: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        for name in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
+                     "is_causal", "sliding_window"):
+            if hasattr(attn, name):
+                setattr(self, name, getattr(attn, name))
+        self.backend = backend
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = rope(q, k, cos, sin, backend=self.backend)
+        cache = kwargs.pop("cache", None)  # called past_key_values before transformers 5.2x
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx,
+                                {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")})
+        out, weights = _attention_function(self.config)(
+            self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _attention_function(config):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+class FusedDecoderLayer(nn.Module):
+    """norm -> attention -> (add + norm, one kernel) -> fused MLP -> add."""
+
+    def __init__(self, layer: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.self_attn = FusedAttention(layer.self_attn, backend)
+        self.mlp = FusedMLP(layer.mlp, backend)
+        self.input_layernorm = _fused_norm(layer.input_layernorm, backend)
+        self.post_attention_layernorm = _fused_norm(layer.post_attention_layernorm, backend)
+        if hasattr(layer, "attention_type"):  # models with sliding-window layers pick masks by it
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        h = self.input_layernorm(hidden_states)
+        h = self.self_attn(hidden_states=h, **kwargs)[0]
+        h, residual = self.post_attention_layernorm(h, hidden_states)   # residual + attention, then norm
+        return residual + self.mlp(h)
+
+
+def _fused_norm(norm: nn.Module, backend: str) -> FusedRMSNorm:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None:
+        raise ValueError(f"{type(norm).__name__} is not an RMSNorm with an epsilon")
+    return FusedRMSNorm(norm.weight, eps, backend)
+
+
+def _check_layer(i: int, layer: nn.Module):
+    attn = getattr(layer, "self_attn", None)
+    needs = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+    for part, names in needs.items():
+        module = getattr(layer, part, None)
+        if module is None or not all(hasattr(module, n) for n in names):
+            raise ValueError(f"layer {i}: fuse() needs a Llama-family decoder layer ({part} with {', '.join(names)})")
+    if hasattr(attn, "q_norm"):
+        raise ValueError(f"layer {i}: attention with q/k norms (Qwen3, OLMo 2) is not supported by fuse()")
+    act = getattr(getattr(attn, "config", None), "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"layer {i}: the fused MLP computes SiLU(gate) * up; this model's activation is {act!r}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"fuse() needs a Llama-family model (model.model.layers); got {type(model).__name__}")
+    return layers
+
+
+@torch.no_grad()
+def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True) -> nn.Module:
+    """Swap in the fused modules, in place; returns `model` (it still generates and saves)."""
+    from .qlinear import KernelQuantLinear, has_kernel
+
+    check_backend(backend)
+    layers = decoder_layers(model)
+    if any(isinstance(layer, FusedDecoderLayer) for layer in layers):
+        raise ValueError("this model is already fused")
+    for i, layer in enumerate(layers):
+        _check_layer(i, layer)
+    for i in range(len(layers)):
+        layers[i] = FusedDecoderLayer(layers[i], backend)
+    base = getattr(model, "model", model)
+    if isinstance(getattr(base, "norm", None), nn.Module) and hasattr(base.norm, "weight"):
+        base.norm = _fused_norm(base.norm, backend)
+    if quantized:
+        for name, module in list(model.named_modules()):
+            if has_kernel(module):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, KernelQuantLinear.from_quant_linear(module, backend))
+    return model
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every fused module of `model` to `backend` ("auto", "triton" or "torch")."""
+    check_backend(backend)
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return model

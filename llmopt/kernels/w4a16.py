@@ -1,0 +1,277 @@
+"""W4A16: a linear layer whose weight is stored as packed 4-bit codes, read directly by Triton kernels.
+
+Why this is faster at decode: generating one token multiplies a handful of activation rows by every
+weight matrix of the model, about 2 FLOPs per weight byte read, so batch-1 decode is bound by memory
+bandwidth, not arithmetic. The packed weight is 4x fewer bytes than bf16 (two codes per byte, plus a
+float16 scale per group), and the kernels dequantize each tile in registers right after loading it:
+the full-precision weight never exists in memory, so the only traffic is the packed bytes. With
+`QuantLinear`'s forward (dequantize the whole weight, then a matmul) the saving is lost: it writes and
+reads a bf16 copy of the weight on every call.
+
+The storage format is `llmopt.quant.QuantLinear`'s, read as it is (no repacking):
+- qweight: uint8 (N, K // 2), code k = 2i in the low nibble of byte i, k = 2i + 1 in the high one;
+- scales: (N, n_groups) with n_groups = 1 (per channel) or K // group_size;
+- zeros: uint8 (N, n_groups) for zero-point schemes, None for symmetric ones, whose codes were shifted
+  by +8 when packed, so their zero is 8;
+- w[n, k] = (code[n, k] - zero[n, g]) * scale[n, g] with g = k // group_size.
+
+Two kernels:
+- `w4a16_gemv` (decode, M <= 8 rows): tl.dot needs at least 16 rows, so it multiplies and sums with
+  broadcasting, float32 throughout;
+- `w4a16_gemm` (prefill): tiles with tl.dot on the tensor cores, weights dequantized to x's dtype.
+`w4a16_linear` picks one; `w4a16_reference` is the spec both are tested against.
+
+Under the interpreter (no CUDA), triton.language's own jit helpers (tl.sum, tl.zeros, tl.sigmoid)
+work only if TRITON_INTERPRET=1 was set before `triton` was first imported: `triton.jit` picks the
+interpreted or compiled version as it decorates. `common` sets it; import llmopt.kernels first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import packing
+from .common import next_power_of_2, pick_config, precision, tl, triton, use_triton
+
+GEMV_MAX_M = 8  # decode batches; above this the tensor-core GEMM wins
+
+# Candidate block sizes, fastest picked per shape on a GPU by `pick_config`; the first runs on CPU.
+# GEMV: BLOCK_M * BLOCK_N * BLOCK_K / 2 products live in registers per step, so tiles stay modest.
+GEMV_CONFIGS = [
+    dict(BLOCK_N=32, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_N=64, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4),
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=8),
+    dict(BLOCK_N=16, BLOCK_K=256, num_warps=4),
+]
+# GEMM: BLOCK_M >= 16 and BLOCK_K // 2 >= 16 (tl.dot's smallest tile).
+GEMM_CONFIGS = [
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8),
+]
+
+
+# --------------------------------------------------------------------------- reference (the spec)
+
+def dequantize_int4(qweight, scales, zeros, group_size, dtype=torch.float32) -> torch.Tensor:
+    """The (N, K) weight in `dtype`, computed in float32 exactly as `QuantLinear.dequantized_weight`."""
+    codes = packing.unpack(qweight, 4).float()
+    group = codes.shape[1] if group_size is None else group_size
+    scale = scales.float().repeat_interleave(group, dim=1)
+    zero = 8.0 if zeros is None else zeros.float().repeat_interleave(group, dim=1)
+    return ((codes - zero) * scale).to(dtype)
+
+
+def w4a16_reference(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
+    """Dequantize, then an ordinary matmul in x's dtype."""
+    w = dequantize_int4(qweight, scales, zeros, group_size, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _dequantize(codes, n, k, mask, s_ptr, z_ptr, G, stride_sn, HAS_ZEROS: tl.constexpr, SYM_ZERO: tl.constexpr):
+    """float32 weights for integer `codes` at rows n, columns k (broadcastable index tensors).
+
+    Neighbouring k share a group, so the scale loads repeat addresses and are served from cache."""
+    g = n * stride_sn + k // G
+    s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)  # 0 outside: masked weights vanish
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
+    else:
+        z = SYM_ZERO
+    return (codes.to(tl.float32) - z) * s
+
+
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
+                       stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
+                       HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program per BLOCK_N output columns, all M rows, the whole K. No split-K: a decoder's
+    # projections have N in the thousands, so N / BLOCK_N programs already fill the GPU; split-K
+    # would pay off only for small N with a long K, at the price of a second reduction.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)  # M padded to a power of two; the extra rows are masked
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns of qweight: k = 2j and 2j + 1
+        j_ok = j < K // 2
+        w_mask = col_ok[:, None] & j_ok[None, :]
+        packed = tl.load(qw_ptr + cols[:, None] * stride_qn + j[None, :], mask=w_mask, other=0)  # each byte once
+        w_even = _dequantize(packed & 0xF, cols[:, None], 2 * j[None, :], w_mask, s_ptr, z_ptr, G, stride_sn,
+                             HAS_ZEROS, 8)
+        w_odd = _dequantize(packed >> 4, cols[:, None], 2 * j[None, :] + 1, w_mask, s_ptr, z_ptr, G, stride_sn,
+                            HAS_ZEROS, 8)
+        # x's even and odd columns, loaded separately, line up with the low and high nibbles: no
+        # interleaving of the unpacked weights is needed
+        x_mask = row_ok[:, None] & j_ok[None, :]
+        x_even = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :]) * stride_xk, mask=x_mask, other=0.0)
+        x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :] + 1) * stride_xk, mask=x_mask, other=0.0)
+        # (BLOCK_M, 1, BLOCK_K/2) * (1, BLOCK_N, BLOCK_K/2), summed over k: a few rows are too few for tl.dot
+        x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
+        acc += tl.sum(x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :], axis=2)
+    if HAS_BIAS:  # in the kernel, in float32, before the one rounding: no second pass over the output
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
+                       stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
+                       HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        j_ok = j < K // 2
+        x_mask = row_ok[:, None] & j_ok[None, :]
+        x_even = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :]) * stride_xk, mask=x_mask, other=0.0)
+        x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :] + 1) * stride_xk, mask=x_mask, other=0.0)
+        # the weight tile is loaded (K, N)-major, as tl.dot wants its right operand
+        w_mask = j_ok[:, None] & col_ok[None, :]
+        packed = tl.load(qw_ptr + cols[None, :] * stride_qn + j[:, None], mask=w_mask, other=0)
+        # dequantized in float32, then rounded to x's dtype so tl.dot runs on the tensor cores
+        w_even = _dequantize(packed & 0xF, cols[None, :], 2 * j[:, None], w_mask, s_ptr, z_ptr, G, stride_sn,
+                             HAS_ZEROS, 8).to(x_ptr.dtype.element_ty)
+        w_odd = _dequantize(packed >> 4, cols[None, :], 2 * j[:, None] + 1, w_mask, s_ptr, z_ptr, G, stride_sn,
+                            HAS_ZEROS, 8).to(x_ptr.dtype.element_ty)
+        # sum over k split in two: x[:, even k] @ w[even k, :] + x[:, odd k] @ w[odd k, :]
+        acc += tl.dot(x_even, w_even, input_precision=PRECISION)
+        acc += tl.dot(x_odd, w_odd, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# --------------------------------------------------------------------------- wrappers
+
+def _check_args(x, qweight, scales, zeros, group_size, bias, bits: int) -> tuple[int, int]:
+    """Validate a quantized linear's arguments (shared with w8a16); returns (N, K)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor (..., in_features), got {getattr(x, 'shape', x)!r}")
+    K = x.shape[-1]
+    if bits == 4 and K % 2:
+        raise ValueError(f"x: in_features ({K}) must be even, INT4 packs two codes per byte")
+    if qweight.dim() != 2 or qweight.shape[1] * 8 // bits != K:
+        raise ValueError(f"qweight must have shape (out_features, {K * bits // 8}) for in_features {K} at "
+                         f"{bits} bits, got {tuple(qweight.shape)}")
+    allowed = (torch.uint8,) if bits == 4 else (torch.int8, torch.uint8)
+    if qweight.dtype not in allowed:
+        raise ValueError(f"qweight must be one of {allowed} for {bits}-bit codes, got {qweight.dtype}")
+    N = qweight.shape[0]
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size <= 0 or K % group_size):
+        raise ValueError(f"group_size must be None (per channel) or a positive int dividing in_features {K}, "
+                         f"got {group_size!r}")
+    n_groups = 1 if group_size is None else K // group_size
+    if tuple(scales.shape) != (N, n_groups) or not scales.is_floating_point():
+        raise ValueError(f"scales must be a float tensor of shape {(N, n_groups)}, got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    if zeros is not None and tuple(zeros.shape) != (N, n_groups):
+        raise ValueError(f"zeros must be None (symmetric) or of shape {(N, n_groups)}, got {tuple(zeros.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be None or of shape {(N,)}, got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: they must share a device")
+    return N, K
+
+
+def _check_2d(x, max_m=None):
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, in_features) here (w4a16_linear takes any leading dims), "
+                         f"got shape {tuple(x.shape)}")
+    if max_m is not None and x.shape[0] > max_m:
+        raise ValueError(f"x has {x.shape[0]} rows; the GEMV is for decode, M <= {max_m}: use the GEMM")
+
+
+def _output(out, x, N):
+    """`out` if given (checked), else a new (M, N) tensor in x's dtype."""
+    if out is None:
+        return torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype)
+    if tuple(out.shape) != (x.shape[0], N) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {(x.shape[0], N)} on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def _launch(kernel, grid, x, qweight, scales, zeros, group_size, bias, out, **meta):
+    M, K = x.shape
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    kernel[grid](x, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias, out,
+                 M, out.shape[1], K, K if group_size is None else group_size,
+                 x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1),
+                 HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, **meta)  # unused pointers: any tensor
+    return out
+
+
+def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, num_warps=4):
+    grid = (triton.cdiv(out.shape[1], BLOCK_N),)
+    return _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, bias, out,
+                   BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps)
+
+
+def _gemm(x, qweight, scales, zeros, group_size, bias, out, BLOCK_M, BLOCK_N, BLOCK_K, num_warps=4):
+    grid = (triton.cdiv(x.shape[0], BLOCK_M), triton.cdiv(out.shape[1], BLOCK_N))
+    return _launch(_w4a16_gemm_kernel, grid, x, qweight, scales, zeros, group_size, bias, out,
+                   PRECISION=precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                   num_warps=num_warps)
+
+
+def w4a16_gemv(x, qweight, scales, zeros, group_size, bias=None, out=None, **config) -> torch.Tensor:
+    """Decode path: x (M, K) with M <= 8 -> (M, N) in x's dtype. `config`: BLOCK_N, BLOCK_K, num_warps
+    (default: the first of GEMV_CONFIGS); `out`: an (M, N) tensor to write into."""
+    N, _ = _check_args(x, qweight, scales, zeros, group_size, bias, bits=4)
+    _check_2d(x, GEMV_MAX_M)
+    out = _output(out, x, N)
+    if x.shape[0] == 0:
+        return out
+    return _gemv(x, qweight, scales, zeros, group_size, bias, out, **{**GEMV_CONFIGS[0], **config})
+
+
+def w4a16_gemm(x, qweight, scales, zeros, group_size, bias=None, out=None, **config) -> torch.Tensor:
+    """Prefill path: x (M, K), any M -> (M, N) in x's dtype. `config`: BLOCK_M, BLOCK_N, BLOCK_K,
+    num_warps (default: the first of GEMM_CONFIGS); `out`: an (M, N) tensor to write into."""
+    N, _ = _check_args(x, qweight, scales, zeros, group_size, bias, bits=4)
+    _check_2d(x)
+    out = _output(out, x, N)
+    if x.shape[0] == 0:
+        return out
+    return _gemm(x, qweight, scales, zeros, group_size, bias, out, **{**GEMM_CONFIGS[0], **config})
+
+
+def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None, backend: str = "auto") -> torch.Tensor:
+    """y = x @ dequant(W).T + bias for x (..., K): the GEMV for up to 8 rows, else the GEMM; the
+    reference where `use_triton(x, backend)` says no (backend "torch", or "auto" off a GPU)."""
+    kernel = use_triton(x, backend)  # validates backend first
+    N, K = _check_args(x, qweight, scales, zeros, group_size, bias, bits=4)
+    if not kernel:
+        return w4a16_reference(x, qweight, scales, zeros, group_size, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out.reshape(*lead, N)
+    args = (x2, qweight, scales, zeros, group_size, bias, out)
+    if M <= GEMV_MAX_M:
+        run, candidates, m_key = _gemv, GEMV_CONFIGS, M
+    else:  # prompt lengths vary: one tuning per power of two of M
+        run, candidates, m_key = _gemm, GEMM_CONFIGS, next_power_of_2(M)
+    key = (run.__name__, "w4a16", m_key, N, K, group_size, zeros is None, bias is None, x.dtype)
+    config = pick_config(key, candidates, lambda **c: run(*args, **c))
+    return run(*args, **config).reshape(*lead, N)

@@ -1,0 +1,133 @@
+"""fuse(model): the fused modules keep the model's logits and generations, in float and W4/W8,
+with the kernels under the interpreter on CPU; the kernel benchmark's CPU path and CLI."""
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from llmopt import kernels  # noqa: E402  (sets TRITON_INTERPRET=1 on a machine without CUDA)
+from llmopt.kernels import bench as kbench  # noqa: E402
+from llmopt.quant import QuantConfig, QuantLinear, quantize  # noqa: E402
+
+IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 1000, 3, 77]])
+
+
+def logits(m, ids=IDS):
+    with torch.no_grad():
+        return m(ids).logits
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_tiny_model_keeps_logits_and_generation(tiny, backend):
+    model, _ = tiny
+    fused = kernels.fuse(copy.deepcopy(model), backend=backend)
+    assert isinstance(fused.model.layers[0], kernels.FusedDecoderLayer)
+    assert isinstance(fused.model.norm, kernels.FusedRMSNorm)
+    ids = torch.cat([IDS, IDS.flip(1)])   # batch 2
+    torch.testing.assert_close(logits(fused, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    want = model.generate(IDS, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = fused.generate(IDS, max_new_tokens=6, do_sample=False, pad_token_id=0)  # KV cache: decode steps of 1 token
+    assert torch.equal(got, want)
+
+
+def test_fused_bundled_model_keeps_logits(bundled):
+    model, _ = bundled
+    fused = kernels.fuse(copy.deepcopy(model), backend="auto")  # CPU: the references
+    torch.testing.assert_close(logits(fused), logits(model), rtol=1e-5, atol=1e-5)
+    kernels.set_backend(fused, "triton")                         # the kernels, interpreted
+    assert all(m.backend == "triton" for m in fused.modules() if hasattr(m, "backend"))
+    torch.testing.assert_close(logits(fused, IDS[:, :4]), logits(model, IDS[:, :4]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=32),
+                                 QuantConfig(bits=4, group_size=64, symmetric=False), QuantConfig(bits=8)],
+                         ids=["w4-sym-g32", "w4-zp-g64", "w8-channel"])
+def test_fused_quantized_model_uses_the_kernels(tiny, cfg):
+    model, _ = tiny
+    q = quantize(copy.deepcopy(model), cfg)
+    fused = kernels.fuse(copy.deepcopy(q), backend="triton")
+    kinds = {type(m).__name__ for m in fused.modules()}
+    assert "KernelQuantLinear" in kinds and "QuantLinear" not in kinds
+    assert set(fused.state_dict()) == set(q.state_dict())
+    torch.testing.assert_close(logits(fused), logits(q), rtol=1e-4, atol=1e-4)
+    assert sum(isinstance(m, QuantLinear) for m in kernels.fuse(copy.deepcopy(q), quantized=False).modules()) > 0
+
+
+def test_fused_model_saves_and_reloads_as_a_plain_llama(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny
+    fused = kernels.fuse(copy.deepcopy(model))
+    assert set(fused.state_dict()) == set(model.state_dict())
+    fused.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(again), logits(model))
+
+
+def test_fuse_rejects_what_it_cannot_fuse(tiny):
+    model, _ = tiny
+    fused = kernels.fuse(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="already fused"):
+        kernels.fuse(fused)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.fuse(copy.deepcopy(model), backend="cuda")
+    with pytest.raises(ValueError, match="Llama-family"):
+        kernels.fuse(torch.nn.Linear(4, 4))
+    gelu = copy.deepcopy(model)
+    gelu.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="activation"):
+        kernels.fuse(gelu)
+
+
+def test_backend_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        kernels.use_triton(torch.ones(2), "triton")
+    assert kernels.use_triton(torch.ones(2), "auto") is False
+
+
+def test_bench_checks_every_kernel_on_cpu():
+    rows = kbench.check("cpu")
+    names = {r["kernel"] for r in rows}
+    assert {"rmsnorm", "rmsnorm+residual", "swiglu", "softmax", "rope q+k", "w4a16 gemv", "w4a16 gemm",
+            "w8a16 gemv"} <= names
+    for r in rows:
+        assert r["max_abs_err"] < 1e-4, r
+
+
+def test_bench_bytes_and_flops_are_the_minimum_traffic():
+    by_name = {(c.kernel, c.size): c for c in kbench.cases("cpu", torch.float32, scale="small")}
+    c = by_name[("rmsnorm", "37x300")]
+    assert c.nbytes == (2 * 37 * 300 + 300) * 4          # read x and the weight, write y
+    c = by_name[("w4a16 gemv", "M=1 192->100")]
+    packed = 100 * 192 // 2 + 100 * (192 // 64) * 2        # nibbles + fp16 group scales
+    assert c.nbytes == packed + (192 + 100) * 4 and c.flops == 2 * 100 * 192
+
+
+def test_cli_bench_kernels_on_cpu(tmp_path, capsys):
+    from llmopt.cli import main
+
+    out = tmp_path / "k.json"
+    assert main(["bench", "kernels", "--only", "swiglu", "--no-compile", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "kernel timings need" in text and "swiglu" in text
+    result = json.loads(out.read_text())
+    assert result["check"] and all(r["max_abs_err"] < 1e-4 for r in result["check"])
+    assert [r["kernel"] for r in result["rows"]] == ["swiglu"] and result["rows"][0]["eager_us"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_reference_on_cpu():
+    result = kbench.time_cases("cpu", warmup=1, repeats=3, compile=True, only=("rmsnorm",))
+    row = result["rows"][0]
+    assert row["compiled_us"] > 0 and row["compiled_vs_eager"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_fused_w4_model_decodes_faster():
+    result = kbench.end_to_end("tinyllama-1.1b-random", "cuda", new_tokens=32, repeats=2)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["w4 fused (W4A16 kernels)"]["speedup"] > 1.0
+    assert rows["fused"]["max_logit_diff"] < 0.5   # bf16

@@ -1,0 +1,289 @@
+"""The W4A16 / W8A16 kernels against their references, on `QuantLinear`'s own storage format: in
+Triton's interpreter on a CPU (small shapes: numpy underneath), compiled on a GPU (`gpu` marker).
+
+Tolerances are max |kernel - reference| over max |reference| (the output's scale):
+- float32: both sides dequantize to the same float32 weights (bit for bit) and accumulate in
+  float32; only the summation order differs, at most ~5e-7 relative at these K: 1e-5 is 20 times that;
+- float16: each side rounds its result to fp16 once (half an ulp, ~2.5e-4 relative) and the CPU
+  reference may round on the way; about 7e-4 has been seen, 5e-3 leaves room for other BLAS;
+- bfloat16 (GPU only): 8 bits of mantissa, one rounding is ~2e-3: 2e-2.
+Every kernel writes into an output poisoned with nan, so an element it never stores fails.
+"""
+import pytest
+import torch
+from torch import nn
+
+# llmopt.kernels first: without CUDA it sets TRITON_INTERPRET=1, and that must happen before triton is
+# imported, or triton.language's own jit helpers (tl.sum, tl.zeros, ...) are compiled-mode functions
+# that the interpreter cannot call. It imports without triton; importorskip then skips the file.
+from llmopt.kernels import qlinear, w4a16, w8a16
+from llmopt.kernels.qlinear import KernelQuantLinear, has_kernel
+from llmopt.quant import QuantConfig, QuantLinear
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# (N, K, group_size, symmetric, bias): tails in N and K, groups that straddle a K block (24) or
+# a byte (3), per channel (None)
+INT4_CASES = [
+    (100, 192, 64, True, True),
+    (100, 192, 64, False, False),
+    (37, 96, 32, True, False),
+    (37, 96, 32, False, True),
+    (64, 256, 128, True, True),
+    (48, 128, None, True, False),
+    (48, 128, None, False, True),
+    (20, 96, 24, False, True),
+    (20, 48, 3, True, True),
+]
+INT8_CASES = [
+    (100, 192, None, True, True),
+    (37, 96, None, False, False),
+    (48, 128, 32, True, False),
+    (48, 128, 64, False, True),
+    (20, 96, 24, False, True),
+]
+GEMV_M, GEMM_M = (1, 3, 8), (17, 40)
+DTYPES = (torch.float32, torch.float16)
+
+
+def make(N, K, group, symmetric, bias, bits=4, device=DEVICE, seed=0) -> QuantLinear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, bias=bias)
+    return QuantLinear.from_linear(lin, QuantConfig(bits=bits, group_size=group, symmetric=symmetric)).to(device)
+
+
+def qargs(q):
+    return q.qweight, q.scales, q.zeros, q.cfg.group_size
+
+
+def rand(*shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+
+def poisoned(M, N, dtype):
+    return torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
+
+
+def assert_close(got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.isfinite(got).all(), "the kernel left elements unwritten (nan) or overflowed"
+    err = (got.float() - want.float()).abs().max()
+    assert err <= TOL[want.dtype] * want.float().abs().max(), f"max error {err:.3g} vs scale {want.abs().max():.3g}"
+
+
+# --------------------------------------------------------------------------- references == QuantLinear
+
+@pytest.mark.parametrize("case", INT4_CASES)
+def test_int4_reference_is_quant_linear(case):
+    q = make(*case)
+    assert torch.equal(w4a16.dequantize_int4(*qargs(q)), q.dequantized_weight())
+    for dtype in DTYPES:
+        x = rand(5, case[1], dtype=dtype)
+        assert torch.equal(w4a16.w4a16_reference(x, *qargs(q), q.bias), q(x))
+
+
+@pytest.mark.parametrize("case", INT8_CASES)
+def test_int8_reference_is_quant_linear(case):
+    q = make(*case, bits=8)
+    assert q.qweight.dtype == (torch.int8 if case[3] else torch.uint8)
+    assert torch.equal(w8a16.dequantize_int8(*qargs(q)), q.dequantized_weight())
+    for dtype in DTYPES:
+        x = rand(5, case[1], dtype=dtype)
+        assert torch.equal(w8a16.w8a16_reference(x, *qargs(q), q.bias), q(x))
+
+
+# --------------------------------------------------------------------------- kernels == references
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", GEMV_M + GEMM_M)
+@pytest.mark.parametrize("case", INT4_CASES)
+def test_w4a16_kernel(case, M, dtype):
+    q = make(*case)
+    x = rand(M, case[1], dtype=dtype)
+    out = poisoned(M, case[0], dtype)
+    kernel = w4a16.w4a16_gemv if M <= w4a16.GEMV_MAX_M else w4a16.w4a16_gemm
+    got = kernel(x, *qargs(q), q.bias, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(got, w4a16.w4a16_reference(x, *qargs(q), q.bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", GEMV_M)
+@pytest.mark.parametrize("case", INT8_CASES)
+def test_w8a16_gemv(case, M, dtype):
+    q = make(*case, bits=8)
+    x = rand(M, case[1], dtype=dtype)
+    got = w8a16.w8a16_gemv(x, *qargs(q), q.bias, out=poisoned(M, case[0], dtype))
+    assert_close(got, w8a16.w8a16_reference(x, *qargs(q), q.bias))
+
+
+@pytest.mark.parametrize("path", ["w4 gemv", "w4 gemm", "w8 gemv"])
+def test_every_candidate_config(path):
+    # on a GPU `pick_config` may choose any candidate: each must compute the same thing
+    N, K, group, symmetric, bias = 37, 96, 32, False, True
+    bits = 8 if path.startswith("w8") else 4
+    q = make(N, K, group, symmetric, bias, bits=bits)
+    M = 20 if path.endswith("gemm") else 5
+    x = rand(M, K)
+    mod, fn, configs = {"w4 gemv": (w4a16, w4a16.w4a16_gemv, w4a16.GEMV_CONFIGS),
+                        "w4 gemm": (w4a16, w4a16.w4a16_gemm, w4a16.GEMM_CONFIGS),
+                        "w8 gemv": (w8a16, w8a16.w8a16_gemv, w8a16.GEMV_CONFIGS)}[path]
+    want = (w4a16.w4a16_reference if bits == 4 else w8a16.w8a16_reference)(x, *qargs(q), q.bias)
+    for config in configs:
+        assert_close(fn(x, *qargs(q), q.bias, out=poisoned(M, N, x.dtype), **config), want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(1, 3), (2, 10), (0,)])  # leading dims: GEMV, GEMM (or W8's reference), empty
+def test_linear_flattens_leading_dims(bits, shape):
+    q = make(100, 192, 64, False, True, bits=bits)
+    x = rand(*shape, 192)
+    fn = w4a16.w4a16_linear if bits == 4 else w8a16.w8a16_linear
+    got = fn(x, *qargs(q), q.bias, backend="triton")
+    assert got.shape == (*shape, 100)
+    if x.numel():
+        assert_close(got, q(x))
+
+
+# --------------------------------------------------------------------------- which path runs
+
+def _forbid(monkeypatch, module, name):
+    def boom(*args, **kwargs):
+        raise AssertionError(f"{name} should not run on this path")
+    monkeypatch.setattr(module, name, boom)
+
+
+@pytest.mark.parametrize("M", [1, 8, 9, 17])
+def test_triton_backend_runs_the_kernels(monkeypatch, M):
+    q4, q8 = make(37, 96, 32, True, True), make(37, 96, 32, True, True, bits=8)
+    x = rand(M, 96)
+    want4, want8 = q4(x), q8(x)
+    _forbid(monkeypatch, w4a16, "w4a16_reference")
+    launched = []
+    for name in ("_gemv", "_gemm"):
+        real = getattr(w4a16, name)
+        spy = lambda *a, _real=real, _name=name, **k: launched.append(_name) or _real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(w4a16, name, spy)
+    assert_close(w4a16.w4a16_linear(x, *qargs(q4), q4.bias, backend="triton"), want4)
+    assert set(launched) == {"_gemv" if M <= 8 else "_gemm"}
+    if M <= w8a16.GEMV_MAX_M:  # W8 prefill is the reference by design
+        _forbid(monkeypatch, w8a16, "w8a16_reference")
+        assert_close(w8a16.w8a16_linear(x, *qargs(q8), q8.bias, backend="triton"), want8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("M", [1, 17])
+def test_torch_backend_is_the_reference(monkeypatch, backend, M):
+    if backend == "auto" and torch.cuda.is_available():
+        pytest.skip("'auto' runs the kernels on a GPU")
+    q4, q8 = make(37, 96, 32, False, True), make(37, 96, 32, False, True, bits=8)
+    x = rand(2, M, 96)
+    _forbid(monkeypatch, w4a16, "_launch")
+    _forbid(monkeypatch, w8a16, "_gemv")
+    assert torch.equal(w4a16.w4a16_linear(x, *qargs(q4), q4.bias, backend=backend), q4(x))
+    assert torch.equal(w8a16.w8a16_linear(x, *qargs(q8), q8.bias, backend=backend), q8(x))
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_bad_backend():
+    q4, q8 = make(37, 96, 32, True, False), make(37, 96, None, True, False, bits=8)
+    x = rand(1, 96)
+    with pytest.raises(ValueError, match="backend"):
+        w4a16.w4a16_linear(x, *qargs(q4), backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        w8a16.w8a16_linear(x, *qargs(q8), backend="fast")
+    with pytest.raises(ValueError, match="backend"):
+        KernelQuantLinear.from_quant_linear(q4, backend="gpu")
+
+
+def test_bad_shapes():
+    q = make(37, 96, 32, False, True)
+    qw, s, z, g = qargs(q)
+    x = rand(3, 96)
+    bad = {
+        "qweight": lambda: w4a16.w4a16_linear(rand(3, 64), qw, s, z, g),            # K mismatch
+        "x": lambda: w4a16.w4a16_linear(rand(3, 97), qw, s, z, g),                  # odd in_features
+        "group_size": lambda: w4a16.w4a16_linear(x, qw, s, z, 40),                  # does not divide 96
+        "scales": lambda: w4a16.w4a16_linear(x, qw, s[:, :2], z, g),
+        "zeros": lambda: w4a16.w4a16_linear(x, qw, s, z[:-1], g),
+        "bias": lambda: w4a16.w4a16_linear(x, qw, s, z, g, bias=torch.zeros(36, device=DEVICE)),
+        "out": lambda: w4a16.w4a16_gemv(x, qw, s, z, g, out=poisoned(3, 36, x.dtype)),
+    }
+    for name, call in bad.items():
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            call()
+    with pytest.raises(ValueError, match="qweight"):
+        w4a16.w4a16_linear(x, qw.to(torch.int8), s, z, g)
+    with pytest.raises(ValueError, match="M <= 8"):
+        w4a16.w4a16_gemv(rand(9, 96), qw, s, z, g)
+    with pytest.raises(ValueError, match="2-D"):
+        w4a16.w4a16_gemm(rand(2, 9, 96), qw, s, z, g)
+    q8 = make(37, 96, 32, True, False, bits=8)
+    with pytest.raises(ValueError, match="scales"):
+        w8a16.w8a16_linear(x, q8.qweight, q8.scales[:, :1], None, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        w8a16.w8a16_gemv(x, *qargs(q8)[:3], 0)
+    with pytest.raises(ValueError, match="qweight"):
+        w8a16.w8a16_linear(rand(3, 48), *qargs(q8))
+
+
+# --------------------------------------------------------------------------- the module
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (4, None, False), (8, None, True), (8, 32, False)])
+def test_kernel_quant_linear_matches_quant_linear(monkeypatch, bits, group, symmetric, backend):
+    q = make(37, 96, group, symmetric, True, bits=bits)
+    k = KernelQuantLinear.from_quant_linear(q, backend=backend)
+    assert isinstance(k, QuantLinear) and k.backend == backend and has_kernel(k)
+    assert list(k.state_dict()) == list(q.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(k.state_dict().values(), q.state_dict().values()))
+    assert k.qweight.data_ptr() == q.qweight.data_ptr()  # the same codes, not re-quantized
+    if backend == "triton":  # the kernels must run, not the references
+        _forbid(monkeypatch, w4a16, "w4a16_reference")
+        _forbid(monkeypatch, w8a16, "w8a16_reference")
+    else:
+        _forbid(monkeypatch, w4a16, "_launch")
+        _forbid(monkeypatch, w8a16, "_gemv")
+    for shape in [(1, 96), (2, 3, 96)] + ([(20, 96)] if bits == 4 else []):  # W8 prefill is the reference
+        x = rand(*shape)
+        if backend == "torch":
+            assert torch.equal(k(x), q(x))
+        else:
+            assert_close(k(x), q(x))
+    fresh = KernelQuantLinear(96, 37, q.cfg, bias=True, backend=backend)
+    fresh.load_state_dict(q.state_dict())  # reloads from a QuantLinear checkpoint
+    x = rand(3, 96)
+    assert_close(fresh.to(DEVICE)(x), q(x))
+
+
+def test_only_4_and_8_bits_have_kernels():
+    q2 = make(16, 64, 32, True, False, bits=2)
+    assert not has_kernel(q2) and not has_kernel(nn.Linear(4, 4))
+    assert has_kernel(make(16, 64, 32, True, False, bits=4)) and has_kernel(make(16, 64, None, True, False, bits=8))
+    with pytest.raises(ValueError, match="bits"):
+        KernelQuantLinear.from_quant_linear(q2)
+    with pytest.raises(ValueError, match="QuantLinear"):
+        KernelQuantLinear.from_quant_linear(nn.Linear(4, 4))
+    assert qlinear.KERNEL_BITS == (4, 8)
+
+
+# --------------------------------------------------------------------------- compiled, on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["w4 gemv", "w4 gemm", "w8 gemv"])
+def test_gpu_kernels(path, dtype):
+    bits = 8 if path.startswith("w8") else 4
+    N, K, M = 1000, 4096, (300 if path.endswith("gemm") else 5)
+    q = make(N, K, 128, path == "w4 gemv", True, bits=bits, device="cuda")
+    x = rand(M, K, dtype=dtype)
+    fn = {"w4 gemv": w4a16.w4a16_gemv, "w4 gemm": w4a16.w4a16_gemm, "w8 gemv": w8a16.w8a16_gemv}[path]
+    want = (w4a16.w4a16_reference if bits == 4 else w8a16.w8a16_reference)(x, *qargs(q), q.bias)
+    assert_close(fn(x, *qargs(q), q.bias, out=poisoned(M, N, dtype)), want)
+    linear = w4a16.w4a16_linear if bits == 4 else w8a16.w8a16_linear
+    assert_close(linear(x, *qargs(q), q.bias, backend="auto"), want)  # autotuned config
