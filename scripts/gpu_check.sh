@@ -18,3 +18,6 @@ $PY -m llmopt.cli tour --model tinyllama-1.1b-random --out "$OUT/tour_tinyllama"
 # lesson 07: the MoE dispatch paths (Triton included) and stock MoE models, bf16
 $PY scripts/bench_moe.py dispatch 2>&1 | tee "$OUT/moe_dispatch.txt"
 $PY scripts/bench_moe.py models 2>&1 | tee "$OUT/moe_models.txt"
+# lesson 08: every kernel vs eager and torch.compile at 7B sizes, then fused / W4-fused decode of a
+# TinyLlama-1.1B-shaped random model vs the model as loaded (bf16)
+$PY -m llmopt.cli bench kernels --e2e --model tinyllama-1.1b-random --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from llmopt import course
 
@@ -90,6 +91,9 @@ def test_checks_pass_on_solutions_and_fail_on_stubs(path, capsys, monkeypatch):
     learner = course.learner_copy(solution)
     pairs = list(zip(_exercises(solution, solution), _exercises(solution, learner)))
     assert pairs, f"{path.name} has no exercises"
+    if torch.cuda.is_available() and any("@triton.jit" in sol.source for (sol, _), _ in pairs):
+        pytest.skip("compiling a Triton kernel needs its source file; exec'd cells have none "
+                    "(on CPU the interpreter runs them, and the notebook runs them on a GPU)")
     prelude = "import math, torch\nimport llmopt\nfrom llmopt import exercises\n"
     for (sol, check), (stub, _) in pairs:
         assert "exercises.check_" in check.source

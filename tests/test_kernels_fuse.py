@@ -131,3 +131,16 @@ def test_gpu_fused_w4_model_decodes_faster():
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["w4 fused (W4A16 kernels)"]["speedup"] > 1.0
     assert rows["fused"]["max_logit_diff"] < 0.5   # bf16
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_meet_the_bandwidth_bars():
+    """The lesson's claims on a GPU: fused RMSNorm / SwiGLU at >= 75% of the copy bandwidth and >= 2x
+    eager; the W4A16 GEMV at batch 1 >= 2.5x the bf16 matmul and >= 60% of the bandwidth (packed bytes)."""
+    result = kbench.time_cases("cuda", repeats=50, compile=False, only=("rmsnorm", "swiglu", "w4a16 gemv"))
+    for r in result["rows"]:
+        of_peak = r["bytes"] / (r["kernel_us"] * 1e-6) / (result["copy_bandwidth_GBps"] * 1e9)
+        if r["kernel"] in ("rmsnorm", "swiglu"):
+            assert of_peak >= 0.75 and r["speedup_vs_eager"] >= 2.0, r
+        if r["kernel"] == "w4a16 gemv" and r["size"].startswith("M=1 "):
+            assert r["speedup_vs_dense_linear"] >= 2.5 and of_peak >= 0.6, r
