@@ -1,5 +1,5 @@
 """The `llmopt` command: `llmopt tour` (measure a model), `llmopt train` (the bundled model) and
-`llmopt bench kernels` (the Triton kernels of lesson 08).
+`llmopt bench kernels` (the Triton kernels of lesson 08), `llmopt bench serve` (the engine, lessons 09-10).
 
 Bad arguments and load errors print one line (`llmopt: error: ...`) and exit with status 2.
 """
@@ -37,6 +37,13 @@ def _bench(args):
 
         main(args.device, args.json, compile=not args.no_compile, only=tuple(args.only), repeats=args.repeats,
              e2e=args.e2e, model=args.model)
+    else:
+        from .serving.bench import main
+
+        if args.requests < 1 or args.batch_size < 1:
+            raise ValueError("--requests and --batch-size must be >= 1")
+        main(args.model, n=args.requests, batch_size=args.batch_size, json_path=args.json, plot_path=args.plot,
+             shared_prefix=args.shared_prefix, systems=tuple(args.systems))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,16 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tiny", action="store_true", help="the 2-layer test architecture")
     t.set_defaults(func=_train)
 
-    t = sub.add_parser("bench", help="benchmarks: `llmopt bench kernels` times the Triton kernels (lesson 08)")
-    t.add_argument("what", choices=["kernels"])
+    t = sub.add_parser("bench", help="benchmarks: `kernels` times the Triton kernels (lesson 08), `serve` the "
+                       "engine against HF generate (lessons 09-10)")
+    t.add_argument("what", choices=["kernels", "serve"])
     t.add_argument("--device", default=None, help="default: cuda if present, else cpu (correctness checks only)")
     t.add_argument("--json", default=None, help="also write the results to this JSON file")
     t.add_argument("--only", nargs="*", default=[], help="kernel names to keep (e.g. rmsnorm w4a16)")
     t.add_argument("--repeats", type=int, default=100, help="timed runs per measurement (GPU)")
     t.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     t.add_argument("--e2e", action="store_true", help="also decode with the fused and W4-fused model")
-    t.add_argument("--model", default=None, help="model for --e2e (default: the bundled one; "
+    t.add_argument("--model", default=None, help="model for --e2e and serve (default: the bundled one; "
                    "tinyllama-1.1b-random for a 1.1B-shaped random model)")
+    t.add_argument("--requests", type=int, default=64, help="serve: number of requests")
+    t.add_argument("--batch-size", type=int, default=16, help="serve: HF static batch size")
+    t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
+    t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
+                   choices=["single", "static", "engine"], help="serve: which servers to run")
+    t.add_argument("--plot", default=None, help="serve: write the plot here")
     t.set_defaults(func=_bench)
     return p
 

@@ -1,0 +1,25 @@
+"""Serving (lessons 09-10): a paged KV cache, paged attention, continuous batching and an engine
+with vLLM's API.
+
+- `BlockManager`: the KV cache in fixed-size blocks, block tables per sequence, reference counts,
+  prefix caching of full blocks, copy-on-write;
+- `attention`: writing K/V into slots, paged attention for prefill (PyTorch) and decode (PyTorch
+  reference and a Triton kernel), grouped-query aware;
+- `Scheduler`: waiting/running queues, token and sequence budgets, chunked prefill, preemption
+  by recompute;
+- `ModelRunner`: a Llama-family model's forward over the paged cache (quantized and fused models
+  plug in);
+- `LLMEngine` (`add_request`, `step`, streaming) and `LLM`, `SamplingParams`, `RequestOutput`:
+  vLLM's names, so `from llmopt.serving import LLM, SamplingParams` runs code written for vLLM.
+"""
+from .block_manager import Block, BlockManager, NoFreeBlocks
+from .engine import CompletionOutput, EngineStats, LLMEngine, RequestOutput
+from .llm import LLM, load_llm
+from .runner import ModelRunner, kv_bytes_per_token
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+__all__ = ["Block", "BlockManager", "CompletionOutput", "EngineStats", "LLM", "LLMEngine", "ModelRunner",
+           "NoFreeBlocks", "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "SequenceStatus",
+           "kv_bytes_per_token", "load_llm", "sample"]

@@ -1,0 +1,265 @@
+"""Paged attention (vLLM's PagedAttention, Kwon et al. 2023): attention over a KV cache kept in blocks.
+
+A serving engine cannot give each sequence one contiguous KV buffer sized for its longest possible
+output: that reserves memory it may never use and fragments what is left. vLLM cuts the cache into
+fixed-size blocks of `block_size` token slots, as an OS cuts memory into pages, and hands them out one
+at a time as a sequence grows. Per layer the cache is two tensors, `k_cache` and `v_cache`, each of
+shape (num_blocks, block_size, num_kv_heads, head_dim); slot s = block_id * block_size + offset.
+
+A sequence's keys and values are therefore scattered over blocks that need not be adjacent or in
+order. Its block table (a list of block ids, the page table) says where: the token at position p lives
+in block `table[p // block_size]` at offset `p % block_size`. Attention reads K/V through the table
+instead of from one slice; everything else is ordinary attention.
+
+- `write_kv` stores the new tokens' K/V at their slots (the runner computes `slot_mapping`).
+- `gather_kv` copies one sequence's K/V back into contiguous tensors: the reference path's building block.
+- `paged_prefill_reference`: causal attention of a prompt chunk (positions start .. start+T-1) over
+  everything cached before it, as chunked prefill and prefix caching need.
+- `paged_decode_reference` / `paged_decode_triton` / `paged_decode`: one new query per sequence over its
+  whole context, the step that dominates generation. The kernel reads each K/V block once per kv head.
+
+GQA: with Hq query heads and Hk kv heads (Hq a multiple of Hk), query head h reads kv head h // (Hq // Hk);
+the Hq // Hk query heads sharing a kv head are its group (MHA: groups of 1; MQA: Hk = 1, one group).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.common import next_power_of_2, tl, triton, use_triton
+
+# scaled_dot_product_attention took enable_gqa in torch 2.5; before that the kv heads are repeated by hand
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+# ---------------------------------------------------------------- cache access
+
+def _check_cache(k_cache, v_cache):
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must have shape (num_blocks, block_size, num_kv_heads, head_dim), "
+                         f"got {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
+        raise ValueError(f"v_cache must match k_cache ({k_cache.dtype} {tuple(k_cache.shape)} on {k_cache.device}), "
+                         f"got {v_cache.dtype} {tuple(v_cache.shape)} on {v_cache.device}")
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping):
+    """Store the keys/values k, v (T, Hk, D) of T new tokens at their cache slots (slot_mapping, (T,)).
+
+    A negative slot (-1: a padding token) is skipped. The cache is written in place."""
+    _check_cache(k_cache, v_cache)
+    _, _, Hk, D = k_cache.shape
+    if k.dim() != 3 or tuple(k.shape[1:]) != (Hk, D):
+        raise ValueError(f"k must have shape (T, {Hk}, {D}) to match the cache, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype.is_floating_point:
+        raise ValueError(f"slot_mapping must be an integer tensor of shape ({k.shape[0]},), "
+                         f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)
+    keep = slots >= 0
+    # (num_blocks, block_size, ...) is row-major, so flattening the first two dims numbers the slots
+    k_cache.view(-1, Hk, D)[slots[keep]] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, Hk, D)[slots[keep]] = v[keep].to(v_cache.dtype)
+
+
+def gather_kv(k_cache, v_cache, block_table, length: int):
+    """The first `length` keys and values of one sequence, as contiguous (length, Hk, D) tensors.
+
+    block_table: the sequence's block ids (a list or a 1-D tensor), at least ceil(length / block_size)."""
+    _check_cache(k_cache, v_cache)
+    num_blocks, block_size, Hk, D = k_cache.shape
+    table = torch.as_tensor(block_table, dtype=torch.long, device=k_cache.device)
+    n = -(-int(length) // block_size)
+    if table.dim() != 1:
+        raise ValueError(f"block_table must be 1-D, got shape {tuple(table.shape)}")
+    if length < 0 or n > table.numel():
+        raise ValueError(f"length must be in [0, {table.numel() * block_size}] (the block_table's capacity), "
+                         f"got {length}")
+    blocks = table[:n]
+    if n and not (0 <= int(blocks.min()) and int(blocks.max()) < num_blocks):
+        raise ValueError(f"block_table's first {n} block ids must be in [0, {num_blocks}), got {blocks.tolist()}")
+    # whole blocks in table order, then drop the unused slots of the last one
+    k = k_cache[blocks].reshape(n * block_size, Hk, D)[:length]
+    v = v_cache[blocks].reshape(n * block_size, Hk, D)[:length]
+    return k, v
+
+
+# ---------------------------------------------------------------- references
+
+def _check_heads(q, k_cache):
+    Hq, D = q.shape[-2:]
+    Hk, Dk = k_cache.shape[-2:]
+    if Hq % Hk:
+        raise ValueError(f"q's number of heads ({Hq}) must be a multiple of the cache's kv heads ({Hk})")
+    if D != Dk:
+        raise ValueError(f"q's head_dim ({D}) must equal the cache's head_dim ({Dk})")
+    if q.device != k_cache.device:
+        raise ValueError(f"q is on {q.device} but the cache is on {k_cache.device}")
+    return Hq // Hk
+
+
+def paged_prefill_reference(q, k_cache, v_cache, block_table, start: int, scale: float | None = None):
+    """Causal attention of one sequence's queries q (T, Hq, D) at positions start .. start+T-1.
+
+    The K/V of positions 0 .. start+T-1 must already be in the cache (start > 0: the chunk follows a
+    cached prefix, from chunked prefill or prefix caching). The query at position start+i sees keys
+    0 .. start+i. Runs in q's dtype (SDPA accumulates in float32). Returns (T, Hq, D)."""
+    _check_cache(k_cache, v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape (T, Hq, D), got {tuple(q.shape)}")
+    group = _check_heads(q, k_cache)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    T = q.shape[0]
+    k, v = gather_kv(k_cache, v_cache, block_table, start + T)
+    q_, k, v = q.transpose(0, 1), k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)  # heads first
+    if start == 0:
+        mask, causal = None, True  # square: SDPA's top-left causal mask is the right one
+    else:  # query i (position start+i) sees key j iff j <= start + i: the causal mask, aligned bottom-right
+        rows = torch.arange(T, device=q.device)[:, None]
+        mask, causal = torch.arange(start + T, device=q.device)[None, :] <= start + rows, False
+    if _SDPA_GQA:
+        out = F.scaled_dot_product_attention(q_, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                             enable_gqa=group > 1)
+    else:
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+        out = F.scaled_dot_product_attention(q_, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    return out.transpose(0, 1)
+
+
+def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
+    """Shapes of a decode batch; with one host sync, that every context fits its table and points at real blocks."""
+    _check_cache(k_cache, v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape (batch, Hq, D), got {tuple(q.shape)}")
+    group = _check_heads(q, k_cache)
+    B = q.shape[0]
+    num_blocks, block_size = k_cache.shape[:2]
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or block_tables.dtype.is_floating_point:
+        raise ValueError(f"block_tables must be an integer tensor of shape ({B}, max_blocks), "
+                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if context_lens.shape != (B,) or context_lens.dtype.is_floating_point:
+        raise ValueError(f"context_lens must be an integer tensor of shape ({B},), "
+                         f"got {context_lens.dtype} {tuple(context_lens.shape)}")
+    if block_tables.device != q.device or context_lens.device != q.device:
+        raise ValueError(f"block_tables and context_lens must be on q's device {q.device}")
+    if B == 0:
+        return group
+    capacity = block_tables.shape[1] * block_size
+    n_blocks = (context_lens.long() + block_size - 1) // block_size
+    used = torch.arange(block_tables.shape[1], device=q.device)[None, :] < n_blocks[:, None]
+    ids = block_tables.long().masked_fill(~used, 0)  # table entries past a sequence's blocks are padding
+    lo, hi, first, last = torch.stack([context_lens.min().long(), context_lens.max().long(),
+                                       ids.min(), ids.max()]).tolist()
+    if lo < 1 or hi > capacity:
+        raise ValueError(f"context_lens must be in [1, {capacity}] (max_blocks * block_size), "
+                         f"got values in [{lo}, {hi}]")
+    if first < 0 or last >= num_blocks:
+        raise ValueError(f"block_tables' used entries must be block ids in [0, {num_blocks}), "
+                         f"got values in [{first}, {last}]")
+    return group
+
+
+def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None):
+    """One decode step's attention: q (B, Hq, D), one query per sequence, over that sequence's cache.
+
+    block_tables (B, max_blocks): each sequence's block ids, padded with anything past its blocks.
+    context_lens (B,): how many keys each query sees (its own included, already written). Computed per
+    sequence in float32 and rounded to q's dtype: the spec the kernel is tested against. Returns (B, Hq, D)."""
+    group = _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    for b, n in enumerate(context_lens.tolist()):
+        k, v = gather_kv(k_cache, v_cache, block_tables[b], n)  # (n, Hk, D)
+        k = k.float().repeat_interleave(group, dim=1)  # (n, Hq, D): query head h reads kv head h // group
+        v = v.float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+# ---------------------------------------------------------------- kernel
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale, GROUP, D,
+                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                         stride_ob, stride_oh, stride_tb,
+                         BLOCK_SIZE: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    context_len = tl.load(lens_ptr + seq)
+    g = tl.arange(0, GROUP_P)  # the group's query heads, padded to a power of 2
+    d = tl.arange(0, D_P)  # head dim, padded likewise
+    heads = kv_head * GROUP + g
+    q_mask = (g < GROUP)[:, None] & (d < D)[None, :]
+    # the whole group's queries at once: every K/V block loaded below serves all of them
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
+    q = q.to(tl.float32) * scale
+
+    m = tl.full((GROUP_P,), float("-inf"), tl.float32)  # running max of the scores seen so far
+    l = tl.zeros((GROUP_P,), tl.float32)  # running sum of exp(score - m)  # noqa: E741
+    acc = tl.zeros((GROUP_P, D_P), tl.float32)  # running sum of exp(score - m) * v
+    offs = tl.arange(0, BLOCK_SIZE)
+    for i in range(0, tl.cdiv(context_len, BLOCK_SIZE)):
+        block = tl.load(tables_ptr + seq * stride_tb + i).to(tl.int64)  # the page table lookup
+        valid = i * BLOCK_SIZE + offs < context_len  # the last block may be partly filled
+        kv_mask = valid[:, None] & (d < D)[None, :]
+        k = tl.load(k_ptr + block * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
+                    mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_SIZE, D_P)
+        # (GROUP_P, BLOCK_SIZE): a broadcast product, not tl.dot, which needs every dim >= 16 on a GPU
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        # online softmax: every block holds at least one valid key, so m_new is finite and exp(m - m_new)
+        # is 0 on the first block (m = -inf), a rescale of the old sums afterwards
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        v = tl.load(v_ptr + block * stride_vb + offs[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
+                    mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    out = acc / l[:, None]
+    tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, out=None):
+    """The kernel, one program per (sequence, kv head); same contract as `paged_decode_reference`.
+
+    The block size must be a power of 2. `out` (B, Hq, D) in q's dtype may be given pre-allocated."""
+    group = _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    B, Hq, D = q.shape
+    block_size, Hk = k_cache.shape[1], k_cache.shape[2]
+    if block_size != next_power_of_2(block_size):
+        raise ValueError(f"the kernel needs a power-of-2 block_size, got {block_size} (the reference takes any)")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must have a contiguous last dim (head_dim)")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} with a "
+                         f"contiguous last dim, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if B == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    tables, lens = block_tables.contiguous(), context_lens.contiguous()
+    scale = D ** -0.5 if scale is None else scale
+    _paged_decode_kernel[(B, Hk)](
+        q, k_cache, v_cache, out, tables, lens, float(scale), group, D,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
+        BLOCK_SIZE=block_size, GROUP_P=next_power_of_2(group), D_P=next_power_of_2(D))
+    return out
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None,
+                 backend: str = "auto"):
+    """Decode attention over the paged cache: q (B, Hq, D) -> (B, Hq, D). scale defaults to head_dim ** -0.5.
+
+    backend: "triton" (the kernel), "torch" (the reference), "auto" (the kernel on a GPU)."""
+    if use_triton(q, backend):
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale)

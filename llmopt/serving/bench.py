@@ -1,0 +1,217 @@
+"""`llmopt bench serve`: one workload through three servers, side by side in one run.
+
+- HF `generate`, one request at a time (what a naive server does);
+- HF `generate` with padded static batches of `batch_size` requests in arrival order: each batch
+  is left-padded to its longest prompt and runs until its longest output is done;
+- the llmopt engine (paged KV cache, continuous batching, chunked prefill, prefix caching).
+
+The workload is chat-like: prompt and output lengths drawn from long-tailed (log-normal)
+distributions clipped to [16, 512] and [16, 256] tokens by default, prompts taken from the test
+split, every request run to exactly its output length (`ignore_eos`), all submitted at time 0
+(offline throughput, as vLLM's `benchmark_throughput`). Reported per server: tokens/s (generated
+tokens), requests/s, time to first token and time per output token (p50/p90/p99), and the KV cache's
+reserved-but-unused share ("waste") averaged over the decode steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import bench
+from .engine import LLMEngine
+from .sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    output_len: int
+
+
+def chat_workload(n: int, tokens: torch.Tensor, seed: int = 0, prompt_range=(16, 512), output_range=(16, 256),
+                  shared_prefix: int = 0) -> list[Request]:
+    """`n` requests with log-normal prompt/output lengths (median about 3x the minimum, a long tail),
+    prompts cut from `tokens` (a 1-D token stream); `shared_prefix` > 0 starts every prompt with the
+    same first `shared_prefix` tokens (a system prompt)."""
+    rng = random.Random(seed)
+
+    def length(lo, hi):
+        return int(min(hi, max(lo, round(lo * math.exp(rng.gauss(1.1, 0.7))))))
+
+    system = tokens[:shared_prefix].tolist()
+    reqs = []
+    for _ in range(n):
+        p = length(*prompt_range)
+        start = rng.randrange(shared_prefix, len(tokens) - p)
+        body = tokens[start:start + max(1, p - shared_prefix)].tolist()
+        reqs.append(Request(system + body, length(*output_range)))
+    return reqs
+
+
+def _percentiles(xs) -> dict:
+    xs = sorted(xs)
+    if not xs:
+        return {}
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": sum(xs) / len(xs)}
+
+
+def _summary(name, reqs, wall, ttft, tpot, waste, extra=None) -> dict:
+    gen = sum(r.output_len for r in reqs)
+    return {"system": name, "requests": len(reqs), "generated_tokens": gen, "wall_s": wall, "tokens_per_s": gen / wall,
+            "requests_per_s": len(reqs) / wall, "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot),
+            "kv_waste": waste, **(extra or {})}
+
+
+class _StepClock:
+    """A `generate` streamer that records when each step's tokens come out."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+@torch.inference_mode()
+def run_hf_single(model, reqs: list[Request]) -> dict:
+    dev = next(model.parameters()).device
+    ttft, tpot, t0 = [], [], time.perf_counter()
+    for r in reqs:
+        ids = torch.tensor([r.prompt_ids], device=dev)
+        clock = _StepClock()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.output_len,
+                       min_new_tokens=r.output_len, do_sample=False, pad_token_id=0, streamer=clock)
+        end = time.perf_counter()
+        first = clock.times[1] if len(clock.times) > 1 else end    # put #0 is the prompt itself
+        ttft.append(first - t0)                                      # all requests arrived at t0
+        tpot.append((end - first) / max(1, r.output_len - 1))
+    return _summary("HF generate, one request at a time", reqs, time.perf_counter() - t0, ttft, tpot, 0.0)
+
+
+@torch.inference_mode()
+def run_hf_static(model, reqs: list[Request], batch_size: int) -> dict:
+    dev = next(model.parameters()).device
+    ttft, tpot, used, reserved, t0 = [], [], 0, 0, time.perf_counter()
+    for i in range(0, len(reqs), batch_size):
+        group = reqs[i:i + batch_size]
+        P = max(len(r.prompt_ids) for r in group)
+        N = max(r.output_len for r in group)
+        ids = torch.zeros(len(group), P, dtype=torch.long, device=dev)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(group):                                # left padding
+            ids[j, P - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[j, P - len(r.prompt_ids):] = 1
+        clock = _StepClock()
+        model.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                       pad_token_id=0, streamer=clock)
+        end = time.perf_counter()
+        first = clock.times[1] if len(clock.times) > 1 else end
+        for r in group:
+            ttft.append(first - t0)
+            tpot.append((end - first) / max(1, r.output_len - 1))  # the batch returns when its longest is done
+        for t in range(N):                                           # the padded cache at each decode step
+            reserved += len(group) * (P + t)
+            used += sum(len(r.prompt_ids) + min(t, r.output_len) for r in group)
+    waste = 1 - used / reserved if reserved else 0.0
+    return _summary(f"HF generate, static batches of {batch_size}", reqs, time.perf_counter() - t0, ttft, tpot, waste)
+
+
+def run_engine(model, tokenizer, reqs: list[Request], **engine_kw) -> dict:
+    engine = LLMEngine(model, tokenizer, **engine_kw)
+    t0 = time.perf_counter()
+    ids = [engine.add_request(r.prompt_ids, SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True))
+           for r in reqs]
+    final = engine.run()
+    wall = time.perf_counter() - t0
+    ttft, tpot = [], []
+    for rid, r in zip(ids, reqs):
+        m = final[rid].metrics
+        ttft.append(m["first_token_time"] - t0)
+        tpot.append((m["finished_time"] - m["first_token_time"]) / max(1, r.output_len - 1))
+    s = engine.stats
+    extra = {"steps": s.steps, "preemptions": s.preemptions, "computed_tokens": s.computed_tokens,
+             "cached_tokens": s.cached_tokens, "kv_blocks": engine.blocks.num_blocks,
+             "block_size": engine.blocks.block_size, "kv_cache_MB": engine.runner.cache_bytes / 1e6,
+             "kv_peak_usage": max(u / (engine.blocks.num_blocks * engine.blocks.block_size)
+                                  for u in s.kv_reserved_slots) if s.kv_reserved_slots else 0.0}
+    return _summary("llmopt engine (paged, continuous batching)", reqs, wall, ttft, tpot, engine.kv_waste(), extra)
+
+
+def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: int = 0, device=None,
+                    systems=("single", "static", "engine"), prompt_range=(16, 512), output_range=(16, 256),
+                    shared_prefix: int = 0, **engine_kw) -> dict:
+    from .. import data, models
+
+    model, tok = models.load(model_name, device=device)
+    model.eval()
+    stream = data.token_stream("test", tok)
+    reqs = chat_workload(n, stream, seed, prompt_range, output_range, shared_prefix)
+    engine_kw.setdefault("max_num_seqs", max(batch_size, 32))
+    out = {"model": model_name or models.default_model(), "device": str(next(model.parameters()).device),
+           "dtype": str(next(model.parameters()).dtype), "env": bench.environment(), "workload": {
+               "requests": n, "prompt_tokens": [len(r.prompt_ids) for r in reqs],
+               "output_tokens": [r.output_len for r in reqs], "shared_prefix": shared_prefix, "seed": seed},
+           "results": []}
+    if "single" in systems:
+        out["results"].append(run_hf_single(model, reqs))
+    if "static" in systems:
+        out["results"].append(run_hf_static(model, reqs, batch_size))
+    if "engine" in systems:
+        out["results"].append(run_engine(model, tok, reqs, **engine_kw))
+    return out
+
+
+def format_results(result: dict) -> str:
+    w = result["workload"]
+    lines = [f"{result['model']} on {result['device']} ({result['dtype']}): {w['requests']} requests, prompts "
+             f"{min(w['prompt_tokens'])}-{max(w['prompt_tokens'])} tokens, outputs {min(w['output_tokens'])}-"
+             f"{max(w['output_tokens'])}" + (f", shared prefix {w['shared_prefix']}" if w["shared_prefix"] else ""),
+             "system | tok/s | req/s | TTFT p50 / p90 s | TPOT p50 / p90 ms | KV waste"]
+    for r in result["results"]:
+        lines.append(f"{r['system']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+                     f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p90']:.2f} | "
+                     f"{r['tpot_s']['p50'] * 1e3:.1f} / {r['tpot_s']['p90'] * 1e3:.1f} | {r['kv_waste']:.1%}")
+    base = result["results"][0]["tokens_per_s"]
+    lines.append("throughput vs the first: " + ", ".join(f"{r['tokens_per_s'] / base:.2f}x" for r in result["results"]))
+    return "\n".join(lines)
+
+
+def plot_results(result: dict, path=None):
+    from ..report import _finish, _pyplot
+
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    names = [r["system"].replace(" (", "\n(").replace(", ", ",\n", 1) for r in result["results"]]
+    a.barh(names, [r["tokens_per_s"] for r in result["results"]], color="tab:blue")
+    a.set_xlabel("generated tokens / s")
+    a.invert_yaxis()
+    for i, r in enumerate(result["results"]):
+        b.plot([50, 90, 99], [r["ttft_s"][k] for k in ("p50", "p90", "p99")], "o-", label=names[i].split("\n")[0])
+    b.set_xlabel("percentile")
+    b.set_ylabel("time to first token, s")
+    b.legend(fontsize=8)
+    return _finish(fig, a, path)
+
+
+def main(model=None, n: int = 64, batch_size: int = 16, json_path=None, plot_path=None, shared_prefix: int = 0,
+         systems=("single", "static", "engine"), seed: int = 0) -> dict:
+    result = serve_benchmark(model, n=n, batch_size=batch_size, shared_prefix=shared_prefix, systems=systems,
+                             seed=seed)
+    print(format_results(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"saved {json_path}")
+    if plot_path:
+        plot_results(result, plot_path)
+        print(f"saved {plot_path}")
+    return result

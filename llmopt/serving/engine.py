@@ -1,0 +1,270 @@
+"""`LLMEngine` (the step-wise API) and `LLM` (the offline API), with vLLM's names and fields.
+
+    from llmopt.serving import LLM, SamplingParams     # or: from vllm import LLM, SamplingParams
+    llm = LLM(model="tinypy")
+    for out in llm.generate(["def add(a, b):"], SamplingParams(max_tokens=50, temperature=0)):
+        print(out.prompt, out.outputs[0].text)
+
+One engine step = schedule -> copy-on-write copies -> one forward over the batch -> sample one
+token for every sequence that reached its last token -> check stop conditions -> free the blocks
+of finished sequences. `step()` returns a `RequestOutput` for each request that got a new token,
+so a caller can stream.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_manager import BlockManager
+from .runner import ModelRunner, kv_bytes_per_token
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict] | None
+    finish_reason: str | None = None     # "stop", "length", "abort" or "error"
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict = field(default_factory=dict)  # arrival, first token and finish times (perf_counter s)
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0          # prompt tokens of admitted requests (recomputes not counted)
+    computed_tokens: int = 0        # tokens run through the model, prefill and decode
+    cached_tokens: int = 0          # tokens whose K/V came from the prefix cache at admission
+    generated_tokens: int = 0
+    preemptions: int = 0
+    kv_used_slots: list = field(default_factory=list)       # per step: tokens held in the cache
+    kv_reserved_slots: list = field(default_factory=list)   # per step: slots of the blocks in use
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, *, block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 chunked_prefill: bool = True, backend: str = "auto", seed: int = 0):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = model.config
+        self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
+        if num_kv_blocks is None:
+            dtype = next(model.parameters()).dtype
+            per_block = kv_bytes_per_token(cfg, dtype if dtype.is_floating_point else torch.float32) * block_size
+            budget = kv_cache_memory or _default_kv_memory(model, max_num_seqs * self.max_model_len * per_block
+                                                           // block_size)
+            num_kv_blocks = max(1, budget // per_block)
+        self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, chunked_prefill)
+        self.runner = ModelRunner(model, num_kv_blocks, block_size, backend)
+        self.eos = _eos_ids(model, tokenizer)
+        self.seed = seed
+        self.stats = EngineStats()
+        self.seqs: dict[str, Sequence] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request: a string, a list of token ids, or vLLM's {"prompt": ...} /
+        {"prompt_token_ids": [...]} dict. Returns its request id."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = _prompt_ids(prompt, self.tokenizer)
+        if not ids or text == "":
+            raise ValueError("prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context (max_model_len) is "
+                             f"{self.max_model_len}, leaving no room to generate")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt_token_ids must lie in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        seq = Sequence(ids, params, request_id, prompt=text)
+        if seq.request_id in self.seqs and not self.seqs[seq.request_id].is_finished:
+            raise ValueError(f"request_id {seq.request_id!r} is already running")
+        self.scheduler.add(seq)
+        self.seqs[seq.request_id] = seq
+        seed = params.seed if params.seed is not None else None
+        if not params.greedy:
+            g = torch.Generator()
+            g.manual_seed(seed if seed is not None else self.seed * 1_000_003 + seq.seq_id)
+            self._generators[seq.seq_id] = g
+        self.stats.prompt_tokens += len(ids)
+        return seq.request_id
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None and not seq.is_finished:
+            self._finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # nothing runs and the head of the queue cannot get blocks: it can never run
+                self._finish(self.scheduler.waiting[0], "error", "does not fit in the KV cache")
+            return []
+        for seq, _ in batch:
+            if seq.copies:
+                self.runner.copy_blocks(seq.copies)
+                seq.copies = []
+        done = [seq.num_computed_tokens + n == len(seq) for seq, n in batch]
+        logits = self.runner.forward(batch, done)
+        self.stats.steps += 1
+        self.stats.computed_tokens += sum(n for _, n in batch)
+        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.cached_tokens = self.scheduler.num_cached_tokens
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+        ready = [seq for (seq, _), d in zip(batch, done) if d]
+        outputs = []
+        if ready:
+            tokens, chosen, tops = sample(logits, [s.params for s in ready],
+                                          [self._generators.get(s.seq_id) for s in ready])
+            for i, seq in enumerate(ready):
+                try:
+                    self._append(seq, int(tokens[i]), float(chosen[i]), tops[i])
+                except Exception as e:  # one bad request must not stop the batch
+                    self._finish(seq, "error", f"{type(e).__name__}: {e}")
+                outputs.append(self._output(seq))
+        used = sum(len(s) for s in self.scheduler.running)
+        self.stats.kv_used_slots.append(used)
+        self.stats.kv_reserved_slots.append(sum(len(s.block_table) for s in self.scheduler.running)
+                                            * self.blocks.block_size)
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top: dict | None) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if top is not None:
+            seq.logprobs.append(top)
+        self.stats.generated_tokens += 1
+        p = seq.params
+        n_out = seq.num_completion_tokens
+        seq.text = self._decode(seq.completion_token_ids, p)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos:
+                return self._finish(seq, "stop", None)
+            if token in p.stop_token_ids:
+                return self._finish(seq, "stop", token)
+            for s in p.stop:
+                at = seq.text.find(s)
+                if at >= 0:
+                    seq.text = seq.text[:at + (len(s) if p.include_stop_str_in_output else 0)]
+                    return self._finish(seq, "stop", s)
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _decode(self, ids: list[int], p: SamplingParams) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        seq.finish_reason = reason
+        if reason == "error":
+            seq.error = stop_reason
+        else:
+            seq.stop_reason = stop_reason
+        seq.finish_time = time.perf_counter()
+        self.scheduler.finish(seq)
+        self._generators.pop(seq.seq_id, None)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        done = seq.status == SequenceStatus.FINISHED
+        comp = CompletionOutput(0, seq.text, seq.completion_token_ids, seq.cumulative_logprob,
+                                list(seq.logprobs) if seq.params.logprobs is not None else None,
+                                seq.finish_reason if done else None, seq.stop_reason if done else None)
+        metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
+                   "finished_time": seq.finish_time, "num_preemptions": seq.num_preemptions,
+                   "num_cached_tokens": seq.num_cached_tokens}
+        return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], [comp], done,
+                             metrics, seq.error)
+
+    def run(self, use_tqdm: bool = False) -> dict[str, RequestOutput]:
+        """Step until every queued request is finished; the last output of each, by request id."""
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(not s.is_finished for s in self.seqs.values()), desc="requests")
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        for rid, seq in self.seqs.items():   # requests that ended without a step output (abort, error)
+            if rid not in final and seq.is_finished:
+                final[rid] = self._output(seq)
+        if bar is not None:
+            bar.close()
+        return final
+
+    def kv_waste(self) -> float:
+        """Share of the reserved KV slots that held no token, over all steps so far."""
+        reserved = sum(self.stats.kv_reserved_slots)
+        return 1 - sum(self.stats.kv_used_slots) / reserved if reserved else 0.0
+
+
+def _default_kv_memory(model, wanted: int) -> int:
+    """A GPU: 90% of its free memory (vLLM's gpu_memory_utilization); elsewhere what was asked for
+    (max_num_seqs full contexts), at most 1 GiB."""
+    p = next(model.parameters())
+    if p.is_cuda:
+        free, _ = torch.cuda.mem_get_info(p.device)
+        return int(free * 0.9)
+    return min(wanted, 1 << 30)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return ids
+
+
+def _prompt_ids(prompt, tokenizer) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+        prompt = prompt.get("prompt")
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
+        return prompt, tokenizer(prompt).input_ids
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return None, list(prompt)
+    raise ValueError(f"prompt must be a string, a list of token ids or a dict with 'prompt' or "
+                     f"'prompt_token_ids', got {type(prompt).__name__}")

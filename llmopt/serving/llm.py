@@ -1,0 +1,94 @@
+"""`LLM`: vLLM's offline entry point over `LLMEngine`. Code written for vLLM,
+
+    from vllm import LLM, SamplingParams
+    llm = LLM(model="TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, max_tokens=50))
+    print(outputs[0].outputs[0].text)
+
+runs unchanged with `from llmopt.serving import LLM, SamplingParams`. `load_llm` returns the real
+vLLM's `LLM` when vLLM is installed and a GPU is present (`prefer_vllm=True`), else ours.
+"""
+from __future__ import annotations
+
+import torch
+
+from .engine import LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+IGNORED = ("enforce_eager", "swap_space", "disable_log_stats", "trust_remote_code_for_tokenizer", "tokenizer_mode")
+
+
+class LLM:
+    def __init__(self, model=None, tokenizer=None, dtype="auto", seed: int = 0, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None, block_size: int = 16,
+                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1, quantization=None,
+                 trust_remote_code: bool = False, device=None, num_kv_blocks: int | None = None,
+                 backend: str = "auto", **kwargs):
+        unknown = set(kwargs) - set(IGNORED)
+        if unknown:
+            raise ValueError(f"unsupported LLM arguments: {sorted(unknown)}")
+        if tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size must be 1 in llmopt.serving, got {tensor_parallel_size!r}")
+        if quantization is not None:
+            raise ValueError("quantization=...: quantize the model with llmopt.quant first and pass the model")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        if isinstance(model, torch.nn.Module):
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= with a model object")
+            self.model, self.tokenizer = model, tokenizer
+        else:
+            from .. import models
+
+            self.model, tok = models.load(model, dtype=None if dtype == "auto" else dtype, device=device,
+                                          trust_remote_code=trust_remote_code)
+            self.tokenizer = tokenizer or tok
+        kv_memory = None
+        p = next(self.model.parameters())
+        if p.is_cuda and num_kv_blocks is None:
+            free, total = torch.cuda.mem_get_info(p.device)
+            kv_memory = max(0, int(free - (1 - gpu_memory_utilization) * total))
+        self.engine = LLMEngine(self.model, self.tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                                kv_cache_memory=kv_memory, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                                enable_prefix_caching=enable_prefix_caching,
+                                chunked_prefill=enable_chunked_prefill, backend=backend, seed=seed)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion, batched continuously; outputs in the order of `prompts`."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError:
+            for rid in ids:   # all or nothing: a bad prompt rejects the call before anything runs
+                self.engine.abort_request(rid)
+            raise
+        final = self.engine.run(use_tqdm=use_tqdm)
+        return [final[rid] for rid in ids]
+
+
+def load_llm(model, prefer_vllm: bool = True, **kwargs):
+    """The real vLLM's `LLM` where it is installed and a GPU is present (and `prefer_vllm`), else ours."""
+    if prefer_vllm and torch.cuda.is_available():
+        try:
+            from vllm import LLM as VLLM
+        except ImportError:
+            pass
+        else:
+            return VLLM(model=model, **kwargs)
+    return LLM(model=model, **kwargs)

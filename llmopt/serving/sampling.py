@@ -1,0 +1,103 @@
+"""`SamplingParams` (vLLM's names, defaults and checks) and the sampler that applies them.
+
+One batch of next-token logits, one row per running sequence, each row with its own parameters:
+greedy (temperature 0), temperature, top-k, top-p (nucleus), min-p, a per-request seed, and the
+log-probabilities of the chosen token and of the `logprobs` most likely ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each request's next tokens and when to stop (vLLM's fields and defaults)."""
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1                  # -1 or 0: no top-k (vLLM accepts both)
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16      # None: until the context is full
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None      # also return the top-n log-probabilities at each step
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        if self.n != 1:
+            raise ValueError(f"n must be 1 (one completion per request in llmopt.serving), got {self.n!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive int, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be None or >= 0, got {self.logprobs!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Logits of one row with everything outside top-k / top-p / min-p set to -inf."""
+    if p.top_k > 0 and p.top_k < logits.numel():
+        kth = logits.topk(p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        probs = torch.softmax(logits, -1)
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if p.min_p > 0:
+        probs = torch.softmax(logits, -1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]):
+    """Next token of each row of `logits` (B, V) under its own parameters.
+
+    Returns (tokens (B,) int64, logprob of each chosen token (B,), top logprobs per row: a list of
+    {token: logprob} dicts or None). Log-probabilities are of the model's distribution (before
+    temperature and filtering), as vLLM reports them by default."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, -1)
+    tokens = torch.empty(len(params), dtype=torch.long)
+    greedy = logits.argmax(-1).cpu()
+    for i, p in enumerate(params):
+        if p.greedy:
+            tokens[i] = greedy[i]
+            continue
+        row = _filter(logits[i] / p.temperature, p)
+        probs = torch.softmax(row, -1)
+        tokens[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i]).item()
+    chosen = logprobs.gather(1, tokens.to(logits.device)[:, None]).squeeze(1).cpu()
+    tops = []
+    for i, p in enumerate(params):
+        if not p.logprobs:
+            tops.append(None)
+            continue
+        v, idx = logprobs[i].topk(p.logprobs)
+        top = dict(zip(idx.tolist(), v.tolist()))
+        top[int(tokens[i])] = float(chosen[i])
+        tops.append(top)
+    return tokens, chosen, tops

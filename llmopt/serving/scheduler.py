@@ -1,0 +1,120 @@
+"""`Scheduler`: continuous batching over a paged KV cache (nano-vllm's and vLLM's name).
+
+Every engine step the scheduler picks which tokens run through the model, under two budgets:
+`max_num_seqs` sequences and `max_num_batched_tokens` tokens per step.
+
+1. Running sequences first, in arrival order: a decoding sequence needs one token (and maybe a new
+   KV block); a sequence in the middle of a chunked prefill needs its next chunk. When the cache has
+   no block left for a decode, the most recently arrived running sequence is **preempted by
+   recompute**: its blocks are freed, it goes back to the front of the waiting queue and later
+   re-runs its prompt and the tokens it had generated as one prefill (prefix caching may find most
+   of them still in the cache).
+2. Then, if nothing was preempted, waiting sequences join while the budgets and the free blocks
+   allow: **continuous batching**, a new request starts the step after one arrives, not when the
+   whole batch is done. With `chunked_prefill`, a long prompt is split so that it never takes more
+   than the step's remaining token budget, and decodes keep flowing while it is prefilled.
+
+A sequence's blocks are freed the moment it finishes (`finish`).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 chunked_prefill: bool = True):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs!r}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens!r}")
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+        self.num_cached_tokens = 0   # tokens found in the prefix cache at admission, summed
+
+    def add(self, seq: Sequence) -> None:
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if len(seq) > capacity:
+            raise ValueError(f"the prompt ({len(seq)} tokens) is larger than the whole KV cache ({capacity} tokens)")
+        if not self.chunked_prefill and len(seq) > self.max_num_batched_tokens:
+            raise ValueError(f"the prompt ({len(seq)} tokens) exceeds max_num_batched_tokens "
+                             f"({self.max_num_batched_tokens}) and chunked prefill is off")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The (sequence, number of its tokens to run) pairs of the next step."""
+        budget, batch, preempted = self.max_num_batched_tokens, [], False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:   # preempted earlier in this loop
+                continue
+            n = seq.num_uncomputed_tokens
+            if n == 1:   # a decode step: its slot may need a new block (or a copy-on-write)
+                while not self.blocks.can_append(seq):
+                    preempted = True
+                    victim = self.running[-1]        # the latest arrival: never one already batched
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status != SequenceStatus.RUNNING:
+                    continue
+                seq.copies = self.blocks.may_append(seq)  # (src, dst) block copies for the runner
+            n = min(n, budget)
+            batch.append((seq, n))
+            budget -= n
+        # New sequences join only while budget is left, i.e. when every running prefill finishes in this
+        # step: a prefix-cache hit on blocks another sequence allocated then reads K/V written no later
+        # than this step's forward (each layer writes all new K/V before any attention reads them).
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.blocks.allocate(seq)
+            seq.num_computed_tokens = seq.num_cached_tokens
+            self.num_cached_tokens += seq.num_cached_tokens
+            n = seq.num_uncomputed_tokens
+            if n > budget and not self.chunked_prefill:
+                self.num_cached_tokens -= seq.num_cached_tokens
+                self.blocks.free(seq)
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(n, budget)
+            batch.append((seq, n))
+            budget -= n
+        assert sum(n for _, n in batch) <= self.max_num_batched_tokens and len(self.running) <= self.max_num_seqs
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a finished (or aborted) sequence out and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED

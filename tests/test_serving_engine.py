@@ -1,0 +1,216 @@
+"""The engine end to end: greedy outputs equal HF `generate` on each prompt alone (with and without
+preemption, prefix caching, chunked prefill), no request lost or duplicated, sampling parameters,
+stop conditions, streaming, bad input, and the vLLM-style API."""
+import copy
+import random
+
+import pytest
+import torch
+
+from llmopt.serving import LLM, LLMEngine, SamplingParams, Scheduler
+from llmopt.serving.block_manager import BlockManager
+from llmopt.serving.sequence import Sequence
+
+
+def hf_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def workload(n, vocab, seed=0, max_prompt=200, max_new=24):
+    rng = random.Random(seed)
+    return [([rng.randrange(1, vocab) for _ in range(rng.choice([1, 2, 5, 16, 17, 40, rng.randint(1, max_prompt)]))],
+             rng.randint(1, max_new)) for _ in range(n)]
+
+
+def run_engine(engine, reqs):
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
+    final = engine.run()
+    assert sorted(final) == sorted(ids) and len(set(ids)) == len(ids)          # nothing lost or duplicated
+    return [final[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    import llmopt
+
+    model, tok = llmopt.load("tinypy", device="cpu", dtype=torch.float32)
+    return model.eval(), tok
+
+
+def test_greedy_equals_hf_generate_on_200_prompts(model_tok):
+    model, tok = model_tok
+    reqs = workload(200, model.config.vocab_size)
+    engine = LLMEngine(model, tok, block_size=16, num_kv_blocks=512, max_num_seqs=32, max_num_batched_tokens=512)
+    outs = run_engine(engine, reqs)
+    for (prompt, n), out in zip(reqs, outs):
+        assert out.finished and out.outputs[0].finish_reason == "length"
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, n), prompt
+    assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks   # every block back at the end
+
+
+def test_preemption_under_a_small_kv_budget_changes_nothing(model_tok):
+    model, tok = model_tok
+    reqs = workload(40, model.config.vocab_size, seed=1, max_prompt=60, max_new=40)
+    engine = LLMEngine(model, tok, block_size=8, num_kv_blocks=24, max_num_seqs=16, max_num_batched_tokens=128)
+    outs = run_engine(engine, reqs)
+    assert engine.stats.preemptions > 0
+    for (prompt, n), out in zip(reqs, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
+    assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
+
+
+def test_prefix_caching_shares_a_system_prompt(model_tok):
+    model, tok = model_tok
+    rng = random.Random(2)
+    system = [rng.randrange(1, 4096) for _ in range(100)]
+    reqs = [(system + [rng.randrange(1, 4096) for _ in range(rng.randint(1, 20))], 8) for _ in range(12)]
+    on = LLMEngine(model, tok, block_size=16, num_kv_blocks=256, max_num_seqs=4)
+    off = LLMEngine(model, tok, block_size=16, num_kv_blocks=256, max_num_seqs=4, enable_prefix_caching=False)
+    a, b = run_engine(on, reqs), run_engine(off, reqs)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert on.stats.cached_tokens >= 96 * 8 and off.stats.cached_tokens == 0   # 6 full blocks, >= 8 requests
+    assert on.stats.computed_tokens < off.stats.computed_tokens
+
+
+def test_chunked_prefill_off_and_tiny_token_budget_agree(model_tok):
+    model, tok = model_tok
+    reqs = workload(12, model.config.vocab_size, seed=3, max_prompt=90)
+    want = [hf_greedy(model, p, n) for p, n in reqs]
+    for kw in (dict(max_num_batched_tokens=7), dict(max_num_batched_tokens=256, chunked_prefill=False)):
+        outs = run_engine(LLMEngine(model, tok, num_kv_blocks=128, **kw), reqs)
+        assert [o.outputs[0].token_ids for o in outs] == want
+
+
+def test_quantized_and_fused_models_plug_in(model_tok):
+    from llmopt import kernels
+    from llmopt.quant import QuantConfig, quantize
+
+    model, tok = model_tok
+    q = kernels.fuse(quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=64)))
+    reqs = workload(6, model.config.vocab_size, seed=4, max_prompt=30, max_new=10)
+    outs = run_engine(LLMEngine(q, tok, num_kv_blocks=64), reqs)
+    for (prompt, n), out in zip(reqs, outs):
+        assert out.outputs[0].token_ids == hf_greedy(q, prompt, n)
+
+
+def test_vllm_style_code_runs_unchanged(model_tok):
+    model, tok = model_tok
+    llm = LLM(model=model, tokenizer=tok, max_num_seqs=8)
+    prompts = ["def add(a, b):", "import os\n", "class Stack:"]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    assert [o.prompt for o in outputs] == prompts
+    for o in outputs:
+        assert o.finished and isinstance(o.outputs[0].text, str) and 1 <= len(o.outputs[0].token_ids) <= 12
+        assert o.outputs[0].token_ids == hf_greedy(model, o.prompt_token_ids, len(o.outputs[0].token_ids))
+    one = llm.generate("def add(a, b):", SamplingParams(max_tokens=12, temperature=0))
+    assert one[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+
+
+def test_sampling_seed_top_k_top_p_and_logprobs(model_tok):
+    model, tok = model_tok
+    llm = LLM(model=model, tokenizer=tok)
+    p = "def main():\n    "
+    a = llm.generate([p], SamplingParams(temperature=1.0, seed=7, max_tokens=20, ignore_eos=True))[0]
+    b = llm.generate([p], SamplingParams(temperature=1.0, seed=7, max_tokens=20, ignore_eos=True))[0]
+    c = llm.generate([p], SamplingParams(temperature=1.0, seed=8, max_tokens=20, ignore_eos=True))[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids != c.outputs[0].token_ids
+    greedy = llm.generate([p], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    for sp in (SamplingParams(top_k=1, max_tokens=10, ignore_eos=True, seed=1),
+               SamplingParams(top_p=1e-6, max_tokens=10, ignore_eos=True, seed=1)):
+        assert llm.generate([p], sp)[0].outputs[0].token_ids == greedy.token_ids
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True))[0].outputs[0]
+    assert len(out.logprobs) == 5 and all(t in lp and len(lp) >= 3 for t, lp in zip(out.token_ids, out.logprobs))
+    assert out.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
+
+
+def test_stop_conditions(model_tok):
+    model, tok = model_tok
+    llm = LLM(model=model, tokenizer=tok)
+    p = "def f(x):\n    return"
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    tok_stop = free.token_ids[3]
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[tok_stop],
+                                         ignore_eos=True))[0].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == tok_stop and o.token_ids[-1] == tok_stop
+    assert len(o.token_ids) == free.token_ids.index(tok_stop) + 1
+    stop = free.text[5:8]
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))[0].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == stop and stop not in o.text
+    assert free.text.startswith(o.text)
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0]
+    assert o.finish_reason == "length" and len(o.token_ids) == 4
+
+
+def test_streaming_steps_add_up(model_tok):
+    model, tok = model_tok
+    engine = LLMEngine(model, tok, num_kv_blocks=64)
+    rid = engine.add_request("import sys\n", SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    seen = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            seen.append(list(out.outputs[0].token_ids))
+    assert [len(s) for s in seen] == list(range(1, 10)) and all(seen[-1][:len(s)] == s for s in seen)
+
+
+def test_bad_input_is_a_clear_error(model_tok):
+    model, tok = model_tok
+    engine = LLMEngine(model, tok, num_kv_blocks=64)
+    for kwargs, field in ((dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
+                          (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"),
+                          (dict(n=2), "n")):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request([5] * model.config.max_position_embeddings, SamplingParams())
+    with pytest.raises(ValueError, match="prompt"):
+        engine.add_request(3.5, SamplingParams())
+    llm = LLM(model=model, tokenizer=tok)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(["fine", ""], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()          # the good prompt was not left queued
+    with pytest.raises(ValueError, match="unsupported"):
+        LLM(model=model, tokenizer=tok, bogus=1)
+
+
+def test_more_requests_than_the_cache_holds_are_all_served(model_tok):
+    model, tok = model_tok
+    engine = LLMEngine(model, tok, block_size=4, num_kv_blocks=12, max_num_seqs=64)   # 48 slots
+    reqs = [([7, 8, 9, 10, 11, 12], 10)] * 20                                          # 16 slots each
+    outs = run_engine(engine, reqs)
+    want = hf_greedy(model, reqs[0][0], 10)
+    assert all(o.outputs[0].token_ids == want for o in outs)
+
+
+def test_scheduler_never_exceeds_its_budgets():
+    from llmopt.serving.sampling import SamplingParams as SP
+
+    rng = random.Random(5)
+    for trial in range(20):
+        bm = BlockManager(rng.randint(8, 40), rng.choice([2, 4, 8]))
+        sched = Scheduler(bm, max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=rng.randint(1, 64))
+        for _ in range(rng.randint(1, 15)):
+            n = rng.randint(1, bm.num_blocks * bm.block_size // 2)
+            sched.add(Sequence([rng.randrange(100) for _ in range(n)], SP(max_tokens=5)))
+        for _ in range(500):
+            if not sched.has_unfinished():
+                break
+            batch = sched.schedule()
+            assert sum(n for _, n in batch) <= sched.max_num_batched_tokens
+            assert len(batch) <= sched.max_num_seqs and len(sched.running) <= sched.max_num_seqs
+            assert len({s.seq_id for s, _ in batch}) == len(batch)
+            for seq, n in batch:
+                assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens + n
+                seq.num_computed_tokens += n
+                if seq.num_computed_tokens == len(seq):
+                    seq.token_ids.append(1)
+                    if seq.num_completion_tokens >= 5:
+                        sched.finish(seq)
+            bm.check()
+        assert not sched.has_unfinished(), f"trial {trial} did not drain"
+        assert bm.num_free_blocks() == bm.num_blocks
