@@ -43,7 +43,7 @@ def _bench(args):
         if args.requests < 1 or args.batch_size < 1:
             raise ValueError("--requests and --batch-size must be >= 1")
         main(args.model, n=args.requests, batch_size=args.batch_size, json_path=args.json, plot_path=args.plot,
-             shared_prefix=args.shared_prefix, systems=tuple(args.systems))
+             shared_prefix=args.shared_prefix, systems=tuple(args.systems), block_size=args.block_size)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=16, help="serve: HF static batch size")
     t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
     t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
-                   choices=["single", "static", "engine"], help="serve: which servers to run")
+                   choices=["single", "static", "engine", "engine-no-prefix-cache"], help="serve: which servers to run")
+    t.add_argument("--block-size", type=int, default=16, help="serve: KV block size of the engine")
     t.add_argument("--plot", default=None, help="serve: write the plot here")
     t.set_defaults(func=_bench)
     return p

@@ -33,13 +33,16 @@ class TourConfig:
 
 
 def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
-            progress: bool = True) -> tuple[dict, dict]:
+            progress: bool = True, generate_fn=None, perplexity: float | None = None) -> tuple[dict, dict]:
     """One comparison row (size, perplexity, latency and throughput, memory, share of the
-    roofline) and the raw measurements behind it (timings with their spread, the roofline)."""
-    ppl = evaluate.perplexity(model, tokenizer=tokenizer, split="test", max_tokens=cfg.ppl_tokens,
-                              progress=progress)
-    b1 = bench.generation(model, 1, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats)
-    bb = bench.generation(model, cfg.big_batch, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats)
+    roofline) and the raw measurements behind it (timings with their spread, the roofline).
+    `generate_fn` times another generation path (the serving engine) on the same harness;
+    `perplexity` reuses a known value for the same weights."""
+    ppl = perplexity if perplexity is not None else evaluate.perplexity(
+        model, tokenizer=tokenizer, split="test", max_tokens=cfg.ppl_tokens, progress=progress)
+    b1 = bench.generation(model, 1, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats, generate_fn=generate_fn)
+    bb = bench.generation(model, cfg.big_batch, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats,
+                          generate_fn=generate_fn)
     roof = bench.decode_roofline(model, b1.tpot_s, bandwidth)
     row = {
         "size_mb": bench.model_size_bytes(model) / 1e6,
@@ -159,6 +162,16 @@ def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress:
         report.add(name, **row)
         report.details[name] = {k: asdict(v) for k, v in details.items()}
         del candidate
+    # lessons 09-10: the same float model served by the llmopt engine (paged KV cache, continuous
+    # batching; no prefix caching, since the harness repeats the same prompts)
+    from .serving import LLMEngine, generate_fn
+
+    engine = LLMEngine(raw["model"], raw["tokenizer"], max_num_seqs=cfg.big_batch, enable_prefix_caching=False)
+    name = "llmopt engine (paged KV, continuous batching)"
+    row, details = measure(raw["model"], raw["tokenizer"], cfg, raw["bandwidth"], progress,
+                           generate_fn=generate_fn(engine), perplexity=report.rows[0]["perplexity"])
+    report.add(name, **row)
+    report.details[name] = {k: asdict(v) for k, v in details.items()}
     fig = plot_roofline({m["method"]: m["tok_s_b1"] for m in report.rows}, roof.floor_tokens_per_s,
                         path=out / "roofline.png")
     import matplotlib.pyplot as plt

@@ -25,9 +25,12 @@ def test_tour_smoke_writes_table_json_and_plot(tmp_path):
     pruned = {"magnitude 50%", "wanda 50%", "sparsegpt 50%", "sparsegpt 2:4", "ffn -25%", "ffn -25% + 2-step recovery"}
     assert pruned <= set(methods)
     later = {"low-rank whitened 50%", "student, half the layers + 2-step distillation",
-             "moe 8x top-2 upcycled + 2 steps"}
+             "moe 8x top-2 upcycled + 2 steps", "llmopt engine (paged KV, continuous batching)"}
     assert later <= set(methods)
     by = {r["method"]: r for r in res["rows"]}
+    served = by["llmopt engine (paged KV, continuous batching)"]   # the float model, served by the engine
+    assert served["perplexity"] == row["perplexity"] and served["size_mb"] == row["size_mb"]
+    assert served["tok_s_b4"] > 0 and served["tok_s_b1"] > 0
     assert by["ffn -25%"]["size_mb"] < 0.9 * row["size_mb"] and by["sparsegpt 50%"]["size_mb"] == row["size_mb"]
     # every method kept the model usable; the student has had 2 steps (of 200 in a full tour) to learn
     assert all(r["perplexity"] < 1.2 * row["perplexity"] for r in res["rows"] if not r["method"].startswith("student"))
@@ -61,3 +64,19 @@ def test_parser_has_the_commands():
     p = cli.build_parser()
     assert p.parse_args(["tour"]).command == "tour"
     assert p.parse_args(["train", "--out", "x", "--steps", "3"]).steps == 3
+
+
+def test_bench_serve_small_workload(tmp_path):
+    out = tmp_path / "serve.json"
+    r = llmopt("bench", "serve", "--requests", "6", "--batch-size", "3", "--json", str(out), "--plot",
+               str(tmp_path / "serve.png"))
+    assert r.returncode == 0, r.stderr
+    assert "llmopt engine" in r.stdout and "static batches of 3" in r.stdout
+    res = json.loads(out.read_text())
+    systems = [x["system"] for x in res["results"]]
+    assert len(systems) == 3 and all(x["generated_tokens"] == sum(res["workload"]["output_tokens"])
+                                     for x in res["results"])
+    engine = res["results"][2]
+    assert 0 <= engine["kv_waste"] < 0.5 and engine["tokens_per_s"] > 0 and engine["ttft_s"]["p50"] > 0
+    assert (tmp_path / "serve.png").stat().st_size > 1000
+

@@ -167,6 +167,22 @@ def test_decode_reference_is_the_last_query_over_contiguous_kv(Hq, Hk):
         torch.testing.assert_close(got[i], last[0], **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("Hq,Hk,D,bs", [(2, 2, 16, 4), (8, 2, 32, 8), (4, 1, 24, 16)])
+def test_batched_decode_matches_reference(Hq, Hk, D, bs, dtype):
+    from llmopt.serving.attention import paged_decode_torch
+
+    b = Batch(lengths_for(bs), bs, Hk, D, dtype=dtype)
+    q = randn(len(b.lengths), Hq, D, dtype=dtype)
+    got = paged_decode_torch(q, *b.args(), scale=0.5)
+    torch.testing.assert_close(got, paged_decode_reference(q, *b.args(), scale=0.5), **TOL[dtype])
+    attention._SDPA_GQA, old = False, attention._SDPA_GQA   # the repeat-the-kv-heads fallback
+    try:
+        torch.testing.assert_close(paged_decode_torch(q, *b.args(), scale=0.5), got, **TOL[dtype])
+    finally:
+        attention._SDPA_GQA = old
+
+
 # ---------------------------------------------------------------- the kernel
 
 CASES = [(Hq, Hk, D, bs) for Hq, Hk in [(2, 2), (8, 2), (4, 1)] for D, bs in [(16, 4), (32, 8), (24, 16)]]
@@ -211,16 +227,17 @@ def test_paged_decode_backends(monkeypatch):
     b = Batch(lengths_for(4), 4, 2, 16)
     q = randn(len(b.lengths), 4, 16)
     want = paged_decode_reference(q, *b.args())
-    assert torch.equal(paged_decode(q, *b.args(), backend="torch"), want)
-    assert torch.equal(paged_decode(q, *b.args(), scale=16 ** -0.5, backend="torch"), want)  # the default scale
+    batched = paged_decode(q, *b.args(), backend="torch")                 # paged_decode_torch
+    torch.testing.assert_close(batched, want, **TOL[torch.float32])
+    assert torch.equal(paged_decode(q, *b.args(), scale=16 ** -0.5, backend="torch"), batched)  # default scale
     torch.testing.assert_close(paged_decode(q, *b.args(), backend="triton"), want, **TOL[torch.float32])
 
     def boom(*args, **kwargs):
         raise AssertionError("the kernel was launched")
 
     monkeypatch.setattr(attention, "paged_decode_triton", boom)
-    if DEVICE == "cpu":  # auto keeps CPU tensors on the reference
-        assert torch.equal(paged_decode(q, *b.args()), want)
+    if DEVICE == "cpu":  # auto keeps CPU tensors on the batched reference
+        assert torch.equal(paged_decode(q, *b.args()), batched)
     with pytest.raises(AssertionError, match="kernel was launched"):
         paged_decode(q, *b.args(), backend="triton")
 

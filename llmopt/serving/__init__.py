@@ -13,7 +13,7 @@ with vLLM's API.
   vLLM's names, so `from llmopt.serving import LLM, SamplingParams` runs code written for vLLM.
 """
 from .block_manager import Block, BlockManager, NoFreeBlocks
-from .engine import CompletionOutput, EngineStats, LLMEngine, RequestOutput
+from .engine import CompletionOutput, EngineStats, LLMEngine, RequestOutput, generate_fn
 from .llm import LLM, load_llm
 from .runner import ModelRunner, kv_bytes_per_token
 from .sampling import SamplingParams, sample
@@ -22,4 +22,4 @@ from .sequence import Sequence, SequenceStatus
 
 __all__ = ["Block", "BlockManager", "CompletionOutput", "EngineStats", "LLM", "LLMEngine", "ModelRunner",
            "NoFreeBlocks", "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "SequenceStatus",
-           "kv_bytes_per_token", "load_llm", "sample"]
+           "generate_fn", "kv_bytes_per_token", "load_llm", "sample"]

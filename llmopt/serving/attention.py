@@ -179,6 +179,25 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scal
     return out
 
 
+def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None):
+    """The reference in one batched step, what `paged_decode` runs without the kernel: gather every
+    sequence's blocks into one padded (B, max_blocks * block_size) K/V tensor, mask the keys past each
+    context, one SDPA. Runs in q's dtype. Returns (B, Hq, D)."""
+    group = _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    B, width = block_tables.shape
+    _, block_size, Hk, D = k_cache.shape
+    k = k_cache[block_tables.long()].reshape(B, width * block_size, Hk, D).transpose(1, 2).to(q.dtype)
+    v = v_cache[block_tables.long()].reshape(B, width * block_size, Hk, D).transpose(1, 2).to(q.dtype)
+    mask = torch.arange(width * block_size, device=q.device)[None, :] < context_lens[:, None]
+    mask = mask[:, None, None, :]                       # (B, 1, 1, keys): broadcast over heads and the query
+    if _SDPA_GQA:
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+    else:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale)
+    return out[:, :, 0]
+
+
 # ---------------------------------------------------------------- kernel
 
 @triton.jit
@@ -259,7 +278,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float |
                  backend: str = "auto"):
     """Decode attention over the paged cache: q (B, Hq, D) -> (B, Hq, D). scale defaults to head_dim ** -0.5.
 
-    backend: "triton" (the kernel), "torch" (the reference), "auto" (the kernel on a GPU)."""
+    backend: "triton" (the kernel), "torch" (the batched reference, `paged_decode_torch`), "auto" (the
+    kernel on a GPU)."""
     if use_triton(q, backend):
         return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -155,7 +155,7 @@ def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: in
     model.eval()
     stream = data.token_stream("test", tok)
     reqs = chat_workload(n, stream, seed, prompt_range, output_range, shared_prefix)
-    engine_kw.setdefault("max_num_seqs", max(batch_size, 32))
+    engine_kw.setdefault("max_num_seqs", batch_size)   # the same batch size as the static batches
     out = {"model": model_name or models.default_model(), "device": str(next(model.parameters()).device),
            "dtype": str(next(model.parameters()).dtype), "env": bench.environment(), "workload": {
                "requests": n, "prompt_tokens": [len(r.prompt_ids) for r in reqs],
@@ -167,6 +167,10 @@ def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: in
         out["results"].append(run_hf_static(model, reqs, batch_size))
     if "engine" in systems:
         out["results"].append(run_engine(model, tok, reqs, **engine_kw))
+    if "engine-no-prefix-cache" in systems:
+        r = run_engine(model, tok, reqs, **{**engine_kw, "enable_prefix_caching": False})
+        r["system"] += ", no prefix caching"
+        out["results"].append(r)
     return out
 
 
@@ -175,11 +179,12 @@ def format_results(result: dict) -> str:
     lines = [f"{result['model']} on {result['device']} ({result['dtype']}): {w['requests']} requests, prompts "
              f"{min(w['prompt_tokens'])}-{max(w['prompt_tokens'])} tokens, outputs {min(w['output_tokens'])}-"
              f"{max(w['output_tokens'])}" + (f", shared prefix {w['shared_prefix']}" if w["shared_prefix"] else ""),
-             "system | tok/s | req/s | TTFT p50 / p90 s | TPOT p50 / p90 ms | KV waste"]
+             "system | tok/s | req/s | TTFT p50 / p90 s | TPOT p50 / p90 ms | KV waste | tokens computed"]
     for r in result["results"]:
         lines.append(f"{r['system']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
                      f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p90']:.2f} | "
-                     f"{r['tpot_s']['p50'] * 1e3:.1f} / {r['tpot_s']['p90'] * 1e3:.1f} | {r['kv_waste']:.1%}")
+                     f"{r['tpot_s']['p50'] * 1e3:.1f} / {r['tpot_s']['p90'] * 1e3:.1f} | {r['kv_waste']:.1%} | "
+                     f"{r.get('computed_tokens', '-')}")
     base = result["results"][0]["tokens_per_s"]
     lines.append("throughput vs the first: " + ", ".join(f"{r['tokens_per_s'] / base:.2f}x" for r in result["results"]))
     return "\n".join(lines)
@@ -203,9 +208,9 @@ def plot_results(result: dict, path=None):
 
 
 def main(model=None, n: int = 64, batch_size: int = 16, json_path=None, plot_path=None, shared_prefix: int = 0,
-         systems=("single", "static", "engine"), seed: int = 0) -> dict:
+         systems=("single", "static", "engine"), seed: int = 0, block_size: int = 16) -> dict:
     result = serve_benchmark(model, n=n, batch_size=batch_size, shared_prefix=shared_prefix, systems=systems,
-                             seed=seed)
+                             seed=seed, block_size=block_size)
     print(format_results(result))
     if json_path:
         with open(json_path, "w") as f:

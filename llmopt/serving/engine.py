@@ -78,7 +78,8 @@ class LLMEngine:
         self.eos = _eos_ids(model, tokenizer)
         self.seed = seed
         self.stats = EngineStats()
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, Sequence] = {}     # requests not yet reported finished
+        self._pending: list[RequestOutput] = []  # finished outside a step (abort, cannot fit): next step reports
         self._generators: dict[int, torch.Generator | None] = {}
 
     # ------------------------------------------------------------------ requests
@@ -121,13 +122,15 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, detokenize: bool = True) -> list[RequestOutput]:
+        """Run one step; a `RequestOutput` for each request that got a token (its text only with
+        `detokenize` or when finished)."""
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running:
                 # nothing runs and the head of the queue cannot get blocks: it can never run
                 self._finish(self.scheduler.waiting[0], "error", "does not fit in the KV cache")
-            return []
+            return self._flush([])
         for seq, _ in batch:
             if seq.copies:
                 self.runner.copy_blocks(seq.copies)
@@ -149,12 +152,20 @@ class LLMEngine:
                 try:
                     self._append(seq, int(tokens[i]), float(chosen[i]), tops[i])
                 except Exception as e:  # one bad request must not stop the batch
-                    self._finish(seq, "error", f"{type(e).__name__}: {e}")
-                outputs.append(self._output(seq))
-        used = sum(len(s) for s in self.scheduler.running)
+                    self._finish(seq, "error", f"{type(e).__name__}: {e}", report=False)
+                outputs.append(self._output(seq, detokenize))
+        used = sum(s.num_computed_tokens for s in self.scheduler.running)
         self.stats.kv_used_slots.append(used)
         self.stats.kv_reserved_slots.append(sum(len(s.block_table) for s in self.scheduler.running)
                                             * self.blocks.block_size)
+        return self._flush(outputs)
+
+    def _flush(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        outputs = self._pending + outputs
+        self._pending = []
+        for out in outputs:
+            if out.finished:
+                self.seqs.pop(out.request_id, None)   # reported once: the engine keeps no finished requests
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: dict | None) -> None:
@@ -167,7 +178,8 @@ class LLMEngine:
         self.stats.generated_tokens += 1
         p = seq.params
         n_out = seq.num_completion_tokens
-        seq.text = self._decode(seq.completion_token_ids, p)
+        if p.stop:   # text is needed now only to look for stop strings; otherwise `_output` makes it
+            seq.text = self._decode(seq.completion_token_ids, p)
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in self.eos:
                 return self._finish(seq, "stop", None)
@@ -186,7 +198,7 @@ class LLMEngine:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None, report: bool | None = None) -> None:
         seq.finish_reason = reason
         if reason == "error":
             seq.error = stop_reason
@@ -195,9 +207,13 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq)
         self._generators.pop(seq.seq_id, None)
+        if report or (report is None and reason in ("abort", "error")):
+            self._pending.append(self._output(seq))
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence, text: bool = True) -> RequestOutput:
         done = seq.status == SequenceStatus.FINISHED
+        if (text or done) and not seq.params.stop:
+            seq.text = self._decode(seq.completion_token_ids, seq.params)
         comp = CompletionOutput(0, seq.text, seq.completion_token_ids, seq.cumulative_logprob,
                                 list(seq.logprobs) if seq.params.logprobs is not None else None,
                                 seq.finish_reason if done else None, seq.stop_reason if done else None)
@@ -208,22 +224,19 @@ class LLMEngine:
                              metrics, seq.error)
 
     def run(self, use_tqdm: bool = False) -> dict[str, RequestOutput]:
-        """Step until every queued request is finished; the last output of each, by request id."""
+        """Step until every queued request is finished; the final output of each, by request id."""
         final: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(not s.is_finished for s in self.seqs.values()), desc="requests")
-        while self.has_unfinished_requests():
-            for out in self.step():
+            bar = tqdm(total=len(self.seqs), desc="requests")
+        while self.has_unfinished_requests() or self._pending:
+            for out in self.step(detokenize=False):
                 if out.finished:
                     final[out.request_id] = out
                     if bar is not None:
                         bar.update(1)
-        for rid, seq in self.seqs.items():   # requests that ended without a step output (abort, error)
-            if rid not in final and seq.is_finished:
-                final[rid] = self._output(seq)
         if bar is not None:
             bar.close()
         return final
@@ -268,3 +281,14 @@ def _prompt_ids(prompt, tokenizer) -> tuple[str | None, list[int]]:
         return None, list(prompt)
     raise ValueError(f"prompt must be a string, a list of token ids or a dict with 'prompt' or "
                      f"'prompt_token_ids', got {type(prompt).__name__}")
+
+
+def generate_fn(engine: LLMEngine):
+    """`fn(input_ids (B, P), n)` that runs the rows as B greedy requests of exactly n tokens through
+    `engine`: the engine timed by `llmopt.bench.generation`, the same harness as HF `generate`."""
+    def fn(input_ids, max_new_tokens):
+        params = SamplingParams(temperature=0, max_tokens=max_new_tokens, ignore_eos=True)
+        ids = [engine.add_request(row.tolist(), params) for row in input_ids]
+        final = engine.run()
+        return [final[i].outputs[0].token_ids for i in ids]
+    return fn
