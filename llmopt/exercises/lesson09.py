@@ -1,0 +1,130 @@
+"""Lessons 09-10: block allocation with reference counts, attention through a block table, and one
+continuous-batching scheduler step."""
+from __future__ import annotations
+
+import torch
+
+from ._common import _call, _result
+
+
+def check_block_allocator(cls) -> bool:
+    """Exercise 9.1: cls(num_blocks) with allocate() -> block id, share(block_id) (one more table holds
+    it), free(block_id) (one fewer: back to the free pool at zero) and num_free() -> int."""
+    name = "Exercise 9.1 (block allocation with reference counts)"
+    ok, a = _call(name, cls, 4)
+    if not ok:
+        return _result(name, False, a)
+    try:
+        got = [a.allocate() for _ in range(3)]
+        if len(set(got)) != 3 or not all(0 <= b < 4 for b in got):
+            return _result(name, False, f"three allocations gave {got}: expected three different ids in [0, 4)")
+        if a.num_free() != 1:
+            return _result(name, False, f"4 blocks, 3 allocated: num_free() should be 1, got {a.num_free()}")
+        a.share(got[0])                      # a prefix shared by a second sequence
+        a.free(got[0])                       # the first sequence finishes
+        if a.num_free() != 1:
+            return _result(name, False, "a shared block went back to the pool when one of its two holders freed "
+                                        "it: count the holders, free at zero")
+        a.free(got[0])
+        if a.num_free() != 2:
+            return _result(name, False, "a block freed by its last holder must return to the pool")
+        again = {a.allocate(), a.allocate()}
+        if got[0] not in again or got[1] in again or got[2] in again:
+            return _result(name, False, f"after freeing block {got[0]}, two allocations gave {sorted(again)}: "
+                                        "a block still in use was handed out, or a free one was lost")
+        if a.num_free() != 0:
+            return _result(name, False, f"all 4 blocks in use: num_free() should be 0, got {a.num_free()}")
+        try:
+            a.allocate()
+        except Exception:  # any error is right: the pool is empty
+            pass
+        else:
+            return _result(name, False, "allocate() on an empty pool must raise, not hand out a used block")
+    except NotImplementedError:
+        return _result(name, False, "not attempted yet (the rest of the notebook uses llmopt's version)")
+    except Exception as e:
+        return _result(name, False, f"raised {type(e).__name__}: {e}")
+    return _result(name, True, "blocks are shared by counting their holders and reused the moment the last one "
+                               "lets go: what lets prefix caching and forks share memory safely")
+
+
+def check_paged_attention(fn) -> bool:
+    """Exercise 9.2: fn(q (Hq, D), k_cache, v_cache (num_blocks, block_size, Hk, D), block_table (list of
+    ids), context_len) -> (Hq, D): softmax(q k^T / sqrt(D)) v over the sequence's first context_len
+    positions, read through the block table; query head h uses kv head h // (Hq // Hk)."""
+    from ..serving.attention import paged_decode_reference
+
+    name = "Exercise 9.2 (attention through a block table)"
+    g = torch.Generator().manual_seed(0)
+    for Hq, Hk, D, bs, n, table in ((2, 2, 8, 4, 7, [5, 1]), (4, 2, 16, 4, 10, [3, 0, 6]),
+                                    (4, 1, 8, 8, 8, [2]), (8, 2, 16, 2, 5, [7, 2, 4, 1])):
+        kc = torch.randn(8, bs, Hk, D, generator=g)
+        vc = torch.randn(8, bs, Hk, D, generator=g)
+        q = torch.randn(Hq, D, generator=g)
+        want = paged_decode_reference(q[None], kc, vc, torch.tensor([table]), torch.tensor([n]))[0]
+        what = f"Hq={Hq}, Hk={Hk}, block_size={bs}, {n} tokens in blocks {table}"
+        ok, got = _call(name, fn, q.clone(), kc.clone(), vc.clone(), list(table), n)
+        if not ok:
+            return _result(name, False, got)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return _result(name, False, f"expected a ({Hq}, {D}) tensor for {what}")
+        if torch.allclose(got.float(), want, atol=1e-5):
+            continue
+        contiguous = list(range(len(table)))
+        if torch.allclose(got.float(), paged_decode_reference(q[None], kc, vc, torch.tensor([contiguous]),
+                                                              torch.tensor([n]))[0], atol=1e-5):
+            return _result(name, False, f"you read blocks 0, 1, ... instead of the block table's ids ({what})")
+        longer = min(n + 1, len(table) * bs)
+        if longer != n and torch.allclose(got.float(), paged_decode_reference(
+                q[None], kc, vc, torch.tensor([table]), torch.tensor([longer]))[0], atol=1e-5):
+            return _result(name, False, f"one position too many: attend to exactly context_len keys ({what})")
+        return _result(name, False, f"max |error| {(got.float() - want).abs().max().item():.3g} for {what} "
+                                    "(GQA: query head h reads kv head h // (Hq // Hk))")
+    return _result(name, True, "keys and values scattered over blocks read in the table's order: attention "
+                               "needs no contiguous KV buffer")
+
+
+def check_scheduler_step(fn) -> bool:
+    """Exercise 10.1: fn(running, waiting, max_num_seqs, max_num_batched_tokens) -> [(seq_id, n_tokens)].
+    running: [(seq_id, tokens still to compute)] (1 for a decoding sequence, more mid-prefill), waiting:
+    [(seq_id, prompt_len)]. Running first, in order; then waiting ones join in order while the token
+    budget lasts and fewer than max_num_seqs run; a prompt bigger than what is left is chunked."""
+    from ..serving import BlockManager, SamplingParams, Scheduler, Sequence
+
+    name = "Exercise 10.1 (one scheduler step)"
+    cases = [([(0, 1), (1, 1)], [(2, 5), (3, 7)], 4, 100), ([(0, 1), (1, 30)], [(2, 9)], 8, 20),
+             ([(0, 1)], [(1, 50), (2, 3)], 8, 16), ([(0, 1), (1, 1), (2, 1)], [(3, 4), (4, 4)], 4, 64),
+             ([], [(0, 10), (1, 10), (2, 10)], 2, 64), ([(0, 12)], [(1, 3)], 4, 12)]
+    for running, waiting, max_seqs, budget in cases:
+        sched = Scheduler(BlockManager(256, 4), max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+        seqs = {}
+        for sid, left in running:   # a running sequence with `left` tokens still to compute
+            s = Sequence(list(range(1, 41)), SamplingParams())
+            sched.blocks.allocate(s)
+            s.num_computed_tokens = len(s) - left
+            s.status = s.status.RUNNING
+            sched.running.append(s)
+            seqs[s.seq_id] = sid
+        for sid, n in waiting:
+            s = Sequence([100 + sid] * n, SamplingParams())
+            sched.add(s)
+            seqs[s.seq_id] = sid
+        want = [(seqs[s.seq_id], n) for s, n in sched.schedule()]
+        what = f"running {running}, waiting {waiting}, max_num_seqs={max_seqs}, max_num_batched_tokens={budget}"
+        ok, got = _call(name, fn, list(running), list(waiting), max_seqs, budget)
+        if not ok:
+            return _result(name, False, got)
+        try:
+            got = [(int(a), int(b)) for a, b in got]
+        except (TypeError, ValueError):
+            return _result(name, False, "return a list of (seq_id, n_tokens) pairs")
+        if got == want:
+            continue
+        if sum(n for _, n in got) > budget:
+            return _result(name, False, f"the step runs {sum(n for _, n in got)} tokens, over the budget of {budget} "
+                                        f"({what})")
+        if len(got) > max_seqs:
+            return _result(name, False, f"{len(got)} sequences in one step, over max_num_seqs={max_seqs} ({what})")
+        return _result(name, False, f"got {got}, expected {want} for {what}")
+    return _result(name, True, "running sequences keep decoding while new ones join as the budget allows: "
+                               "continuous batching, with long prompts split into chunks")
