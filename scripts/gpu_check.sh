@@ -21,3 +21,7 @@ $PY scripts/bench_moe.py models 2>&1 | tee "$OUT/moe_models.txt"
 # lesson 08: every kernel vs eager and torch.compile at 7B sizes, then fused / W4-fused decode of a
 # TinyLlama-1.1B-shaped random model vs the model as loaded (bf16)
 $PY -m llmopt.cli bench kernels --e2e --model tinyllama-1.1b-random --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+# lessons 09-10: the engine against HF generate on a TinyLlama-shaped model, batch 32 (the tour above
+# also has the engine's batch-1 row against the bandwidth floor)
+$PY -m llmopt.cli bench serve --model tinyllama-1.1b-random --batch-size 32 --requests 128 --json "$OUT/serve.json" \
+    --plot "$OUT/serve.png" 2>&1 | tee "$OUT/serve.txt"
