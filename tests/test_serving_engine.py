@@ -161,6 +161,7 @@ def test_bad_input_is_a_clear_error(model_tok):
     engine = LLMEngine(model, tok, num_kv_blocks=64)
     for kwargs, field in ((dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
                           (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"),
+                          (dict(top_k=0), "top_k"),
                           (dict(n=2), "n")):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
@@ -214,3 +215,49 @@ def test_scheduler_never_exceeds_its_budgets():
             bm.check()
         assert not sched.has_unfinished(), f"trial {trial} did not drain"
         assert bm.num_free_blocks() == bm.num_blocks
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_models(arch, model_tok):
+    """Mistral (same blocks), Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms) through the runner."""
+    import transformers
+
+    _, tok = model_tok
+    common = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = {"mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
+              "qwen2": lambda: transformers.Qwen2Config(**common),
+              "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16)}[arch]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():   # random biases and norm weights, so a path that skipped them would show
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    reqs = workload(6, 4096, seed=6, max_prompt=40, max_new=8)
+    outs = run_engine(LLMEngine(model, tok, num_kv_blocks=64, block_size=4), reqs)
+    for (prompt, n), out in zip(reqs, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
+
+
+def test_a_failing_request_ends_alone(model_tok, monkeypatch):
+    model, tok = model_tok
+    engine = LLMEngine(model, tok, num_kv_blocks=64)
+    ids = [engine.add_request([5, 6, 7, 8 + i], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                                stop=["zz"] if i == 1 else None)) for i in range(3)]
+    real = engine._decode
+
+    def decode(token_ids, params):
+        if params.stop:            # the one request that looks for stop strings breaks while doing so
+            raise RuntimeError("detokenizer broke")
+        return real(token_ids, params)
+
+    monkeypatch.setattr(engine, "_decode", decode)
+    final = engine.run()
+    assert final[ids[1]].finished and final[ids[1]].outputs[0].finish_reason == "error"
+    assert "detokenizer broke" in final[ids[1]].error
+    for i in (0, 2):
+        assert final[ids[i]].outputs[0].finish_reason == "length" and len(final[ids[i]].outputs[0].token_ids) == 6
+    assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks

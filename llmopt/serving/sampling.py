@@ -17,7 +17,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1                  # -1 or 0: no top-k (vLLM accepts both)
+    top_k: int = -1                  # -1: no top-k
     min_p: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16      # None: until the context is full
@@ -36,8 +36,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive int, got {self.top_k!r}")
+        if self.top_k < -1 or self.top_k == 0:
+            raise ValueError(f"top_k must be -1 (disabled) or a positive int, got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
