@@ -98,3 +98,21 @@ def pick_config(key, candidates: list[dict], launch) -> dict:
     times = [do_bench(lambda c=c: launch(**c), warmup=5, rep=20) for c in candidates]
     _best[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
     return _best[key]
+
+
+def output_buffer(out, like: torch.Tensor, shape=None) -> torch.Tensor:
+    """`out` checked to be a contiguous tensor of `like`'s dtype and `shape` (default: like's), or a new one."""
+    shape = tuple(like.shape if shape is None else shape)
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != shape or out.dtype != like.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {shape}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def check_block(block: int) -> int:
+    if block != next_power_of_2(block):
+        raise ValueError(f"block must be a power of 2, got {block}")
+    return block
+

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import next_power_of_2, tl, triton, use_triton
+from .common import check_block, next_power_of_2, output_buffer, tl, triton, use_triton
 
 
 def softmax_reference(x):
@@ -55,14 +55,8 @@ def _softmax_kernel(x_ptr, out_ptr, N, stride_x, stride_out, BLOCK: tl.constexpr
 def softmax_triton(x, out=None, block=None):
     """The kernel; same contract as `softmax_reference`. `block`: columns per loop step (a power of 2)."""
     N = x.shape[-1]
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
-    block = block or min(next_power_of_2(N), 4096)
-    if block != next_power_of_2(block):
-        raise ValueError(f"block must be a power of 2, got {block}")
+    out = output_buffer(out, x)
+    block = check_block(block or min(next_power_of_2(N), 4096))
     if x.numel():
         if x.stride(-1) != 1:
             x = x.contiguous()

@@ -14,10 +14,9 @@ rounding only.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from .common import next_power_of_2, tl, triton, use_triton
+from .common import check_block, next_power_of_2, output_buffer, tl, triton, use_triton
 
 
 def swiglu_reference(gate, up):
@@ -53,14 +52,8 @@ def swiglu_triton(gate, up, out=None, block=None):
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     N = gate.shape[-1]
-    if out is None:
-        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    elif out.shape != gate.shape or out.dtype != gate.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {gate.dtype} tensor of shape {tuple(gate.shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
-    block = block or min(next_power_of_2(N), 1024)
-    if block != next_power_of_2(block):
-        raise ValueError(f"block must be a power of 2, got {block}")
+    out = output_buffer(out, gate)
+    block = check_block(block or min(next_power_of_2(N), 1024))
     if gate.numel():
         g2, u2, o2 = _rows(gate, N), _rows(up, N), out.view(-1, N)
         # rows on grid axis 0 (up to 2**31 - 1 programs); axis 1 is capped at 65535 on CUDA

@@ -56,13 +56,19 @@ GEMM_CONFIGS = [
 
 # --------------------------------------------------------------------------- reference (the spec)
 
-def dequantize_int4(qweight, scales, zeros, group_size, dtype=torch.float32) -> torch.Tensor:
-    """The (N, K) weight in `dtype`, computed in float32 exactly as `QuantLinear.dequantized_weight`."""
-    codes = packing.unpack(qweight, 4).float()
+def dequantize_codes(codes, scales, zeros, group_size, symmetric_zero: float, dtype=torch.float32) -> torch.Tensor:
+    """(codes - zero) * scale per group, in float32 exactly as `QuantLinear.dequantized_weight`, then `dtype`;
+    `symmetric_zero` is the zero of codes stored without zero points (8 for INT4's shifted codes, 0 for INT8)."""
+    codes = codes.float()
     group = codes.shape[1] if group_size is None else group_size
     scale = scales.float().repeat_interleave(group, dim=1)
-    zero = 8.0 if zeros is None else zeros.float().repeat_interleave(group, dim=1)
+    zero = symmetric_zero if zeros is None else zeros.float().repeat_interleave(group, dim=1)
     return ((codes - zero) * scale).to(dtype)
+
+
+def dequantize_int4(qweight, scales, zeros, group_size, dtype=torch.float32) -> torch.Tensor:
+    """The (N, K) weight in `dtype` from the packed nibbles."""
+    return dequantize_codes(packing.unpack(qweight, 4), scales, zeros, group_size, 8.0, dtype)
 
 
 def w4a16_reference(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import next_power_of_2, pick_config, tl, triton, use_triton
-from .w4a16 import GEMV_MAX_M, _check_2d, _check_args, _dequantize, _launch, _output
+from .w4a16 import GEMV_MAX_M, _check_2d, _check_args, _dequantize, _launch, _output, dequantize_codes
 
 # One byte per code: a step of BLOCK_K codes reads as many bytes as W4's 2 * BLOCK_K; the first runs on CPU.
 GEMV_CONFIGS = [
@@ -31,11 +31,7 @@ GEMV_CONFIGS = [
 
 def dequantize_int8(qweight, scales, zeros, group_size, dtype=torch.float32) -> torch.Tensor:
     """The (N, K) weight in `dtype`, computed in float32 exactly as `QuantLinear.dequantized_weight`."""
-    codes = qweight.float()
-    group = codes.shape[1] if group_size is None else group_size
-    scale = scales.float().repeat_interleave(group, dim=1)
-    zero = 0.0 if zeros is None else zeros.float().repeat_interleave(group, dim=1)
-    return ((codes - zero) * scale).to(dtype)
+    return dequantize_codes(qweight, scales, zeros, group_size, 0.0, dtype)
 
 
 def w8a16_reference(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
