@@ -261,3 +261,12 @@ def test_a_failing_request_ends_alone(model_tok, monkeypatch):
     for i in (0, 2):
         assert final[ids[i]].outputs[0].finish_reason == "length" and len(final[ids[i]].outputs[0].token_ids) == 6
     assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
+
+
+def test_llm_by_name_and_load_llm_falls_back_without_vllm_or_gpu():
+    from llmopt.serving import load_llm
+
+    llm = load_llm("tiny-random", prefer_vllm=True, max_num_seqs=4, dtype=torch.float32)   # no GPU here: ours
+    assert isinstance(llm, LLM) and llm.engine.scheduler.max_num_seqs == 4
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out) == 1 and out[0].prompt_token_ids == [5, 6, 7] and len(out[0].outputs[0].token_ids) == 3
