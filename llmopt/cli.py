@@ -1,5 +1,6 @@
 """The `llmopt` command: `llmopt tour` (measure a model), `llmopt train` (the bundled model) and
-`llmopt bench kernels` (the Triton kernels of lesson 08), `llmopt bench serve` (the engine, lessons 09-10).
+`llmopt bench kernels` (the Triton kernels of lesson 08), `llmopt bench serve` (the engine, lessons 09-10),
+`llmopt serve` (an OpenAI-compatible server) and `llmopt bench http` (that server under concurrent clients).
 
 Bad arguments and load errors print one line (`llmopt: error: ...`) and exit with status 2.
 """
@@ -37,6 +38,12 @@ def _bench(args):
 
         main(args.device, args.json, compile=not args.no_compile, only=tuple(args.only), repeats=args.repeats,
              e2e=args.e2e, model=args.model)
+    elif args.what == "http":
+        from .serving.http_bench import main
+
+        if args.requests < 1 or args.concurrency < 1:
+            raise ValueError("--requests and --concurrency must be >= 1")
+        main(args.model, n=args.requests, concurrency=args.concurrency, json_path=args.json)
     else:
         from .serving.bench import main
 
@@ -44,6 +51,15 @@ def _bench(args):
             raise ValueError("--requests and --batch-size must be >= 1")
         main(args.model, n=args.requests, batch_size=args.batch_size, json_path=args.json, plot_path=args.plot,
              shared_prefix=args.shared_prefix, systems=tuple(args.systems), block_size=args.block_size)
+
+
+def _serve(args):
+    from .serving.server import serve
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    serve(args.model, host=args.host, port=args.port, max_queue=args.max_queue, request_timeout=args.request_timeout,
+          max_num_seqs=args.max_num_seqs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("bench", help="benchmarks: `kernels` times the Triton kernels (lesson 08), `serve` the "
                        "engine against HF generate (lessons 09-10)")
-    t.add_argument("what", choices=["kernels", "serve"])
+    t.add_argument("what", choices=["kernels", "serve", "http"])
     t.add_argument("--device", default=None, help="default: cuda if present, else cpu (correctness checks only)")
     t.add_argument("--json", default=None, help="also write the results to this JSON file")
     t.add_argument("--only", nargs="*", default=[], help="kernel names to keep (e.g. rmsnorm w4a16)")
@@ -88,12 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "tinyllama-1.1b-random for a 1.1B-shaped random model)")
     t.add_argument("--requests", type=int, default=64, help="serve: number of requests")
     t.add_argument("--batch-size", type=int, default=16, help="serve: HF static batch size")
+    t.add_argument("--concurrency", type=int, default=32, help="http: concurrent clients")
     t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
     t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
                    choices=["single", "static", "engine", "engine-no-prefix-cache"], help="serve: which servers to run")
     t.add_argument("--block-size", type=int, default=16, help="serve: KV block size of the engine")
     t.add_argument("--plot", default=None, help="serve: write the plot here")
     t.set_defaults(func=_bench)
+
+    t = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine (lesson 11)")
+    t.add_argument("--model", default=None, help="bundled name, local directory or hub id")
+    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--port", type=int, default=8000)
+    t.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine runs at once")
+    t.add_argument("--max-queue", type=int, default=256, help="requests held at once; more get 429")
+    t.add_argument("--request-timeout", type=float, default=600, help="seconds before a request gets 504")
+    t.set_defaults(func=_serve)
     return p
 
 

@@ -118,7 +118,8 @@ class LLMEngine:
             self._finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still running or queued, or finished ones (aborted) whose output is not yet reported."""
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     # ------------------------------------------------------------------ one step
 
@@ -231,7 +232,7 @@ class LLMEngine:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.seqs), desc="requests")
-        while self.has_unfinished_requests() or self._pending:
+        while self.has_unfinished_requests():
             for out in self.step(detokenize=False):
                 if out.finished:
                     final[out.request_id] = out

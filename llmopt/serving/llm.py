@@ -77,6 +77,7 @@ class LLM:
         except ValueError:
             for rid in ids:   # all or nothing: a bad prompt rejects the call before anything runs
                 self.engine.abort_request(rid)
+            self.engine.run()  # report (and forget) the aborted ones
             raise
         final = self.engine.run(use_tqdm=use_tqdm)
         return [final[rid] for rid in ids]

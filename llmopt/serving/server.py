@@ -1,0 +1,306 @@
+"""`llmopt serve`: an OpenAI-compatible HTTP server on the engine (FastAPI + uvicorn).
+
+    llmopt serve --model tinypy --port 8000
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.completions.create(model="tinypy", prompt="def add(a, b):", max_tokens=30)
+
+Endpoints: `/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions` (with `stream: true`
+as server-sent events). The engine steps in its own thread (`AsyncEngine`) while requests arrive;
+each request gets a queue its outputs are pushed to. Faults answer with OpenAI's error body:
+bad JSON or fields 400, an unknown model 404, a full queue 429, a request past its deadline 504; a
+client that disconnects has its request aborted, which frees its KV blocks at once.
+"""
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from .engine import LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "max_tokens", "logprobs", "ignore_eos",
+                   "min_tokens", "stop_token_ids")
+
+
+class Busy(Exception):
+    """The server's queue is full (answered 429)."""
+
+
+class AsyncEngine:
+    """The engine in a background thread. `submit` hands a request to it through an inbox and returns
+    an asyncio.Queue that receives the request's `RequestOutput`s (the last one `finished`), or a
+    ValueError if the engine rejects it; `abort` cancels one. The event loop never waits for a step."""
+
+    def __init__(self, engine: LLMEngine, max_queue: int = 256):
+        self.engine, self.max_queue = engine, max_queue
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.work = threading.Event()
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="llmopt-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt, params: SamplingParams) -> tuple[str, asyncio.Queue]:
+        if len(self.streams) + self.inbox.qsize() >= self.max_queue:
+            raise Busy(f"the server holds {self.max_queue} requests, its limit (--max-queue)")
+        rid, q = f"cmpl-{uuid.uuid4().hex}", asyncio.Queue()
+        self.inbox.put(("add", rid, prompt, params, asyncio.get_running_loop(), q))
+        self.work.set()
+        return rid, q
+
+    def abort(self, rid: str) -> None:
+        self.inbox.put(("abort", rid))   # the engine thread frees its KV blocks on its next turn
+        self.work.set()
+
+    def _take_inbox(self):
+        while not self.inbox.empty():
+            msg = self.inbox.get()
+            if msg[0] == "abort":
+                self.engine.abort_request(msg[1])
+                self.streams.pop(msg[1], None)
+                continue
+            _, rid, prompt, params, loop, q = msg
+            try:
+                self.engine.add_request(prompt, params, request_id=rid)
+            except ValueError as e:
+                loop.call_soon_threadsafe(q.put_nowait, e)
+            else:
+                self.streams[rid] = (loop, q)
+
+    def _loop(self):
+        while self.running:
+            self._take_inbox()
+            if not self.engine.has_unfinished_requests():
+                self.work.wait(0.05)
+                self.work.clear()
+                continue
+            for out in self.engine.step():
+                target = self.streams.get(out.request_id)
+                if target is not None:
+                    loop, q = target
+                    loop.call_soon_threadsafe(q.put_nowait, out)
+                    if out.finished:
+                        del self.streams[out.request_id]
+
+    def close(self):
+        self.running = False
+        self.work.set()
+        self.thread.join(timeout=5)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The model's chat template when it has one, else a plain one for the bundled (code) model."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user",
+                                                                                            "assistant")
+            for m in messages):
+        raise ValueError("messages must be a non-empty list of {role: system|user|assistant, content: str}")
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    parts = [f"# {m['role']}:\n{m['content']}\n" for m in messages]
+    return "".join(parts) + "# assistant:\n"
+
+
+def sampling_params(body: dict) -> SamplingParams:
+    if body.get("n", 1) != 1:
+        raise ValueError("n must be 1")
+    kw = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+        kw["max_tokens"] = body["max_completion_tokens"]
+    if isinstance(kw.get("logprobs"), bool):   # chat: logprobs=true with top_logprobs=k
+        kw["logprobs"] = body.get("top_logprobs") or 0 if kw["logprobs"] else None
+    try:
+        return SamplingParams(**kw)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+
+def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_timeout: float = 600.0):
+    """The FastAPI app serving `engine` under the name `model_name`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    state = {"engine": None}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        if state["engine"] is not None:
+            state["engine"].close()
+
+    app = FastAPI(title="llmopt serve", lifespan=lifespan)
+
+    def async_engine() -> AsyncEngine:
+        if state["engine"] is None:
+            state["engine"] = AsyncEngine(engine, max_queue)
+        return state["engine"]
+
+    app.state.async_engine = async_engine
+
+    def fail(status: int, message: str, kind="invalid_request_error", param=None, code=None):
+        return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+    @app.get("/health")
+    def health():
+        blocks = engine.blocks
+        return {"status": "ok", "requests": len(state["engine"].streams) if state["engine"] else 0,
+                "kv_blocks_in_use": blocks.num_blocks - blocks.num_free_blocks(), "kv_blocks": blocks.num_blocks}
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "llmopt"}]}
+
+    async def handle(request: Request, chat: bool):
+        try:
+            body = await request.json()
+        except Exception:
+            return fail(400, "the request body is not valid JSON")
+        if not isinstance(body, dict):
+            return fail(400, "the request body must be a JSON object")
+        if body.get("model") not in (None, model_name):
+            return fail(404, f"the model {body.get('model')!r} does not exist; this server has {model_name!r}",
+                        param="model", code="model_not_found")
+        try:
+            if chat:
+                prompt = chat_prompt(engine.tokenizer, body.get("messages"))
+            else:
+                prompt = body.get("prompt")
+                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                    prompt = prompt[0]
+                if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int)
+                                                                                       for t in prompt))):
+                    raise ValueError("prompt must be a string or a list of token ids (one prompt per request)")
+            params = sampling_params(body)
+            rid, outputs = async_engine().submit(prompt, params)
+        except Busy as e:
+            return fail(429, str(e), kind="rate_limit_error")
+        except ValueError as e:
+            return fail(400, str(e))
+        created, stream = int(time.time()), bool(body.get("stream"))
+        deadline = time.monotonic() + float(body.get("timeout", request_timeout))
+        obj = "chat.completion" if chat else "text_completion"
+        held = []   # an output taken early, to see whether the engine accepted the request
+
+        async def next_output():
+            if held:
+                return held.pop()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(outputs.get(), timeout=left)
+
+        try:
+            first_item = await next_output()
+        except asyncio.TimeoutError:
+            async_engine().abort(rid)
+            return fail(504, "the request passed its deadline", kind="timeout")
+        except asyncio.CancelledError:
+            async_engine().abort(rid)
+            raise
+        if isinstance(first_item, ValueError):   # rejected by the engine (empty prompt, too long, ...)
+            return fail(400, str(first_item))
+        held.append(first_item)
+
+        def usage(out: RequestOutput):
+            n_out = len(out.outputs[0].token_ids)
+            return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": n_out,
+                    "total_tokens": len(out.prompt_token_ids) + n_out}
+
+        if not stream:
+            try:
+                while True:
+                    out = await next_output()
+                    if out.finished:
+                        break
+            except asyncio.TimeoutError:
+                async_engine().abort(rid)
+                return fail(504, "the request passed its deadline", kind="timeout")
+            except asyncio.CancelledError:
+                async_engine().abort(rid)
+                raise
+            if out.error:
+                return fail(500, out.error, kind="server_error")
+            c = out.outputs[0]
+            choice = {"index": 0, "finish_reason": c.finish_reason, "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+            else:
+                choice["text"] = c.text
+            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
+                    "usage": usage(out)}
+
+        async def events():
+            sent = 0
+            chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+            try:
+                if chat:
+                    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name,
+                                "choices": [first]})
+                while True:
+                    if await request.is_disconnected():
+                        async_engine().abort(rid)
+                        return
+                    try:
+                        out = await asyncio.wait_for(next_output(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if time.monotonic() >= deadline:
+                            async_engine().abort(rid)
+                            yield _sse(error_body("the request passed its deadline", "timeout"))
+                            return
+                        continue
+                    c = out.outputs[0]
+                    delta, sent = c.text[sent:], len(c.text)
+                    finish = c.finish_reason if out.finished else None
+                    choice = {"index": 0, "finish_reason": finish}
+                    if chat:
+                        choice["delta"] = {"content": delta} if delta else {}
+                    else:
+                        choice.update(text=delta, logprobs=None)
+                    if delta or out.finished:
+                        yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name,
+                                    "choices": [choice]})
+                    if out.finished:
+                        yield "data: [DONE]\n\n"
+                        return
+            except asyncio.CancelledError:   # the client went away: free its blocks now
+                async_engine().abort(rid)
+                raise
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def serve(model=None, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256, request_timeout: float = 600,
+          **engine_kw):
+    """Load `model` and serve it until interrupted (what `llmopt serve` runs)."""
+    import uvicorn
+
+    from .. import models
+
+    m, tok = models.load(model)
+    name = str(model or models.default_model())
+    app = build_app(LLMEngine(m, tok, **engine_kw), name, max_queue, request_timeout)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

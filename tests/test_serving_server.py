@@ -1,0 +1,155 @@
+"""`llmopt serve`: the official `openai` client against the server, streaming, every fault with its
+status and OpenAI-style error body, a disconnect freeing its blocks, and the HTTP bench's checks."""
+import json
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from llmopt.serving import LLM, LLMEngine, SamplingParams  # noqa: E402
+from llmopt.serving.http_bench import BackgroundServer  # noqa: E402
+from llmopt.serving.server import build_app  # noqa: E402
+
+NAME = "tinypy"
+
+
+@pytest.fixture(scope="module")
+def server(bundled):
+    model, tok = bundled
+    app = build_app(LLMEngine(model, tok, num_kv_blocks=256, max_num_seqs=8), NAME, max_queue=4,
+                    request_timeout=60)
+    with BackgroundServer(app) as s:
+        s.app = app
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def reference_text(bundled, prompt, n):
+    model, tok = bundled
+    out = LLM(model=model, tokenizer=tok).generate([prompt], SamplingParams(temperature=0, max_tokens=n,
+                                                                            ignore_eos=True))
+    return out[0].outputs[0].text
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_completion_round_trip_equals_the_engine(client, bundled):
+    prompt = "def add(a, b):"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == reference_text(bundled, prompt, 12)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length" and len({c.id for c in chunks}) == 1
+
+
+def test_chat_completion_and_stream(client):
+    msgs = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A function that adds."}]
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    s = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in s)
+    assert text == r.choices[0].message.content
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ("{not json", 400, "not valid JSON"),
+    ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+    ({"model": NAME, "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": NAME, "prompt": "x", "top_p": 2}, 400, "top_p"),
+    ({"model": NAME, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": NAME, "prompt": "x", "n": 2}, 400, "n must be 1"),
+    ({"model": NAME, "prompt": ""}, 400, "empty"),
+    ({"model": NAME, "prompt": [7] * 5000}, 400, "max_model_len"),
+    ({"model": NAME, "prompt": 3}, 400, "prompt must be"),
+    ({"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+])
+def test_faults_get_openai_error_bodies(server, body, status, needle):
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server.url}{path}", content=data, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"]
+
+
+def test_openai_client_sees_the_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=-1)
+
+
+def _held(server):
+    return httpx.get(f"{server.url}/health").json()
+
+
+def _wait_idle(server, seconds=10):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        h = _held(server)
+        if h["requests"] == 0 and h["kv_blocks_in_use"] == 0:
+            return h
+        time.sleep(0.05)
+    raise AssertionError(f"the server still holds requests or blocks: {_held(server)}")
+
+
+def test_disconnect_mid_stream_frees_the_blocks(server):
+    body = {"model": NAME, "prompt": "def main():", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                held = _held(server)             # mid-stream: the request holds its blocks
+                break                            # then hang up (httpx closes the connection)
+    assert held["requests"] == 1 and held["kv_blocks_in_use"] > 0
+    _wait_idle(server)                           # aborted: every block is free again
+
+
+def test_full_queue_answers_429_and_deadline_504(server):
+    long = {"model": NAME, "prompt": "import os", "max_tokens": 600, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    streams = [httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=30) for _ in range(4)]
+    opened = [s.__enter__() for s in streams]     # the queue limit is 4: all held
+    try:
+        lines = [r.iter_lines() for r in opened]   # kept alive: dropping one closes its connection
+        for it in lines:
+            next(it)
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
+    _wait_idle(server)
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 900,
+                                                         "ignore_eos": True, "timeout": 0.2}, timeout=30)
+    assert r.status_code == 504 and "deadline" in r.json()["error"]["message"]
+    _wait_idle(server)
+
+
+def test_http_bench_loses_nothing():
+    from llmopt.serving.http_bench import http_benchmark
+
+    r = http_benchmark("tinypy", n=12, concurrency=4, prompt_range=(16, 64), output_range=(4, 16), compare=False)
+    assert r["answered"] == 12 and r["duplicate_ids"] == 0 and not r["failed"]
+    assert r["kv_blocks_in_use_after"] == 0 and r["tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0
+
+
+def test_serve_cli_rejects_a_bad_port():
+    from llmopt.cli import main
+
+    assert main(["serve", "--port", "0"]) == 2
