@@ -113,30 +113,27 @@ async def _client_run(url: str, model: str, reqs, concurrency: int, timeout: flo
                 end = time.perf_counter()
                 ok = resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] == "length"
                 results[i] = {"ok": ok, "id": resp.json().get("id") if ok else None, "ttft": None,
-                              "latency": end - start, "total": end - t0, "text": ""}
+                              "latency": end - start, "total": end - t0}
                 return
-            first, ids, finish, done, text = None, set(), None, False, ""
+            first, head, last, done = None, None, None, False
             async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
                     results[i] = {"ok": False, "status": resp.status_code, "body": (await resp.aread()).decode()}
                     return
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
+                async for line in resp.aiter_lines():   # only the first and last chunks are parsed: a client
+                    if not line.startswith("data: "):   # that parsed every token would measure itself
                         continue
-                    data = line[6:]
-                    if data == "[DONE]":
+                    if line == "data: [DONE]":
                         done = True
-                        continue
-                    chunk = json.loads(data)
-                    ids.add(chunk["id"])
-                    c = chunk["choices"][0]
-                    if first is None and c.get("text"):
-                        first = time.perf_counter()
-                    text += c.get("text", "")
-                    finish = c.get("finish_reason") or finish
+                    elif head is None:
+                        first, head = time.perf_counter(), line
+                    else:
+                        last = line
             end = time.perf_counter()
-            results[i] = {"ok": done and finish == "length" and len(ids) == 1, "id": next(iter(ids), None),
-                          "ttft": (first or end) - t0, "latency": end - start, "total": end - t0, "text": text}
+            head, last = json.loads(head[6:]) if head else {}, json.loads((last or head)[6:]) if head else {}
+            ok = done and last.get("id") == head.get("id") and last["choices"][0]["finish_reason"] == "length"
+            results[i] = {"ok": ok, "id": head.get("id"), "ttft": (first or end) - t0, "latency": end - start,
+                          "total": end - t0}
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:

@@ -31,25 +31,31 @@ class Busy(Exception):
     """The server's queue is full (answered 429)."""
 
 
+class Timeout(Exception):
+    """A request passed its deadline (answered 504)."""
+
+
 class AsyncEngine:
     """The engine in a background thread. `submit` hands a request to it through an inbox and returns
-    an asyncio.Queue that receives the request's `RequestOutput`s (the last one `finished`), or a
-    ValueError if the engine rejects it; `abort` cancels one. The event loop never waits for a step."""
+    an asyncio.Queue that receives the request's `RequestOutput`s (the last one `finished`), or an
+    exception: ValueError if the engine rejects it, `Timeout` past its deadline (the engine thread
+    aborts it, freeing its blocks). `abort` cancels one. The event loop never waits for a step, and is
+    woken once per step for all the outputs of that step."""
 
     def __init__(self, engine: LLMEngine, max_queue: int = 256):
         self.engine, self.max_queue = engine, max_queue
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.work = threading.Event()
-        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, float]] = {}
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="llmopt-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt, params: SamplingParams) -> tuple[str, asyncio.Queue]:
+    def submit(self, prompt, params: SamplingParams, timeout: float) -> tuple[str, asyncio.Queue]:
         if len(self.streams) + self.inbox.qsize() >= self.max_queue:
             raise Busy(f"the server holds {self.max_queue} requests, its limit (--max-queue)")
         rid, q = f"cmpl-{uuid.uuid4().hex}", asyncio.Queue()
-        self.inbox.put(("add", rid, prompt, params, asyncio.get_running_loop(), q))
+        self.inbox.put(("add", rid, prompt, params, asyncio.get_running_loop(), q, time.monotonic() + timeout))
         self.work.set()
         return rid, q
 
@@ -57,40 +63,56 @@ class AsyncEngine:
         self.inbox.put(("abort", rid))   # the engine thread frees its KV blocks on its next turn
         self.work.set()
 
-    def _take_inbox(self):
+    def _take_inbox(self, deliveries):
         while not self.inbox.empty():
             msg = self.inbox.get()
             if msg[0] == "abort":
                 self.engine.abort_request(msg[1])
                 self.streams.pop(msg[1], None)
                 continue
-            _, rid, prompt, params, loop, q = msg
+            _, rid, prompt, params, loop, q, deadline = msg
             try:
                 self.engine.add_request(prompt, params, request_id=rid)
             except ValueError as e:
-                loop.call_soon_threadsafe(q.put_nowait, e)
+                deliveries.setdefault(loop, []).append((q, e))
             else:
-                self.streams[rid] = (loop, q)
+                self.streams[rid] = (loop, q, deadline)
+
+    def _expire(self, deliveries):
+        now = time.monotonic()
+        for rid, (loop, q, deadline) in list(self.streams.items()):
+            if now >= deadline:
+                self.engine.abort_request(rid)
+                del self.streams[rid]
+                deliveries.setdefault(loop, []).append((q, Timeout("the request passed its deadline")))
 
     def _loop(self):
         while self.running:
-            self._take_inbox()
+            deliveries: dict = {}
+            self._take_inbox(deliveries)
+            self._expire(deliveries)
+            if self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    target = self.streams.get(out.request_id)
+                    if target is not None:
+                        deliveries.setdefault(target[0], []).append((target[1], out))
+                        if out.finished:
+                            del self.streams[out.request_id]
+            for loop, items in deliveries.items():
+                loop.call_soon_threadsafe(_deliver, items)
             if not self.engine.has_unfinished_requests():
                 self.work.wait(0.05)
                 self.work.clear()
-                continue
-            for out in self.engine.step():
-                target = self.streams.get(out.request_id)
-                if target is not None:
-                    loop, q = target
-                    loop.call_soon_threadsafe(q.put_nowait, out)
-                    if out.finished:
-                        del self.streams[out.request_id]
 
     def close(self):
         self.running = False
         self.work.set()
         self.thread.join(timeout=5)
+
+
+def _deliver(items):
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
@@ -180,35 +202,22 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
                                                                                        for t in prompt))):
                     raise ValueError("prompt must be a string or a list of token ids (one prompt per request)")
             params = sampling_params(body)
-            rid, outputs = async_engine().submit(prompt, params)
+            rid, outputs = async_engine().submit(prompt, params, float(body.get("timeout", request_timeout)))
         except Busy as e:
             return fail(429, str(e), kind="rate_limit_error")
         except ValueError as e:
             return fail(400, str(e))
         created, stream = int(time.time()), bool(body.get("stream"))
-        deadline = time.monotonic() + float(body.get("timeout", request_timeout))
         obj = "chat.completion" if chat else "text_completion"
-        held = []   # an output taken early, to see whether the engine accepted the request
-
-        async def next_output():
-            if held:
-                return held.pop()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise asyncio.TimeoutError
-            return await asyncio.wait_for(outputs.get(), timeout=left)
-
         try:
-            first_item = await next_output()
-        except asyncio.TimeoutError:
-            async_engine().abort(rid)
-            return fail(504, "the request passed its deadline", kind="timeout")
+            first = await outputs.get()   # the first token, or why the engine refused the request
         except asyncio.CancelledError:
             async_engine().abort(rid)
             raise
-        if isinstance(first_item, ValueError):   # rejected by the engine (empty prompt, too long, ...)
-            return fail(400, str(first_item))
-        held.append(first_item)
+        if isinstance(first, ValueError):   # rejected by the engine (empty prompt, too long, ...)
+            return fail(400, str(first))
+        if isinstance(first, Timeout):
+            return fail(504, str(first), kind="timeout")
 
         def usage(out: RequestOutput):
             n_out = len(out.outputs[0].token_ids)
@@ -216,14 +225,12 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
                     "total_tokens": len(out.prompt_token_ids) + n_out}
 
         if not stream:
+            out = first
             try:
-                while True:
-                    out = await next_output()
-                    if out.finished:
-                        break
-            except asyncio.TimeoutError:
-                async_engine().abort(rid)
-                return fail(504, "the request passed its deadline", kind="timeout")
+                while not out.finished:
+                    out = await outputs.get()
+                    if isinstance(out, Timeout):
+                        return fail(504, str(out), kind="timeout")
             except asyncio.CancelledError:
                 async_engine().abort(rid)
                 raise
@@ -239,29 +246,20 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
                     "usage": usage(out)}
 
         async def events():
-            sent = 0
+            sent, out = 0, first
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
             try:
                 if chat:
-                    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name,
-                                "choices": [first]})
+                                "choices": [head]})
                 while True:
-                    if await request.is_disconnected():
-                        async_engine().abort(rid)
+                    if isinstance(out, Timeout):
+                        yield _sse(error_body(str(out), "timeout"))
                         return
-                    try:
-                        out = await asyncio.wait_for(next_output(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        if time.monotonic() >= deadline:
-                            async_engine().abort(rid)
-                            yield _sse(error_body("the request passed its deadline", "timeout"))
-                            return
-                        continue
                     c = out.outputs[0]
                     delta, sent = c.text[sent:], len(c.text)
-                    finish = c.finish_reason if out.finished else None
-                    choice = {"index": 0, "finish_reason": finish}
+                    choice = {"index": 0, "finish_reason": c.finish_reason if out.finished else None}
                     if chat:
                         choice["delta"] = {"content": delta} if delta else {}
                     else:
@@ -272,7 +270,8 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
                     if out.finished:
                         yield "data: [DONE]\n\n"
                         return
-            except asyncio.CancelledError:   # the client went away: free its blocks now
+                    out = await outputs.get()
+            except (asyncio.CancelledError, GeneratorExit):   # the client went away: free its blocks now
                 async_engine().abort(rid)
                 raise
 
