@@ -1,5 +1,6 @@
 """The `llmopt` command: `llmopt tour` (measure a model), `llmopt train` (the bundled model) and
-`llmopt bench kernels` (the Triton kernels of lesson 08), `llmopt bench serve` (the engine, lessons 09-10),
+`llmopt bench kernels` (the Triton kernels of lesson 08), `llmopt bench serve` and `llmopt bench decode` (the
+engine, lessons 09-10),
 `llmopt serve` (an OpenAI-compatible server) and `llmopt bench http` (that server under concurrent clients).
 
 Bad arguments and load errors print one line (`llmopt: error: ...`) and exit with status 2.
@@ -38,6 +39,11 @@ def _bench(args):
 
         main(args.device, args.json, compile=not args.no_compile, only=tuple(args.only), repeats=args.repeats,
              e2e=args.e2e, model=args.model)
+    elif args.what == "decode":
+        from .serving.bench import decode_main
+
+        decode_main(args.model, batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, json_path=args.json,
+                    repeats=min(args.repeats, 10), systems=tuple(args.variants))
     elif args.what == "http":
         from .serving.http_bench import main
 
@@ -92,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     t = sub.add_parser("bench", help="benchmarks: `kernels` times the Triton kernels (lesson 08), `serve` the "
-                       "engine against HF generate (lessons 09-10)")
-    t.add_argument("what", choices=["kernels", "serve", "http"])
+                       "engine against HF generate (lessons 09-10), `decode` the engine's decode speed (CUDA graphs, "
+                       "W4 + fused kernels) against HF generate and the bandwidth floor, `http` `llmopt serve`")
+    t.add_argument("what", choices=["kernels", "serve", "decode", "http"])
     t.add_argument("--device", default=None, help="default: cuda if present, else cpu (correctness checks only)")
     t.add_argument("--json", default=None, help="also write the results to this JSON file")
     t.add_argument("--only", nargs="*", default=[], help="kernel names to keep (e.g. rmsnorm w4a16)")
@@ -109,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
                    choices=["single", "static", "engine", "engine-no-prefix-cache"], help="serve: which servers to run")
     t.add_argument("--block-size", type=int, default=16, help="serve: KV block size of the engine")
+    t.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 32], help="decode: batch sizes")
+    t.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per sequence")
+    t.add_argument("--variants", nargs="*", default=["hf", "eager", "graphs", "fused", "w4-fused"],
+                   choices=["hf", "eager", "graphs", "fused", "w4-fused"], help="decode: what to run")
     t.add_argument("--plot", default=None, help="serve: write the plot here")
     t.set_defaults(func=_bench)
 

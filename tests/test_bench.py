@@ -142,3 +142,9 @@ def test_prefill_times_a_forward_pass(tiny):
     model, _ = tiny
     stats = bench.prefill(model, tokens=16, batch_size=2, warmup=1, repeats=3)
     assert len(stats.runs) == 3 and 0 < stats.min <= stats.median <= stats.max
+
+
+def test_time_graph_off_a_gpu_is_time_fn():
+    calls = []
+    s = bench.time_graph(lambda: calls.append(1), device="cpu", warmup=2, repeats=3)
+    assert len(calls) == 5 and s.median >= 0

@@ -121,10 +121,12 @@ def test_w8a16_gemv(case, M, dtype):
     assert_close(got, w8a16.w8a16_reference(x, *qargs(q), q.bias))
 
 
+@pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("path", ["w4 gemv", "w4 gemm", "w8 gemv"])
-def test_every_candidate_config(path):
-    # on a GPU `pick_config` may choose any candidate: each must compute the same thing
-    N, K, group, symmetric, bias = 37, 96, 32, False, True
+def test_every_candidate_config(path, group):
+    # on a GPU `pick_config` may choose any candidate: each must compute the same thing. Groups of 32
+    # are smaller than every GEMV tile (per-weight scales); of 128, one scale per tile for BLOCK_K <= 128
+    N, K, symmetric, bias = 37, 256, False, True
     bits = 8 if path.startswith("w8") else 4
     q = make(N, K, group, symmetric, bias, bits=bits)
     M = 20 if path.endswith("gemm") else 5

@@ -270,3 +270,90 @@ def test_llm_by_name_and_load_llm_falls_back_without_vllm_or_gpu():
     assert isinstance(llm, LLM) and llm.engine.scheduler.max_num_seqs == 4
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(out) == 1 and out[0].prompt_token_ids == [5, 6, 7] and len(out[0].outputs[0].token_ids) == 3
+
+
+def _decode_ready_engine(model, tok, reqs, **kw):
+    """An engine stepped until every request is past its prefill (the next step is a pure decode)."""
+    engine = LLMEngine(model, tok, block_size=8, num_kv_blocks=64, max_num_seqs=8, enforce_eager=True, **kw)
+    for p, n in reqs:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                          for s in engine.scheduler.running):
+        engine.step()
+    return engine
+
+
+def test_padded_decode_batch_equals_the_unpadded_one(model_tok):
+    """What a CUDA graph replays: a decode batch padded to a captured size gives the same logits for
+    the real rows, and the padding rows write only into the scratch block."""
+    model, tok = model_tok
+    reqs = [(list(range(1, 1 + n)), 20) for n in (3, 9, 17)]
+    engine = _decode_ready_engine(model, tok, reqs)
+    runner, seqs = engine.runner, list(engine.scheduler.running)
+    assert len(seqs) == 3
+    before = [k.clone() for k in runner.k_cache]
+    want = runner.decode(seqs)                              # eager, exact batch
+    flat, tables = runner.decode_inputs(seqs, size=8, width=6)
+    assert tables.shape == (8, 6) and (tables[3:] == runner.num_blocks).all()
+    after_exact = [k.clone() for k in runner.k_cache]
+    got = runner._forward_decode(*flat.view(4, 8), tables)
+    torch.testing.assert_close(got[:3], want, rtol=1e-5, atol=1e-5)
+    for b, a, k in zip(before, after_exact, runner.k_cache):
+        assert not torch.equal(a[:-1], b[:-1])              # the exact batch wrote the new tokens' keys
+        torch.testing.assert_close(k[:-1], a[:-1])           # the padded run rewrote the same (real blocks)
+        assert torch.equal(a[-1], b[-1])                     # only padding touches the scratch block
+
+
+def test_decode_fast_path_keeps_hf_outputs_with_a_mixed_then_pure_decode_run(model_tok):
+    """Steps alternate between mixed batches (prefill + decode: the general path) and pure decode
+    (the decode path); the tokens equal HF generate either way."""
+    model, tok = model_tok
+    reqs = workload(12, model.config.vocab_size, seed=7, max_prompt=40, max_new=30)
+    engine = LLMEngine(model, tok, block_size=8, num_kv_blocks=128, max_num_seqs=4, max_num_batched_tokens=32)
+    for (prompt, n), out in zip(reqs, run_engine(engine, reqs)):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_decode_equals_eager_and_hf():
+    """On a GPU: the engine with CUDA graphs gives the eager engine's and HF generate's tokens (float32,
+    so kernel choices cannot flip a greedy pick), with batches that need padding."""
+    import llmopt
+
+    model, tok = llmopt.load("tinypy", device="cuda", dtype=torch.float32)
+    model.eval()
+    reqs = workload(24, model.config.vocab_size, seed=3, max_prompt=60, max_new=20)
+    graphs = LLMEngine(model, tok, block_size=16, num_kv_blocks=256, max_num_seqs=12)
+    assert sorted(graphs.runner.graphs) == [1, 2, 4, 8, 12]
+    eager = LLMEngine(model, tok, block_size=16, num_kv_blocks=256, max_num_seqs=12, enforce_eager=True)
+    assert not eager.runner.graphs
+    a, b = run_engine(graphs, reqs), run_engine(eager, reqs)
+    for (prompt, n), x, y in zip(reqs, a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        assert x.outputs[0].token_ids == hf
+
+
+@pytest.mark.gpu
+def test_gpu_engine_batch_32_is_3x_hf_generate():
+    """Issue bar: a TinyLlama-1.1B-shaped model (random, bf16), batch 32: the engine (CUDA graphs) >= 3x
+    HF generate on the same harness. Measured on an H200, 2026-11-26: 5640 vs 1834 tok/s (3.08x)."""
+    from llmopt.serving.bench import decode_benchmark
+
+    r = decode_benchmark("tinyllama-1.1b-random", batch_sizes=(32,), new_tokens=64, repeats=2, systems=("hf", "graphs"))
+    rows = {x["system"]: x for x in r["rows"]}
+    assert rows["llmopt engine, CUDA graphs"]["tok_s"] >= 3 * rows["HF generate"]["tok_s"], rows
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(reason="not reached yet: on an H200 (2026-11-26) batch-1 decode with CUDA graphs reached 16.8% "
+                   "of the floor as loaded and 22.0% with the fused kernels (2.24 ms per token against 0.49)",
+                   strict=False)
+def test_gpu_engine_batch_1_reaches_half_the_bandwidth_floor():
+    from llmopt.serving.bench import decode_benchmark
+
+    r = decode_benchmark("tinyllama-1.1b-random", batch_sizes=(1,), new_tokens=64, repeats=2, systems=("fused",))
+    assert r["rows"][0]["fraction_of_floor"] >= 0.5, r["rows"]

@@ -1,6 +1,7 @@
 """`llmopt bench kernels`: each kernel against eager PyTorch and `torch.compile`, in one run.
 
-For every kernel and size: the median time (CUDA events, many runs), the bytes it must move at
+For every kernel and size: the median GPU time (`bench.time_graph`: calls recorded in a CUDA graph
+and replayed, so the host's launch overhead is left out, as in a graph-captured model), the bytes it must move at
 least (inputs read once, outputs written once) and the flops, hence GB/s, TFLOP/s and the
 fraction of the bandwidth a device-to-device copy reaches in the same run; the speedups over the
 eager reference and over `torch.compile(reference)`; for the quantized GEMV/GEMM also over the
@@ -130,15 +131,15 @@ def time_cases(device="cuda", warmup: int = 10, repeats: int = 100, compile: boo
         if only and not any(c.kernel.startswith(o) for o in only):
             continue
         t = {}
+        timer = bench.time_graph if gpu else bench.time_fn
         if gpu and use_triton(torch.empty(0, device=device), "auto"):
-            t["kernel"] = bench.time_fn(lambda c=c: c.run("triton"), device=device, warmup=warmup,
-                                        repeats=repeats).median
-        t["eager"] = bench.time_fn(lambda c=c: c.run("torch"), device=device, warmup=warmup, repeats=repeats).median
+            t["kernel"] = timer(lambda c=c: c.run("triton"), device=device, warmup=warmup, repeats=repeats).median
+        t["eager"] = timer(lambda c=c: c.run("torch"), device=device, warmup=warmup, repeats=repeats).median
         if compile:
             fn = torch.compile(lambda c=c: c.run("torch"), dynamic=False)
-            t["compiled"] = bench.time_fn(fn, device=device, warmup=max(warmup, 3), repeats=repeats).median
+            t["compiled"] = timer(fn, device=device, warmup=max(warmup, 3), repeats=repeats).median
         if c.baseline is not None:
-            t["dense_linear"] = bench.time_fn(c.baseline, device=device, warmup=warmup, repeats=repeats).median
+            t["dense_linear"] = timer(c.baseline, device=device, warmup=warmup, repeats=repeats).median
         row = {"kernel": c.kernel, "size": c.size, "bytes": c.nbytes, "flops": c.flops,
                **{f"{k}_us": v * 1e6 for k, v in t.items()}}
         best = min(v for k, v in t.items() if k != "dense_linear")   # the fastest way to run the op

@@ -88,14 +88,16 @@ def pick_config(key, candidates: list[dict], launch) -> dict:
     """The fastest of `candidates` (dicts of block sizes) for `key`, timed once on a GPU.
 
     `launch(**config)` runs the kernel once with that config. Results are cached per key (the
-    shape and dtype), as `triton.autotune` does; on CPU the first candidate is returned untimed."""
+    shape and dtype), as `triton.autotune` does; on CPU the first candidate is returned untimed.
+    Timed as GPU time in a CUDA graph (`bench.time_graph`): timed call by call, a small kernel's
+    launch overhead would hide the differences between the candidates."""
     if key in _best:
         return _best[key]
     if not torch.cuda.is_available() or len(candidates) == 1:
         return candidates[0]
-    from triton.testing import do_bench
+    from ..bench import time_graph
 
-    times = [do_bench(lambda c=c: launch(**c), warmup=5, rep=20) for c in candidates]
+    times = [time_graph(lambda c=c: launch(**c), calls=10, warmup=2, repeats=5).median for c in candidates]
     _best[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
     return _best[key]
 

@@ -37,11 +37,14 @@ GEMV_MAX_M = 8  # decode batches; above this the tensor-core GEMM wins
 
 # Candidate block sizes, fastest picked per shape on a GPU by `pick_config`; the first runs on CPU.
 # GEMV: BLOCK_M * BLOCK_N * BLOCK_K / 2 products live in registers per step, so tiles stay modest.
+# A BLOCK_K that divides the group size (128 by default) takes the kernel's one-group path.
 GEMV_CONFIGS = [
     dict(BLOCK_N=32, BLOCK_K=64, num_warps=4),
     dict(BLOCK_N=64, BLOCK_K=64, num_warps=4),
     dict(BLOCK_N=32, BLOCK_K=128, num_warps=4),
     dict(BLOCK_N=64, BLOCK_K=128, num_warps=8),
+    dict(BLOCK_N=16, BLOCK_K=128, num_warps=2),
+    dict(BLOCK_N=8, BLOCK_K=128, num_warps=1),
     dict(BLOCK_N=16, BLOCK_K=256, num_warps=4),
 ]
 # GEMM: BLOCK_M >= 16 and BLOCK_K // 2 >= 16 (tl.dot's smallest tile).
@@ -96,7 +99,7 @@ def _dequantize(codes, n, k, mask, s_ptr, z_ptr, G, stride_sn, HAS_ZEROS: tl.con
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
                        stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
-                       HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One program per BLOCK_N output columns, all M rows, the whole K. No split-K: a decoder's
     # projections have N in the thousands, so N / BLOCK_N programs already fill the GPU; split-K
@@ -111,18 +114,34 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
         j_ok = j < K // 2
         w_mask = col_ok[:, None] & j_ok[None, :]
         packed = tl.load(qw_ptr + cols[:, None] * stride_qn + j[None, :], mask=w_mask, other=0)  # each byte once
-        w_even = _dequantize(packed & 0xF, cols[:, None], 2 * j[None, :], w_mask, s_ptr, z_ptr, G, stride_sn,
-                             HAS_ZEROS, 8)
-        w_odd = _dequantize(packed >> 4, cols[:, None], 2 * j[None, :] + 1, w_mask, s_ptr, z_ptr, G, stride_sn,
-                            HAS_ZEROS, 8)
         # x's even and odd columns, loaded separately, line up with the low and high nibbles: no
         # interleaving of the unpacked weights is needed
         x_mask = row_ok[:, None] & j_ok[None, :]
         x_even = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :]) * stride_xk, mask=x_mask, other=0.0)
         x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :] + 1) * stride_xk, mask=x_mask, other=0.0)
-        # (BLOCK_M, 1, BLOCK_K/2) * (1, BLOCK_N, BLOCK_K/2), summed over k: a few rows are too few for tl.dot
         x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
-        acc += tl.sum(x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :], axis=2)
+        if ONE_GROUP:
+            # the tile lies inside one quantization group (BLOCK_K divides the group size): one scale
+            # and zero per column, so take them out of the sum over k,
+            #   sum_k x_k (c_k - z) s = s * (sum_k x_k c_k - z * sum_k x_k),
+            # which leaves one convert and one multiply-add per weight
+            g = k0 // G
+            s = tl.load(s_ptr + cols * stride_sn + g, mask=col_ok, other=0.0).to(tl.float32)
+            xc = tl.sum(x_even[:, None, :] * (packed & 0xF).to(tl.float32)[None, :, :]
+                        + x_odd[:, None, :] * (packed >> 4).to(tl.float32)[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
+            x_sum = tl.sum(x_even + x_odd, axis=1)  # (BLOCK_M,)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + cols * stride_sn + g, mask=col_ok, other=0).to(tl.float32)
+                acc += (xc - x_sum[:, None] * z[None, :]) * s[None, :]
+            else:
+                acc += (xc - x_sum[:, None] * 8.0) * s[None, :]
+        else:  # groups smaller than the tile: dequantize every weight with its own group's scale
+            w_even = _dequantize(packed & 0xF, cols[:, None], 2 * j[None, :], w_mask, s_ptr, z_ptr, G, stride_sn,
+                                 HAS_ZEROS, 8)
+            w_odd = _dequantize(packed >> 4, cols[:, None], 2 * j[None, :] + 1, w_mask, s_ptr, z_ptr, G, stride_sn,
+                                HAS_ZEROS, 8)
+            # (BLOCK_M, 1, BLOCK_K/2) * (1, BLOCK_N, BLOCK_K/2), summed over k: a few rows are too few for tl.dot
+            acc += tl.sum(x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :], axis=2)
     if HAS_BIAS:  # in the kernel, in float32, before the one rounding: no second pass over the output
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
@@ -227,7 +246,8 @@ def _launch(kernel, grid, x, qweight, scales, zeros, group_size, bias, out, **me
 
 def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, num_warps=4):
     grid = (triton.cdiv(out.shape[1], BLOCK_N),)
-    return _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, bias, out,
+    one_group = group_size is None or group_size % BLOCK_K == 0   # every K tile inside one group
+    return _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, bias, out, ONE_GROUP=one_group,
                    BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps)
 
 

@@ -63,10 +63,11 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
     v_cache.view(-1, Hk, D)[slots[keep]] = v[keep].to(v_cache.dtype)
 
 
-def gather_kv(k_cache, v_cache, block_table, length: int):
+def gather_kv(k_cache, v_cache, block_table, length: int, check: bool = True):
     """The first `length` keys and values of one sequence, as contiguous (length, Hk, D) tensors.
 
-    block_table: the sequence's block ids (a list or a 1-D tensor), at least ceil(length / block_size)."""
+    block_table: the sequence's block ids (a list or a 1-D tensor), at least ceil(length / block_size).
+    `check=False` skips the block-id range check (a host sync on a GPU): for callers that built the table."""
     _check_cache(k_cache, v_cache)
     num_blocks, block_size, Hk, D = k_cache.shape
     table = torch.as_tensor(block_table, dtype=torch.long, device=k_cache.device)
@@ -77,7 +78,7 @@ def gather_kv(k_cache, v_cache, block_table, length: int):
         raise ValueError(f"length must be in [0, {table.numel() * block_size}] (the block_table's capacity), "
                          f"got {length}")
     blocks = table[:n]
-    if n and not (0 <= int(blocks.min()) and int(blocks.max()) < num_blocks):
+    if check and n and not (0 <= int(blocks.min()) and int(blocks.max()) < num_blocks):
         raise ValueError(f"block_table's first {n} block ids must be in [0, {num_blocks}), got {blocks.tolist()}")
     # whole blocks in table order, then drop the unused slots of the last one
     k = k_cache[blocks].reshape(n * block_size, Hk, D)[:length]
@@ -99,7 +100,8 @@ def _check_heads(q, k_cache):
     return Hq // Hk
 
 
-def paged_prefill_reference(q, k_cache, v_cache, block_table, start: int, scale: float | None = None):
+def paged_prefill_reference(q, k_cache, v_cache, block_table, start: int, scale: float | None = None,
+                            check: bool = True):
     """Causal attention of one sequence's queries q (T, Hq, D) at positions start .. start+T-1.
 
     The K/V of positions 0 .. start+T-1 must already be in the cache (start > 0: the chunk follows a
@@ -112,7 +114,7 @@ def paged_prefill_reference(q, k_cache, v_cache, block_table, start: int, scale:
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
     T = q.shape[0]
-    k, v = gather_kv(k_cache, v_cache, block_table, start + T)
+    k, v = gather_kv(k_cache, v_cache, block_table, start + T, check)
     q_, k, v = q.transpose(0, 1), k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)  # heads first
     if start == 0:
         mask, causal = None, True  # square: SDPA's top-left causal mask is the right one
@@ -128,8 +130,10 @@ def paged_prefill_reference(q, k_cache, v_cache, block_table, start: int, scale:
     return out.transpose(0, 1)
 
 
-def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
-    """Shapes of a decode batch; with one host sync, that every context fits its table and points at real blocks."""
+def _check_decode(q, k_cache, v_cache, block_tables, context_lens, values: bool = True):
+    """Shapes of a decode batch; with `values` (one host sync), that every context fits its table and
+    points at real blocks. The serving runner, which builds the tables itself, skips the values: a sync
+    per layer would stall the GPU, and CUDA graphs cannot capture one."""
     _check_cache(k_cache, v_cache)
     if q.dim() != 3:
         raise ValueError(f"q must have shape (batch, Hq, D), got {tuple(q.shape)}")
@@ -144,7 +148,7 @@ def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
                          f"got {context_lens.dtype} {tuple(context_lens.shape)}")
     if block_tables.device != q.device or context_lens.device != q.device:
         raise ValueError(f"block_tables and context_lens must be on q's device {q.device}")
-    if B == 0:
+    if B == 0 or not values:
         return group
     capacity = block_tables.shape[1] * block_size
     n_blocks = (context_lens.long() + block_size - 1) // block_size
@@ -179,11 +183,12 @@ def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scal
     return out
 
 
-def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None):
+def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None,
+                       check: bool = True):
     """The reference in one batched step, what `paged_decode` runs without the kernel: gather every
     sequence's blocks into one padded (B, max_blocks * block_size) K/V tensor, mask the keys past each
-    context, one SDPA. Runs in q's dtype. Returns (B, Hq, D)."""
-    group = _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    context, one SDPA. Runs in q's dtype. Returns (B, Hq, D). `check=False`: see `_check_decode`."""
+    group = _check_decode(q, k_cache, v_cache, block_tables, context_lens, check)
     B, width = block_tables.shape
     _, block_size, Hk, D = k_cache.shape
     k = k_cache[block_tables.long()].reshape(B, width * block_size, Hk, D).transpose(1, 2).to(q.dtype)
@@ -244,11 +249,13 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, sca
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, out=None):
+def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, out=None,
+                        check: bool = True):
     """The kernel, one program per (sequence, kv head); same contract as `paged_decode_reference`.
 
-    The block size must be a power of 2. `out` (B, Hq, D) in q's dtype may be given pre-allocated."""
-    group = _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    The block size must be a power of 2. `out` (B, Hq, D) in q's dtype may be given pre-allocated.
+    `check=False` skips the checks of the tables' values (see `_check_decode`)."""
+    group = _check_decode(q, k_cache, v_cache, block_tables, context_lens, check)
     B, Hq, D = q.shape
     block_size, Hk = k_cache.shape[1], k_cache.shape[2]
     if block_size != next_power_of_2(block_size):
@@ -275,11 +282,11 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", check: bool = True):
     """Decode attention over the paged cache: q (B, Hq, D) -> (B, Hq, D). scale defaults to head_dim ** -0.5.
 
     backend: "triton" (the kernel), "torch" (the batched reference, `paged_decode_torch`), "auto" (the
     kernel on a GPU)."""
     if use_triton(q, backend):
-        return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, check=check)
+    return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, check)

@@ -220,3 +220,94 @@ def main(model=None, n: int = 64, batch_size: int = 16, json_path=None, plot_pat
         plot_results(result, plot_path)
         print(f"saved {plot_path}")
     return result
+
+
+# --------------------------------------------------------------------------- decode speed (`llmopt bench decode`)
+
+def _engine_for(model, tokenizer, max_batch: int, max_tokens: int, block_size: int = 16, **kw) -> LLMEngine:
+    """An engine whose KV cache holds `max_batch` sequences of `max_tokens` (not 90% of the GPU)."""
+    blocks = max_batch * -(-max_tokens // block_size) + max_batch
+    return LLMEngine(model, tokenizer, block_size=block_size, num_kv_blocks=blocks, max_num_seqs=max_batch,
+                     enable_prefix_caching=False, **kw)
+
+
+def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32, new_tokens: int = 128,
+                     repeats: int = 3, device=None, dtype=None,
+                     systems=("hf", "eager", "graphs", "fused", "w4-fused"),
+                     group_size: int = 128) -> dict:
+    """Greedy decode speed of one model on `bench.generation`'s harness (the one behind the tour's
+    rows): HF `generate`; the engine without and with CUDA graphs; the engine serving the model with
+    lesson 08's fused kernels (same weights); and serving it quantized to W4 (RTN, groups of
+    `group_size`) with the fused and W4A16 kernels. CUDA graphs wherever there is a GPU.
+    Batch-1 rows also carry the share of the decode floor (weight bytes / measured bandwidth)."""
+    import copy
+
+    from .. import models
+    from .engine import generate_fn
+
+    model, tok = models.load(model_name, device=device, dtype=dtype)
+    model.eval()
+    dev = next(model.parameters()).device
+    bw = bench.memory_bandwidth(dev)
+    out = {"model": model_name or models.default_model(), "device": str(dev),
+           "dtype": str(next(model.parameters()).dtype), "env": bench.environment(),
+           "copy_bandwidth_GBps": bw / 1e9, "prompt_len": prompt_len,
+           "new_tokens": new_tokens, "rows": []}
+    max_b, max_tokens = max(batch_sizes), prompt_len + new_tokens
+    runs = []
+    if "hf" in systems:
+        runs.append(("HF generate", model, None))
+    if "eager" in systems:
+        runs.append(("llmopt engine, eager", model, {"enforce_eager": True}))
+    if "graphs" in systems and dev.type == "cuda":
+        runs.append(("llmopt engine, CUDA graphs", model, {}))
+    graphs = ", CUDA graphs" if dev.type == "cuda" else ""
+    from ..kernels.fuse import fuse
+
+    if "fused" in systems:
+        runs.append(("llmopt engine, fused kernels" + graphs, fuse(copy.deepcopy(model)), {}))
+    if "w4-fused" in systems:
+        from ..quant import QuantConfig, quantize
+
+        w4 = fuse(quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=group_size)))
+        runs.append(("llmopt engine, W4 + fused kernels" + graphs, w4, {}))
+    for name, m, kw in runs:
+        fn = None if kw is None else generate_fn(_engine_for(m, tok, max_b, max_tokens, **kw))
+        for b in batch_sizes:
+            r = bench.generation(m, b, prompt_len, new_tokens, repeats=repeats, generate_fn=fn)
+            row = {"system": name, "batch": b, "tok_s": r.tokens_per_s, "ttft_ms": r.ttft_s * 1e3,
+                   "tpot_ms": r.tpot_s * 1e3, "weight_MB": bench.weight_bytes(m) / 1e6}
+            if b == 1:
+                roof = bench.decode_roofline(m, r.tpot_s, bw)
+                row["floor_tok_s"], row["fraction_of_floor"] = roof.floor_tokens_per_s, roof.fraction_of_floor
+            out["rows"].append(row)
+            print(format_decode_row(row), flush=True)
+        if kw is not None:
+            del fn
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+def format_decode_row(r: dict) -> str:
+    floor = (f" | {r['fraction_of_floor']:.1%} of the {r['floor_tok_s']:.0f} tok/s floor"
+             if "fraction_of_floor" in r else "")
+    return (f"{r['system']} | batch {r['batch']} | {r['tok_s']:.1f} tok/s | TPOT {r['tpot_ms']:.2f} ms | "
+            f"TTFT {r['ttft_ms']:.1f} ms | weights {r['weight_MB']:.0f} MB{floor}")
+
+
+def decode_main(model=None, batch_sizes=(1, 32), new_tokens: int = 128, json_path=None, repeats: int = 3,
+                systems=("hf", "eager", "graphs", "fused", "w4-fused")) -> dict:
+    """What `llmopt bench decode` runs."""
+    result = decode_benchmark(model, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats, systems=systems)
+    print(f"{result['model']} on {result['device']} ({result['dtype']}), copy bandwidth "
+          f"{result['copy_bandwidth_GBps']:.0f} GB/s, prompt {result['prompt_len']}, {result['new_tokens']} new tokens")
+    base = {r["batch"]: r["tok_s"] for r in result["rows"] if r["system"] == "HF generate"}
+    for r in result["rows"]:
+        vs = f" | {r['tok_s'] / base[r['batch']]:.2f}x HF generate" if r["batch"] in base else ""
+        print(format_decode_row(r) + vs)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"saved {json_path}")
+    return result

@@ -62,7 +62,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 chunked_prefill: bool = True, backend: str = "auto", seed: int = 0):
+                 chunked_prefill: bool = True, backend: str = "auto", enforce_eager: bool = False, seed: int = 0):
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
@@ -74,7 +74,9 @@ class LLMEngine:
             num_kv_blocks = max(1, budget // per_block)
         self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, chunked_prefill)
-        self.runner = ModelRunner(model, num_kv_blocks, block_size, backend)
+        # on a GPU the runner records its decode steps as CUDA graphs, unless enforce_eager (vLLM's name)
+        self.runner = ModelRunner(model, num_kv_blocks, block_size, backend, max_num_seqs, self.max_model_len,
+                                  enforce_eager)
         self.eos = _eos_ids(model, tokenizer)
         self.seed = seed
         self.stats = EngineStats()
@@ -104,10 +106,9 @@ class LLMEngine:
             raise ValueError(f"request_id {seq.request_id!r} is already running")
         self.scheduler.add(seq)
         self.seqs[seq.request_id] = seq
-        seed = params.seed if params.seed is not None else None
         if not params.greedy:
             g = torch.Generator()
-            g.manual_seed(seed if seed is not None else self.seed * 1_000_003 + seq.seq_id)
+            g.manual_seed(params.seed if params.seed is not None else self.seed * 1_000_003 + seq.seq_id)
             self._generators[seq.seq_id] = g
         self.stats.prompt_tokens += len(ids)
         return seq.request_id

@@ -15,7 +15,7 @@ import torch
 from .engine import LLMEngine, RequestOutput
 from .sampling import SamplingParams
 
-IGNORED = ("enforce_eager", "swap_space", "disable_log_stats", "trust_remote_code_for_tokenizer", "tokenizer_mode")
+IGNORED = ("swap_space", "disable_log_stats", "trust_remote_code_for_tokenizer", "tokenizer_mode")
 
 
 class LLM:
@@ -24,7 +24,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1, quantization=None,
                  trust_remote_code: bool = False, device=None, num_kv_blocks: int | None = None,
-                 backend: str = "auto", **kwargs):
+                 backend: str = "auto", enforce_eager: bool = False, **kwargs):
         unknown = set(kwargs) - set(IGNORED)
         if unknown:
             raise ValueError(f"unsupported LLM arguments: {sorted(unknown)}")
@@ -53,7 +53,8 @@ class LLM:
                                 kv_cache_memory=kv_memory, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                                 enable_prefix_caching=enable_prefix_caching,
-                                chunked_prefill=enable_chunked_prefill, backend=backend, seed=seed)
+                                chunked_prefill=enable_chunked_prefill, backend=backend,
+                                enforce_eager=enforce_eager, seed=seed)
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -14,14 +14,23 @@ The projections, norms and MLP are the model's own modules, called as they are: 
 (`QuantLinear`, `KernelQuantLinear`) or a fused one (`kernels.fuse`) runs here unchanged. Only the
 attention is ours, since it must read the paged cache. Works for Llama, Mistral, Qwen2 (q/k/v
 biases live in the projections) and Qwen3 (per-head q/k norms), and the bundled model.
+
+Decode steps (every sequence runs one token) take a shorter path, `_forward_decode`, whose inputs are
+five tensors and which never waits on the host. On a GPU it is captured once per batch size into a
+CUDA graph (vLLM's and nano-vllm's trick): a decode step of a 1B model is hundreds of small kernels,
+and launching them one by one from Python takes longer than running them. A replay launches the
+whole recorded sequence at once; the inputs are copied into the tensors the graph was recorded with,
+and a batch is padded up to the next captured size, its padding rows writing into a scratch block
+that no sequence owns. `enforce_eager=True` (vLLM's name) turns the graphs off.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..kernels.fuse import FusedRMSNorm
 from ..kernels.rope import rope
-from .attention import paged_decode, paged_prefill_reference, write_kv
+from .attention import paged_decode, paged_prefill_reference
 from .sequence import Sequence
 
 
@@ -48,8 +57,16 @@ def check_model(model: nn.Module) -> None:
             raise ValueError("sliding-window attention is not supported by llmopt.serving")
 
 
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes captured as CUDA graphs: 1, 2, 4, 8, then every 16 (nano-vllm's choice),
+    and max_num_seqs itself. A batch runs in the smallest graph that holds it."""
+    sizes = {1, 2, 4, 8, *range(16, max_num_seqs + 1, 16), max_num_seqs}
+    return sorted(s for s in sizes if s <= max_num_seqs)
+
+
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, backend: str = "auto"):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, backend: str = "auto",
+                 max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False):
         check_model(model)
         self.model, self.block_size, self.num_blocks, self.backend = model, block_size, num_blocks, backend
         cfg = model.config
@@ -60,10 +77,16 @@ class ModelRunner:
         p = next(model.parameters())
         self.device = p.device
         self.dtype = p.dtype if p.is_floating_point() else torch.float32
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        # one block more than the block manager hands out: the scratch block (id num_blocks) that
+        # padding rows of a decode batch write into
+        shape = (num_blocks + 1, block_size, self.num_kv_heads, self.head_dim)
         n = cfg.num_hidden_layers
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
+        self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
+        self.graphs: dict[int, tuple] = {}      # batch size -> (CUDA graph, its logits tensor)
+        if self.device.type == "cuda" and not enforce_eager:
+            self.capture_cuda_graphs(max_num_seqs)
 
     @property
     def cache_bytes(self) -> int:
@@ -78,10 +101,46 @@ class ModelRunner:
                 k[dst] = k[src]
                 v[dst] = v[src]
 
+    # ------------------------------------------------------------------ one layer, in two halves
+
+    @staticmethod
+    def _norm(norm, x, residual):
+        """(norm(x + residual), x + residual): one kernel when `norm` is lesson 08's `FusedRMSNorm`.
+        The residual stream is carried from layer to layer so that every add can ride on a norm."""
+        if residual is None:
+            return norm(x), x
+        if isinstance(norm, FusedRMSNorm):
+            return norm(x, residual)
+        h = x + residual
+        return norm(h), h
+
+    def _qkv(self, layer, x, residual, cos, sin):
+        """(add) + norm -> q, k, v projections -> (q/k norms) -> rotary: q (T, Hq, D), k and v (T, Hk, D),
+        and the residual stream."""
+        attn, T = layer.self_attn, x.shape[1]
+        h, residual = self._norm(layer.input_layernorm, x, residual)
+        q = attn.q_proj(h).view(1, T, -1, self.head_dim)
+        k = attn.k_proj(h).view(1, T, -1, self.head_dim)
+        v = attn.v_proj(h).view(T, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):   # Qwen3: RMSNorm per head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=self.backend)
+        return q.transpose(1, 2)[0], k.transpose(1, 2)[0], v, residual
+
+    def _rest(self, layer, out, residual):
+        """o projection -> add + norm -> MLP; returns the MLP's output and the residual stream."""
+        a = layer.self_attn.o_proj(out.reshape(1, out.shape[0], -1))
+        h, residual = self._norm(layer.post_attention_layernorm, a, residual)
+        return layer.mlp(h), residual
+
+    # ------------------------------------------------------------------ any batch
+
     @torch.inference_mode()
     def forward(self, batch: list[tuple[Sequence, int]], need_logits: list[bool]) -> torch.Tensor:
         """Run the scheduled tokens; returns the logits (float32) at the last scheduled token of each
         sequence with `need_logits` True, in batch order."""
+        if all(n == 1 for _, n in batch) and all(need_logits):
+            return self.decode([seq for seq, _ in batch])
         bs = self.block_size
         tokens, positions, slots, segments = [], [], [], []
         for seq, n in batch:
@@ -106,31 +165,103 @@ class ModelRunner:
         base = self.model.model
         x = base.embed_tokens(ids)
         cos, sin = base.rotary_emb(x, pos)
-        T = ids.shape[1]
+        residual = None
         for li, layer in enumerate(base.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, T, -1, self.head_dim)
-            k = attn.k_proj(h).view(1, T, -1, self.head_dim)
-            v = attn.v_proj(h).view(T, -1, self.head_dim)
-            if hasattr(attn, "q_norm"):   # Qwen3: RMSNorm per head before the rotation
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=self.backend)
-            q, k = q.transpose(1, 2)[0], k.transpose(1, 2)[0]          # (T, heads, D)
+            q, k, v, residual = self._qkv(layer, x, residual, cos, sin)
             kc, vc = self.k_cache[li], self.v_cache[li]
-            write_kv(kc, vc, k, v.to(kc.dtype), slot_mapping)
+            _write(kc, vc, k, v, slot_mapping)
             out = torch.empty_like(q)
             for i, (seq, n) in enumerate(batch):
                 if n > 1:
                     off, start, _ = segments[i]
                     out[off:off + n] = paged_prefill_reference(q[off:off + n], kc, vc, seq.block_table, start,
-                                                               self.scale)
+                                                               self.scale, check=False)
             if decode:
-                out[rows] = paged_decode(q[rows], kc, vc, tables, lens, self.scale, backend=self.backend)
-            x = x + attn.o_proj(out.reshape(1, T, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                out[rows] = paged_decode(q[rows], kc, vc, tables, lens, self.scale, backend=self.backend,
+                                         check=False)
+            x, residual = self._rest(layer, out, residual)
         last = [off + n - 1 for (off, _, n), need in zip(segments, need_logits) if need]
         if not last:
             return torch.empty(0, self.model.config.vocab_size)
-        h = base.norm(x[0, last])
+        h, _ = self._norm(base.norm, x[0, last], residual[0, last])
         return self.model.lm_head(h).float()
+
+    # ------------------------------------------------------------------ decode steps
+
+    def _forward_decode(self, ids, pos, slots, lens, tables) -> torch.Tensor:
+        """One token for each of B sequences: ids, positions, cache slots, context lengths (B,) and
+        block tables (B, width). No host syncs and no data-dependent shapes, so it can be captured."""
+        base = self.model.model
+        x = base.embed_tokens(ids[None])
+        cos, sin = base.rotary_emb(x, pos[None])
+        residual = None
+        for li, layer in enumerate(base.layers):
+            q, k, v, residual = self._qkv(layer, x, residual, cos, sin)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            _write(kc, vc, k, v, slots)
+            out = paged_decode(q, kc, vc, tables, lens, self.scale, backend=self.backend, check=False)
+            x, residual = self._rest(layer, out, residual)
+        return self.model.lm_head(self._norm(base.norm, x[0], residual[0])[0]).float()
+
+    def decode_inputs(self, seqs: list[Sequence], size: int | None = None, width: int | None = None):
+        """The decode inputs of `seqs` on the host: one int64 tensor holding ids, positions, slots and
+        context lengths (4 x size), and the block tables (size, width). Rows past len(seqs), up to
+        `size`, are padding: token 0 at position 0 in the scratch block."""
+        bs, scratch = self.block_size, self.num_blocks
+        size = size or len(seqs)
+        width = width or max(len(s.block_table) for s in seqs)
+        pad = size - len(seqs)
+        pos = [s.num_computed_tokens for s in seqs]   # the token to run is the sequence's last
+        ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        lens = [p + 1 for p in pos]
+        flat = (ids + [0] * pad + pos + [0] * pad + slots + [scratch * bs] * pad + lens + [1] * pad)
+        tables = [s.block_table + [scratch] * (width - len(s.block_table)) for s in seqs] + [[scratch] * width] * pad
+        return torch.tensor(flat), torch.tensor(tables)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits (B, vocab) of a decode step: a CUDA graph replay when one is big enough, else eager."""
+        B = len(seqs)
+        size = next((s for s in self.graphs if s >= B), None)
+        if size is None:
+            flat, tables = self.decode_inputs(seqs)
+            flat, tables = flat.to(self.device), tables.to(self.device)
+            return self._forward_decode(*flat.view(4, B), tables)
+        graph, logits = self.graphs[size]
+        flat, tables = self.decode_inputs(seqs, size)
+        self._graph_inputs[:4 * size].copy_(flat, non_blocking=True)
+        self._graph_tables[:size, :tables.shape[1]].copy_(tables, non_blocking=True)
+        graph.replay()
+        return logits[:B]
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, max_num_seqs: int) -> None:
+        """Record `_forward_decode` once per size of `graph_batch_sizes`, largest first, all sharing
+        one memory pool; each is run once eagerly before (kernels compiled, block configs picked)."""
+        sizes = graph_batch_sizes(max_num_seqs)
+        width = -(-self.max_model_len // self.block_size)
+        self._graph_inputs = torch.zeros(4 * sizes[-1], dtype=torch.long, device=self.device)
+        self._graph_tables = torch.full((sizes[-1], width), self.num_blocks, dtype=torch.long, device=self.device)
+        pool = None
+        for size in reversed(sizes):
+            flat = self._graph_inputs[:4 * size]
+            flat.view(4, size)[2].fill_(self.num_blocks * self.block_size)   # the scratch block's first slot
+            flat.view(4, size)[3].fill_(1)
+            args = (*flat.view(4, size), self._graph_tables[:size])
+            self._forward_decode(*args)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward_decode(*args)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[size] = (graph, logits)
+        self.graphs = dict(sorted(self.graphs.items()))
+        torch.cuda.synchronize(self.device)
+
+
+def _write(k_cache, v_cache, k, v, slots) -> None:
+    """Store new keys and values at their cache slots (all valid: no masking, no host sync)."""
+    _, _, Hk, D = k_cache.shape
+    k_cache.view(-1, Hk, D).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, Hk, D).index_copy_(0, slots, v.to(v_cache.dtype))
