@@ -357,3 +357,42 @@ def test_gpu_engine_batch_1_reaches_half_the_bandwidth_floor():
 
     r = decode_benchmark("tinyllama-1.1b-random", batch_sizes=(1,), new_tokens=64, repeats=2, systems=("fused",))
     assert r["rows"][0]["fraction_of_floor"] >= 0.5, r["rows"]
+
+
+def test_load_llm_hands_vllm_a_folder_and_falls_back_when_it_fails(monkeypatch):
+    """With a (fake) vLLM and a GPU: the bundled short name becomes its folder, our-only arguments are
+    dropped, vLLM's SamplingParams are used for it; a vLLM that fails to start gives ours, with a warning."""
+    import sys
+    import types
+
+    from llmopt import models
+    from llmopt.serving import llm as llm_mod
+
+    seen = {}
+
+    class FakeVLLM:
+        def __init__(self, model, **kw):
+            if model == "broken":
+                raise RuntimeError("unknown architecture")
+            seen.update(model=model, **kw)
+
+    class FakeParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeVLLM, FakeParams
+    FakeVLLM.__module__ = "vllm.entrypoints.llm"
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    got = llm_mod.load_llm("tinypy", max_num_seqs=8, backend="torch", num_kv_blocks=10)
+    assert isinstance(got, FakeVLLM)
+    assert seen == {"model": str(models.bundled_path("tinypy")), "max_num_seqs": 8}
+    p = llm_mod.sampling_params_for(got, temperature=0, max_tokens=4)
+    assert isinstance(p, FakeParams) and p.kw == {"temperature": 0, "max_tokens": 4}
+    calls = []
+    monkeypatch.setattr(llm_mod, "LLM", lambda **kw: calls.append(kw) or "ours")
+    with pytest.warns(UserWarning, match="unknown architecture"):
+        assert llm_mod.load_llm("broken", max_num_seqs=2) == "ours"
+    assert calls == [{"model": "broken", "max_num_seqs": 2}]
+    assert isinstance(llm_mod.sampling_params_for("ours", max_tokens=3), SamplingParams)

@@ -14,7 +14,7 @@ with vLLM's API.
 """
 from .block_manager import Block, BlockManager, NoFreeBlocks
 from .engine import CompletionOutput, EngineStats, LLMEngine, RequestOutput, generate_fn
-from .llm import LLM, load_llm
+from .llm import LLM, load_llm, sampling_params_for
 from .runner import ModelRunner, kv_bytes_per_token
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
@@ -22,4 +22,4 @@ from .sequence import Sequence, SequenceStatus
 
 __all__ = ["Block", "BlockManager", "CompletionOutput", "EngineStats", "LLM", "LLMEngine", "ModelRunner",
            "NoFreeBlocks", "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "SequenceStatus",
-           "generate_fn", "kv_bytes_per_token", "load_llm", "sample"]
+           "generate_fn", "kv_bytes_per_token", "load_llm", "sample", "sampling_params_for"]

@@ -10,7 +10,8 @@ distributions clipped to [16, 512] and [16, 256] tokens by default, prompts take
 split, every request run to exactly its output length (`ignore_eos`), all submitted at time 0
 (offline throughput, as vLLM's `benchmark_throughput`). Reported per server: tokens/s (generated
 tokens), requests/s, time to first token and time per output token (p50/p90/p99), and the KV cache's
-reserved-but-unused share ("waste") averaged over the decode steps.
+reserved-but-unused share ("waste"): for the engine, summed over all its steps (prefill and decode)
+before dividing; for the padded static batches, over their decode steps.
 """
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ class Request:
 def chat_workload(n: int, tokens: torch.Tensor, seed: int = 0, prompt_range=(16, 512), output_range=(16, 256),
                   shared_prefix: int = 0) -> list[Request]:
     """`n` requests with log-normal prompt/output lengths (median about 3x the minimum, a long tail),
-    prompts cut from `tokens` (a 1-D token stream); `shared_prefix` > 0 starts every prompt with the
-    same first `shared_prefix` tokens (a system prompt)."""
+    prompts cut from `tokens` (a 1-D token stream). `shared_prefix` > 0 makes the first
+    `shared_prefix` tokens of every prompt the same (a system prompt): they replace the start of the
+    drawn prompt, so the lengths keep their distribution, and a prompt drawn shorter than the prefix
+    keeps one token of its own (prompts are then at least shared_prefix + 1 tokens)."""
     rng = random.Random(seed)
 
     def length(lo, hi):
@@ -199,8 +202,8 @@ def plot_results(result: dict, path=None):
     a.barh(names, [r["tokens_per_s"] for r in result["results"]], color="tab:blue")
     a.set_xlabel("generated tokens / s")
     a.invert_yaxis()
-    for i, r in enumerate(result["results"]):
-        b.plot([50, 90, 99], [r["ttft_s"][k] for k in ("p50", "p90", "p99")], "o-", label=names[i].split("\n")[0])
+    for r in result["results"]:
+        b.plot([50, 90, 99], [r["ttft_s"][k] for k in ("p50", "p90", "p99")], "o-", label=r["system"])
     b.set_xlabel("percentile")
     b.set_ylabel("time to first token, s")
     b.legend(fontsize=8)

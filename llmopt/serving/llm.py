@@ -84,13 +84,40 @@ class LLM:
         return [final[rid] for rid in ids]
 
 
+# arguments of our `LLM` that vLLM's does not take: dropped when the real vLLM is used
+OURS_ONLY = ("backend", "num_kv_blocks", "device")
+
+
 def load_llm(model, prefer_vllm: bool = True, **kwargs):
-    """The real vLLM's `LLM` where it is installed and a GPU is present (and `prefer_vllm`), else ours."""
+    """The real vLLM's `LLM` where it is installed and a GPU is present (and `prefer_vllm`), else ours.
+
+    `model` may be a bundled model's short name ("tinypy"): vLLM gets its folder. Arguments only ours
+    takes (`OURS_ONLY`) are not passed to vLLM. If vLLM fails to start (an architecture it does not
+    know, too little GPU memory), a warning says why and ours is returned. Build the sampling
+    parameters with `sampling_params_for(llm, ...)`: vLLM's engine wants its own class."""
     if prefer_vllm and torch.cuda.is_available():
         try:
             from vllm import LLM as VLLM
         except ImportError:
             pass
         else:
-            return VLLM(model=model, **kwargs)
+            from .. import models
+
+            path = str(models.bundled_path(model)) if isinstance(model, str) and model in models.BUNDLED else model
+            try:
+                return VLLM(model=path, **{k: v for k, v in kwargs.items() if k not in OURS_ONLY})
+            except Exception as e:  # noqa: BLE001 - any failure to start: serve with ours instead
+                import warnings
+
+                warnings.warn(f"vLLM could not load {model!r} ({type(e).__name__}: {e}); using llmopt.serving",
+                              stacklevel=2)
     return LLM(model=model, **kwargs)
+
+
+def sampling_params_for(llm, **fields):
+    """`SamplingParams(**fields)` of the library `llm` comes from (vLLM's for vLLM's `LLM`, else ours)."""
+    if type(llm).__module__.startswith("vllm"):
+        from vllm import SamplingParams as VSamplingParams
+
+        return VSamplingParams(**fields)
+    return SamplingParams(**fields)
