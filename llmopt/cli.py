@@ -49,7 +49,8 @@ def _bench(args):
 
         if args.requests < 1 or args.concurrency < 1:
             raise ValueError("--requests and --concurrency must be >= 1")
-        main(args.model, n=args.requests, concurrency=args.concurrency, json_path=args.json)
+        main(args.model, n=args.requests, concurrency=args.concurrency, json_path=args.json, threads=args.threads,
+             stream=not args.no_stream)
     else:
         from .serving.bench import main
 
@@ -64,8 +65,10 @@ def _serve(args):
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     serve(args.model, host=args.host, port=args.port, max_queue=args.max_queue, request_timeout=args.request_timeout,
-          max_num_seqs=args.max_num_seqs)
+          threads=args.threads, max_num_seqs=args.max_num_seqs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--requests", type=int, default=64, help="serve: number of requests")
     t.add_argument("--batch-size", type=int, default=16, help="serve: HF static batch size")
     t.add_argument("--concurrency", type=int, default=32, help="http: concurrent clients")
+    t.add_argument("--no-stream", action="store_true", help="http: one JSON answer per request, not SSE")
+    t.add_argument("--threads", type=int, default=None, help="http: the server's CPU threads (default: all "
+                   "cores but one on a CPU of up to 4 cores, left to the clients and the HTTP layer)")
     t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
     t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
                    choices=["single", "static", "engine", "engine-no-prefix-cache"], help="serve: which servers to run")
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine runs at once")
     t.add_argument("--max-queue", type=int, default=256, help="requests held at once; more get 429")
     t.add_argument("--request-timeout", type=float, default=600, help="seconds before a request gets 504")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads for the model's math (default: "
+                   "PyTorch's, one per core); fewer leave cores to the HTTP layer on a small CPU")
     t.set_defaults(func=_serve)
     return p
 

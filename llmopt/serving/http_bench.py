@@ -5,13 +5,17 @@ engine on the same workload.
 send the workload's requests to `/v1/completions` with `stream: true` (greedy, exactly each request's
 output length), recording the time to the first streamed token and to the end. Every request must
 get exactly one complete answer (its `[DONE]`, finish reason "length", no request id twice). Then the
-same workload runs through a fresh engine in-process (`bench.run_engine`): the ratio of the two
-throughputs is what the HTTP layer costs.
+same workload runs through a fresh engine in-process (`bench.run_engine`) with the server's number of
+CPU threads: the ratio of the two throughputs is what the HTTP layer costs. On a small CPU the clients
+and the server's event loop share the cores with the model's math, so by default (up to 4 cores) the
+server's PyTorch gets one core fewer than the machine has; the in-process engine is also run on every
+core, and that ratio is reported too.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -58,10 +62,12 @@ class BackgroundServer:
 class SubprocessServer:
     """`llmopt serve` in its own process (its own interpreter, as in a deployment), on a free port."""
 
-    def __init__(self, model: str, max_num_seqs: int, max_queue: int):
+    def __init__(self, model: str, max_num_seqs: int, max_queue: int, threads: int | None = None):
         self.port = _free_port()
         self.args = [sys.executable, "-m", "llmopt.cli", "serve", "--model", model, "--port", str(self.port),
                      "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max_queue)]
+        if threads:
+            self.args += ["--threads", str(threads)]
 
     @property
     def url(self) -> str:
@@ -141,18 +147,28 @@ async def _client_run(url: str, model: str, reqs, concurrency: int, timeout: flo
     return results, time.perf_counter() - t0
 
 
+def default_server_threads() -> int | None:
+    """All cores but one on a CPU of up to 4 cores (None, PyTorch's default, on a bigger one)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if cores <= 4 else None
+
+
 def http_benchmark(model_name=None, n: int = 256, concurrency: int = 32, seed: int = 0, prompt_range=(16, 256),
                    output_range=(16, 128), timeout: float = 600, compare: bool = True, stream: bool = True,
-                   **engine_kw) -> dict:
+                   threads: int | None = -1, **engine_kw) -> dict:
+    """`threads`: the server's CPU threads (-1: `default_server_threads()`; None: PyTorch's default)."""
+    import torch
+
     from .. import bench as harness
     from .. import data, models
 
+    threads = default_server_threads() if threads == -1 else threads
     model, tok = models.load(model_name)
     model.eval()
     name = str(model_name or models.default_model())
     reqs = chat_workload(n, data.token_stream("test", tok), seed, prompt_range, output_range)
     engine_kw.setdefault("max_num_seqs", concurrency)
-    with SubprocessServer(name, engine_kw["max_num_seqs"], max(256, n)) as server:
+    with SubprocessServer(name, engine_kw["max_num_seqs"], max(256, n), threads) as server:
         results, wall = asyncio.run(_client_run(server.url, name, reqs, concurrency, timeout, stream))
         leftover = server.health()["kv_blocks_in_use"]
     ok = [r for r in results if r and r["ok"]]
@@ -161,31 +177,46 @@ def http_benchmark(model_name=None, n: int = 256, concurrency: int = 32, seed: i
            "answered": len(ok), "duplicate_ids": len(ok) - len({r["id"] for r in ok}),
            "failed": [r for r in results if not (r and r["ok"])][:5], "kv_blocks_in_use_after": leftover,
            "wall_s": wall, "tokens_per_s": gen / wall, "requests_per_s": n / wall,
-           "stream": stream, "ttft_s": _percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
+           "stream": stream, "server_threads": threads or torch.get_num_threads(),
+           "ttft_s": _percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
            "latency_s": _percentiles([r["latency"] for r in ok])}
     if compare:
-        inproc = run_engine(model, tok, reqs, **engine_kw)
-        out["in_process_tokens_per_s"] = inproc["tokens_per_s"]
-        out["http_vs_in_process"] = out["tokens_per_s"] / inproc["tokens_per_s"]
+        every = torch.get_num_threads()
+        try:   # the same engine as the server's: its threads
+            torch.set_num_threads(out["server_threads"])
+            out["in_process_tokens_per_s"] = run_engine(model, tok, reqs, **engine_kw)["tokens_per_s"]
+        finally:
+            torch.set_num_threads(every)
+        out["http_vs_in_process"] = out["tokens_per_s"] / out["in_process_tokens_per_s"]
+        if out["server_threads"] != every:
+            out["in_process_all_threads_tokens_per_s"] = run_engine(model, tok, reqs, **engine_kw)["tokens_per_s"]
+            out["http_vs_in_process_all_threads"] = out["tokens_per_s"] / out["in_process_all_threads_tokens_per_s"]
     return out
 
 
 def format_http(r: dict) -> str:
     lines = [f"{r['model']}: {r['requests']} requests from {r['concurrency']} concurrent clients over HTTP "
-             f"(streaming /v1/completions)",
+             f"({'streaming ' if r['stream'] else ''}/v1/completions), server on {r['server_threads']} CPU threads",
              f"answered completely: {r['answered']}/{r['requests']}, duplicate ids: {r['duplicate_ids']}, "
              f"KV blocks still held after: {r['kv_blocks_in_use_after']}",
-             f"{r['tokens_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s; TTFT p50/p90/p99 "
-             f"{r['ttft_s']['p50']:.2f}/{r['ttft_s']['p90']:.2f}/{r['ttft_s']['p99']:.2f} s; latency p50/p90/p99 "
-             f"{r['latency_s']['p50']:.2f}/{r['latency_s']['p90']:.2f}/{r['latency_s']['p99']:.2f} s"]
+             f"{r['tokens_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s; "
+             + (f"TTFT p50/p90/p99 {r['ttft_s']['p50']:.2f}/{r['ttft_s']['p90']:.2f}/{r['ttft_s']['p99']:.2f} s; "
+                if r["ttft_s"] else "")
+             + f"latency p50/p90/p99 {r['latency_s']['p50']:.2f}/{r['latency_s']['p90']:.2f}/"
+               f"{r['latency_s']['p99']:.2f} s"]
     if "in_process_tokens_per_s" in r:
-        lines.append(f"in-process engine on the same workload: {r['in_process_tokens_per_s']:.1f} tok/s; "
+        lines.append(f"in-process engine on the same workload and threads: {r['in_process_tokens_per_s']:.1f} tok/s; "
                      f"HTTP / in-process = {r['http_vs_in_process']:.2f}")
+    if "in_process_all_threads_tokens_per_s" in r:
+        lines.append(f"in-process engine on every core: {r['in_process_all_threads_tokens_per_s']:.1f} tok/s; "
+                     f"HTTP / that = {r['http_vs_in_process_all_threads']:.2f}")
     return "\n".join(lines)
 
 
-def main(model=None, n: int = 256, concurrency: int = 32, json_path=None, seed: int = 0) -> dict:
-    r = http_benchmark(model, n=n, concurrency=concurrency, seed=seed)
+def main(model=None, n: int = 256, concurrency: int = 32, json_path=None, seed: int = 0, threads: int | None = -1,
+         stream: bool = True) -> dict:
+    r = http_benchmark(model, n=n, concurrency=concurrency, seed=seed, threads=-1 if threads is None else threads,
+                       stream=stream)
     print(format_http(r))
     if json_path:
         with open(json_path, "w") as f:

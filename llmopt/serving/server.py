@@ -92,7 +92,8 @@ class AsyncEngine:
             self._take_inbox(deliveries)
             self._expire(deliveries)
             if self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                # no text in the engine thread: a stream decodes what it sends, a plain answer its last output
+                for out in self.engine.step(detokenize=False):
                     target = self.streams.get(out.request_id)
                     if target is not None:
                         deliveries.setdefault(target[0], []).append((target[1], out))
@@ -245,6 +246,13 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
             return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
                     "usage": usage(out)}
 
+        def text_of(out: RequestOutput) -> str:
+            c = out.outputs[0]   # a finished output, or one of a request with stop strings, has its text
+            if out.finished or params.stop:
+                return c.text
+            text = engine.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens)
+            return text.rstrip("\ufffd")   # a character whose bytes are not all generated yet: send it later
+
         async def events():
             sent, out = 0, first
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -254,11 +262,15 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
                     yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name,
                                 "choices": [head]})
                 while True:
+                    # outputs carry the whole completion so far: when the client has fallen behind, skip
+                    # to the latest one and send everything new in one chunk
+                    while not isinstance(out, Timeout) and not out.finished and not outputs.empty():
+                        out = outputs.get_nowait()
                     if isinstance(out, Timeout):
                         yield _sse(error_body(str(out), "timeout"))
                         return
-                    c = out.outputs[0]
-                    delta, sent = c.text[sent:], len(c.text)
+                    c, text = out.outputs[0], text_of(out)
+                    delta, sent = text[sent:], len(text)
                     choice = {"index": 0, "finish_reason": c.finish_reason if out.finished else None}
                     if chat:
                         choice["delta"] = {"content": delta} if delta else {}
@@ -293,12 +305,16 @@ def _sse(obj: dict) -> str:
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256, request_timeout: float = 600,
-          **engine_kw):
-    """Load `model` and serve it until interrupted (what `llmopt serve` runs)."""
+          threads: int | None = None, **engine_kw):
+    """Load `model` and serve it until interrupted (what `llmopt serve` runs). `threads`: PyTorch's
+    intra-op threads (CPU math); default one per core."""
+    import torch
     import uvicorn
 
     from .. import models
 
+    if threads:
+        torch.set_num_threads(threads)
     m, tok = models.load(model)
     name = str(model or models.default_model())
     app = build_app(LLMEngine(m, tok, **engine_kw), name, max_queue, request_timeout)
