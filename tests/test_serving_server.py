@@ -153,3 +153,22 @@ def test_serve_cli_rejects_a_bad_port():
     from llmopt.cli import main
 
     assert main(["serve", "--port", "0"]) == 2
+
+
+def test_a_lagging_stream_coalesces_its_chunks_and_keeps_the_text(server, bundled):
+    """When the event loop falls behind the engine (here: blocked for a second), the stream skips to
+    the newest output and sends all its new text in one chunk; the text equals the plain answer's."""
+    prompt = "import os\n"
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        (loop, _, _), = server.app.state.async_engine().streams.values()
+        loop.call_soon_threadsafe(time.sleep, 1.0)   # the server's event loop stalls; the engine goes on
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in [first] + rest[:-1]]
+    assert len(chunks) < 20
+    assert "".join(c["choices"][0]["text"] for c in chunks) == reference_text(bundled, prompt, 40)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
