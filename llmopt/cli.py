@@ -1,7 +1,8 @@
 """The `llmopt` command: `llmopt tour` (measure a model), `llmopt train` (the bundled model) and
 `llmopt bench kernels` (the Triton kernels of lesson 08), `llmopt bench serve` and `llmopt bench decode` (the
 engine, lessons 09-10),
-`llmopt serve` (an OpenAI-compatible server) and `llmopt bench http` (that server under concurrent clients).
+`llmopt serve` (an OpenAI-compatible server), `llmopt bench http` (that server under concurrent clients) and
+`llmopt export onnx` (for onnxruntime and Transformers.js).
 
 Bad arguments and load errors print one line (`llmopt: error: ...`) and exit with status 2.
 """
@@ -58,6 +59,14 @@ def _bench(args):
             raise ValueError("--requests and --batch-size must be >= 1")
         main(args.model, n=args.requests, batch_size=args.batch_size, json_path=args.json, plot_path=args.plot,
              shared_prefix=args.shared_prefix, systems=tuple(args.systems), block_size=args.block_size)
+
+
+def _export(args):
+    from .export.onnx import export_onnx, format_export, measure_export
+
+    files = export_onnx(args.model, args.out, quantize=tuple(q for q in args.quantize if q != "none"))
+    print(format_export(measure_export(files, args.model, new_tokens=args.new_tokens)))
+    print(f"saved {args.out} (load it in Transformers.js with env.localModelPath and dtype fp32 / q8 / q4)")
 
 
 def _serve(args):
@@ -128,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["hf", "eager", "graphs", "fused", "w4-fused"], help="decode: what to run")
     t.add_argument("--plot", default=None, help="serve: write the plot here")
     t.set_defaults(func=_bench)
+
+    t = sub.add_parser("export", help="export a model for other runtimes: `onnx` for onnxruntime and "
+                       "Transformers.js (browser, Node), fp32 and int8 / 4-bit quantized (lesson 11)")
+    t.add_argument("what", choices=["onnx"])
+    t.add_argument("--model", default=None, help="default: the bundled model")
+    t.add_argument("--out", default="onnx_export", help="folder to write (Transformers.js' layout)")
+    t.add_argument("--quantize", nargs="*", default=["q8", "q4"], choices=["q8", "q4", "none"],
+                   help="quantized variants to add beside the fp32 file")
+    t.add_argument("--new-tokens", type=int, default=64, help="tokens generated to time each file")
+    t.set_defaults(func=_export)
 
     t = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine (lesson 11)")
     t.add_argument("--model", default=None, help="bundled name, local directory or hub id")

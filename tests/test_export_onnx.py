@@ -1,0 +1,117 @@
+"""`llmopt export onnx`: the Transformers.js folder layout; the exported graph in onnxruntime gives the
+model's logits for a prompt and for a step with a KV cache, and HF generate's greedy tokens; the int8
+and 4-bit files keep the perplexity close; the CLI; bad arguments."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from llmopt.export.onnx import OnnxDecoder, export_onnx, onnx_generate, onnx_perplexity  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, bundled):
+    model, tok = bundled
+    out = tmp_path_factory.mktemp("export") / "tinypy"
+    files = export_onnx(model, out, tokenizer=tok, quantize=("q8", "q4"))
+    return out, files
+
+
+def feed_for(sess, ids, past=None, start=0):
+    feed = {"input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, start + len(ids)), dtype=np.int64),
+            "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None]}
+    for i, inp in enumerate(x for x in sess.get_inputs() if x.name.startswith("past_key_values.")):
+        feed[inp.name] = past[i] if past is not None else np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
+    return feed
+
+
+def test_layout_transformers_js_loads(exported, bundled):
+    out, files = exported
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/model_q4.onnx"):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    sess = ort.InferenceSession(str(files["fp32"]))
+    n = bundled[0].config.num_hidden_layers
+    assert [i.name for i in sess.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert [i.name for i in sess.get_inputs()][3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"] + [f"present.{i}.{kv}" for i in range(n)
+                                                                  for kv in ("key", "value")]
+
+
+def test_logits_with_and_without_a_kv_cache_equal_the_model(exported, bundled):
+    model, tok = bundled
+    _, files = exported
+    sess = ort.InferenceSession(str(files["fp32"]))
+    ids = tok("def fibonacci(n):\n    ", return_tensors="pt").input_ids[0].tolist()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    # the whole prompt at once, then its last 3 tokens again as steps on top of the cache of the rest
+    got = sess.run(None, feed_for(sess, ids))
+    assert np.abs(got[0][0] - want).max() < 1e-3
+    head = sess.run(None, feed_for(sess, ids[:-3]))
+    past = head[1:]
+    for j in range(len(ids) - 3, len(ids)):
+        step = sess.run(None, feed_for(sess, [ids[j]], past, start=j))
+        assert np.abs(step[0][0, -1] - want[j]).max() < 1e-3
+        assert step[1].shape[2] == j + 1          # the cache grew by one position
+        past = step[1:]
+
+
+def test_decoder_module_equals_the_model_in_pytorch(bundled):
+    model, tok = bundled
+    dec = OnnxDecoder(model)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.no_grad():
+        want = model(ids).logits
+        got, *present = dec(ids, torch.ones_like(ids), torch.arange(6)[None], *dec.empty_past())
+        # a left-padded batch row: the padding is masked, its positions start after it
+        pad = torch.tensor([[0, 0, 5, 17, 99, 3, 250, 7]])
+        mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+        got_pad, *_ = dec(pad, mask, torch.tensor([[0, 0, 0, 1, 2, 3, 4, 5]]), *dec.empty_past())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_pad[:, 2:], want, rtol=1e-4, atol=1e-4)
+    assert len(present) == 2 * model.config.num_hidden_layers and present[0].shape[2] == 6
+
+
+def test_greedy_generation_equals_hf_generate_and_quantized_files_keep_perplexity(exported, bundled):
+    from llmopt import data
+
+    model, tok = bundled
+    _, files = exported
+    ids = tok("class Stack:\n    def __init__(self):\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    got, seconds = onnx_generate(files["fp32"], ids[0].tolist(), 24)
+    assert got == want[0, ids.shape[1]:].tolist() and seconds > 0
+    stream = data.token_stream("test", tok)[:2048 + 1]
+    ppl = {k: onnx_perplexity(f, stream, window=512) for k, f in files.items()}
+    assert 1 < ppl["fp32"] < 100
+    assert ppl["q8"] < 1.03 * ppl["fp32"] and ppl["q4"] < 1.05 * ppl["fp32"], ppl
+    assert files["q8"].stat().st_size < 0.35 * files["fp32"].stat().st_size
+    assert files["q4"].stat().st_size < 0.35 * files["fp32"].stat().st_size
+
+
+def test_bad_quantize_argument(tmp_path, bundled):
+    with pytest.raises(ValueError, match="q8"):
+        export_onnx(bundled[0], tmp_path, tokenizer=bundled[1], quantize=("int3",))
+    with pytest.raises(ValueError, match="tokenizer"):
+        export_onnx(bundled[0], tmp_path)
+
+
+def test_cli_exports_and_measures(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "llmopt.cli", "export", "onnx", "--out", str(tmp_path / "m"),
+                        "--quantize", "q8", "--new-tokens", "8"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "model_quantized.onnx" in r.stdout and "perplexity" in r.stdout
+    onnx_dir = tmp_path / "m" / "onnx"
+    assert (onnx_dir / "model.onnx").is_file() and not (onnx_dir / "model_q4.onnx").exists()
