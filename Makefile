@@ -7,7 +7,7 @@ TORCH  ?= 'torch>=2.4'
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --quiet
 
-.PHONY: install tour test test-fast lab notebooks check-notebooks lint clean
+.PHONY: install tour test test-fast test-browser lab notebooks check-notebooks lint clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: $(VENV)/.dev
 
 test-fast: $(VENV)/.dev  ## everything but the notebook runs and training
 	$(PY) -m pytest -m "not slow"
+
+js/node_modules: js/package-lock.json  ## Transformers.js for the Node example and the web page
+	cd js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
+
+test-browser: $(VENV)/.dev js/node_modules  ## the web page in headless Chromium (apt-get install chromium)
+	$(PY) -m pytest -m browser
 
 lab: $(VENV)/.course
 	$(VENV)/bin/jupyter lab notebooks/

@@ -37,6 +37,8 @@ def test_layout_transformers_js_loads(exported, bundled):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    # the bundled tokenizer starts every prompt with BOS; Transformers.js needs the config to say so
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
     sess = ort.InferenceSession(str(files["fp32"]))
     n = bundled[0].config.num_hidden_layers
     assert [i.name for i in sess.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]

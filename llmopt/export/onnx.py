@@ -129,6 +129,7 @@ def export_onnx(model=None, out_dir="onnx_export", tokenizer=None, quantize=("q8
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _mark_bos(tokenizer, out / "tokenizer_config.json")
     files = {"fp32": path}
     if "q8" in quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -139,6 +140,20 @@ def export_onnx(model=None, out_dir="onnx_export", tokenizer=None, quantize=("q8
         files["q4"] = out / "onnx" / FILES["q4"]
         _quantize_q4(path, files["q4"])
     return files
+
+
+def _mark_bos(tokenizer, config_path: Path) -> None:
+    """Say in tokenizer_config.json whether the tokenizer puts a BOS token first. Python's tokenizers
+    read that from tokenizer.json's post-processor; Transformers.js' text-generation pipeline adds
+    special tokens only when the config says `add_bos_token` (without it the model would see a prompt
+    it was never trained on, and generate something else)."""
+    import json
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a").input_ids
+    cfg = json.loads(config_path.read_text())
+    cfg["add_bos_token"] = bool(bos is not None and ids and ids[0] == bos)
+    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _quantize_q4(src: Path, dst: Path, block_size: int = 32) -> None:
