@@ -46,6 +46,11 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=16, BLOCK_K=128, num_warps=2),
     dict(BLOCK_N=8, BLOCK_K=128, num_warps=1),
     dict(BLOCK_N=16, BLOCK_K=256, num_warps=4),
+    # the same products summed over k once, after the loop (see the kernel)
+    dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, LATE_SUM=True),
+    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, LATE_SUM=True),
+    dict(BLOCK_N=32, BLOCK_K=64, num_warps=2, LATE_SUM=True),
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=8, LATE_SUM=True),
 ]
 # GEMM: BLOCK_M >= 16 and BLOCK_K // 2 >= 16 (tl.dot's smallest tile).
 GEMM_CONFIGS = [
@@ -100,15 +105,20 @@ def _dequantize(codes, n, k, mask, s_ptr, z_ptr, G, stride_sn, HAS_ZEROS: tl.con
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
                        stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
                        HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
+                       LATE_SUM: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One program per BLOCK_N output columns, all M rows, the whole K. No split-K: a decoder's
     # projections have N in the thousands, so N / BLOCK_N programs already fill the GPU; split-K
     # would pay off only for small N with a long K, at the price of a second reduction.
+    # LATE_SUM: keep the products of every k lane in registers and sum over k once, after the loop,
+    # instead of a sum across threads in every iteration (more registers, fewer shuffles; which one
+    # wins depends on the GPU and the shape: `pick_config` times both).
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)  # M padded to a power of two; the extra rows are masked
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc3 = tl.full((BLOCK_M, BLOCK_N, BLOCK_K // 2), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns of qweight: k = 2j and 2j + 1
         j_ok = j < K // 2
@@ -120,7 +130,23 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
         x_even = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :]) * stride_xk, mask=x_mask, other=0.0)
         x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :] + 1) * stride_xk, mask=x_mask, other=0.0)
         x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
-        if ONE_GROUP:
+        if LATE_SUM:
+            if ONE_GROUP:   # one scale (and zero) per column for the whole tile
+                g = k0 // G
+                s = tl.load(s_ptr + cols * stride_sn + g, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + cols * stride_sn + g, mask=col_ok, other=0).to(tl.float32)[:, None]
+                else:
+                    z = 8.0
+                w_even = ((packed & 0xF).to(tl.float32) - z) * s
+                w_odd = ((packed >> 4).to(tl.float32) - z) * s
+            else:
+                w_even = _dequantize(packed & 0xF, cols[:, None], 2 * j[None, :], w_mask, s_ptr, z_ptr, G,
+                                     stride_sn, HAS_ZEROS, 8)
+                w_odd = _dequantize(packed >> 4, cols[:, None], 2 * j[None, :] + 1, w_mask, s_ptr, z_ptr, G,
+                                    stride_sn, HAS_ZEROS, 8)
+            acc3 += x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :]
+        elif ONE_GROUP:
             # the tile lies inside one quantization group (BLOCK_K divides the group size): one scale
             # and zero per column, so take them out of the sum over k,
             #   sum_k x_k (c_k - z) s = s * (sum_k x_k c_k - z * sum_k x_k),
@@ -142,6 +168,8 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
                                 HAS_ZEROS, 8)
             # (BLOCK_M, 1, BLOCK_K/2) * (1, BLOCK_N, BLOCK_K/2), summed over k: a few rows are too few for tl.dot
             acc += tl.sum(x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :], axis=2)
+    if LATE_SUM:
+        acc = tl.sum(acc3, axis=2)
     if HAS_BIAS:  # in the kernel, in float32, before the one rounding: no second pass over the output
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
@@ -244,11 +272,12 @@ def _launch(kernel, grid, x, qweight, scales, zeros, group_size, bias, out, **me
     return out
 
 
-def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, num_warps=4):
+def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, num_warps=4, LATE_SUM=False):
     grid = (triton.cdiv(out.shape[1], BLOCK_N),)
     one_group = group_size is None or group_size % BLOCK_K == 0   # every K tile inside one group
     return _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, bias, out, ONE_GROUP=one_group,
-                   BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps)
+                   LATE_SUM=LATE_SUM, BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                   num_warps=num_warps)
 
 
 def _gemm(x, qweight, scales, zeros, group_size, bias, out, BLOCK_M, BLOCK_N, BLOCK_K, num_warps=4):
