@@ -211,12 +211,18 @@ def test_decode_registers_full_blocks():
     check_refs(bm, [a, b])
 
 
-def test_fork_and_copy_on_write():
-    bm = BlockManager(8, 4)
-    parent = Seq(list(range(6)))
+def forked(num_blocks: int, n_tokens: int):
+    """A block manager with a parent of `n_tokens` tokens and a child forked from it."""
+    bm = BlockManager(num_blocks, 4)
+    parent = Seq(list(range(n_tokens)))
     bm.allocate(parent)
     child = Seq(list(parent.token_ids))
     bm.fork(parent, child)
+    return bm, parent, child
+
+
+def test_fork_and_copy_on_write():
+    bm, parent, child = forked(8, 6)
     assert child.block_table == parent.block_table and child.block_table is not parent.block_table
     assert [bm.blocks[i].ref_count for i in parent.block_table] == [2, 2]
     check_refs(bm, [parent, child])
@@ -252,11 +258,7 @@ def test_full_pool():
 
 
 def test_copy_on_write_needs_a_free_block():
-    bm = BlockManager(2, 4)
-    parent = Seq(list(range(7)))
-    bm.allocate(parent)
-    child = Seq(list(parent.token_ids))
-    bm.fork(parent, child)
+    bm, parent, child = forked(2, 7)
     child.token_ids.append(70)                               # slot 3 of the shared partial block
     assert not bm.can_append(child)
     with pytest.raises(NoFreeBlocks):
