@@ -23,7 +23,6 @@ onnxruntime with its KV cache.
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import torch
@@ -167,6 +166,14 @@ def _quantize_q4(src: Path, dst: Path, block_size: int = 32) -> None:
     q.model.save_model_to_file(str(dst))
 
 
+def _empty_past(sess) -> dict:
+    """A past of length 0 for every past_key_values input of an onnxruntime session (batch 1)."""
+    import numpy as np
+
+    return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32) for i in sess.get_inputs()
+            if i.name.startswith("past_key_values.")}
+
+
 def onnx_generate(path, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None):
     """Greedy generation with the exported file in onnxruntime, KV cache carried between calls.
     Returns (new token ids, seconds of the decode steps after the first)."""
@@ -177,8 +184,8 @@ def onnx_generate(path, prompt_ids: list[int], max_new_tokens: int, eos_token_id
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    feed = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32) for i in past_inputs}
+    feed = _empty_past(sess)
+    past_names = list(feed)
     ids = list(prompt_ids)
     step_ids, pos0, out, t_first = ids, 0, [], None
     for _ in range(max_new_tokens):
@@ -193,8 +200,7 @@ def onnx_generate(path, prompt_ids: list[int], max_new_tokens: int, eos_token_id
         out.append(token)
         if eos_token_id is not None and token == eos_token_id:
             break
-        for name, value in zip(past_inputs, results[1:]):
-            feed[name.name] = value
+        feed.update(zip(past_names, results[1:]))
         pos0, step_ids = pos0 + n, [token]
     return out, time.perf_counter() - t_first
 
@@ -207,8 +213,7 @@ def onnx_perplexity(path, tokens: torch.Tensor, window: int = 512) -> float:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32) for i in sess.get_inputs()
-            if i.name.startswith("past_key_values.")}
+    past = _empty_past(sess)
     tokens = tokens.long()
     nll, n = 0.0, 0
     for s in range(0, len(tokens) - window, window):
@@ -249,12 +254,3 @@ def format_export(result: dict) -> str:
         lines.append(f"{r['dtype']} | {Path(r['file']).name} | {r['MB']:.1f} | {r['perplexity']:.3f} | "
                      f"{r['tok_s']:.0f} | {r['same_tokens_as_fp32']:.0%}")
     return "\n".join(lines)
-
-
-def copy_for_web(export_dir, dest) -> Path:
-    """Copy an export into `dest` (e.g. a web page's models/ folder)."""
-    dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(export_dir, dest)
-    return dest
