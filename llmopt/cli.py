@@ -38,20 +38,21 @@ def _bench(args):
     if args.what == "kernels":
         from .kernels.bench import main
 
-        main(args.device, args.json, compile=not args.no_compile, only=tuple(args.only), repeats=args.repeats,
+        main(args.device, args.json, compile=not args.no_compile, only=tuple(args.only), repeats=args.repeats or 100,
              e2e=args.e2e, model=args.model)
     elif args.what == "decode":
         from .serving.bench import decode_main
 
         decode_main(args.model, batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, json_path=args.json,
-                    repeats=min(args.repeats, 10), systems=tuple(args.variants))
+                    repeats=min(args.repeats or 10, 10), systems=tuple(args.variants))
     elif args.what == "http":
         from .serving.http_bench import main
 
         if args.requests < 1 or args.concurrency < 1:
             raise ValueError("--requests and --concurrency must be >= 1")
         main(args.model, n=args.requests, concurrency=args.concurrency, json_path=args.json, threads=args.threads,
-             stream=not args.no_stream)
+             stream=not args.no_stream, engine_thread=args.engine_thread, repeats=args.repeats or 3,
+             time_limit=args.time_limit)
     else:
         from .serving.bench import main
 
@@ -63,9 +64,10 @@ def _bench(args):
 
 def _export(args):
     from .export.onnx import export_onnx, format_export, measure_export
+    from .models import default_model
 
     files = export_onnx(args.model, args.out, quantize=tuple(q for q in args.quantize if q != "none"))
-    print(format_export(measure_export(files, args.model, new_tokens=args.new_tokens)))
+    print(format_export(measure_export(files, args.model or default_model(), new_tokens=args.new_tokens)))
     print(f"saved {args.out} (load it in Transformers.js with env.localModelPath and dtype fp32 / q8 / q4)")
 
 
@@ -77,7 +79,8 @@ def _serve(args):
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     serve(args.model, host=args.host, port=args.port, max_queue=args.max_queue, request_timeout=args.request_timeout,
-          threads=args.threads, max_num_seqs=args.max_num_seqs)
+          threads=args.threads, engine_process=not args.engine_thread, fuse=args.fuse,
+          served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="default: cuda if present, else cpu (correctness checks only)")
     t.add_argument("--json", default=None, help="also write the results to this JSON file")
     t.add_argument("--only", nargs="*", default=[], help="kernel names to keep (e.g. rmsnorm w4a16)")
-    t.add_argument("--repeats", type=int, default=100, help="timed runs per measurement (GPU)")
+    t.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (kernels: default 100; "
+                   "decode: 10; http: 3, each run of the workload over HTTP followed by one in-process)")
     t.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     t.add_argument("--e2e", action="store_true", help="also decode with the fused and W4-fused model")
     t.add_argument("--model", default=None, help="model for --e2e and serve (default: the bundled one; "
@@ -125,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=16, help="serve: HF static batch size")
     t.add_argument("--concurrency", type=int, default=32, help="http: concurrent clients")
     t.add_argument("--no-stream", action="store_true", help="http: one JSON answer per request, not SSE")
-    t.add_argument("--threads", type=int, default=None, help="http: the server's CPU threads (default: all "
-                   "cores but one on a CPU of up to 4 cores, left to the clients and the HTTP layer)")
+    t.add_argument("--threads", type=int, default=None, help="http: the server's CPU threads (default: one per core)")
+    t.add_argument("--time-limit", type=float, default=600, help="http: seconds each run may take; requests not "
+                   "answered by then count as lost")
+    t.add_argument("--engine-thread", action="store_true", help="http: the server runs its engine in a thread, "
+                   "not in a process of its own")
     t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
     t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
                    choices=["single", "static", "engine", "engine-no-prefix-cache"], help="serve: which servers to run")
@@ -149,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_export)
 
     t = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine (lesson 11)")
-    t.add_argument("--model", default=None, help="bundled name, local directory or hub id")
+    t.add_argument("--model", default=None, help="bundled name, local directory (one written by "
+                   "llmopt.quant.save_quantized too) or hub id")
+    t.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    t.add_argument("--fuse", action="store_true", help="swap in the fused modules of lesson 08 (Triton kernels on "
+                   "a GPU, their PyTorch references on a CPU)")
     t.add_argument("--host", default="127.0.0.1")
     t.add_argument("--port", type=int, default=8000)
     t.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine runs at once")
@@ -157,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--request-timeout", type=float, default=600, help="seconds before a request gets 504")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for the model's math (default: "
                    "PyTorch's, one per core); fewer leave cores to the HTTP layer on a small CPU")
+    t.add_argument("--engine-thread", action="store_true", help="run the engine in a thread of the server's "
+                   "process (default: a process of its own, so the two Pythons do not share one lock)")
     t.set_defaults(func=_serve)
     return p
 

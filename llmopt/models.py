@@ -158,7 +158,8 @@ def load(name_or_path=None, dtype=None, device=None, trust_remote_code: bool = F
     """Load a causal LM and its tokenizer: `(model, tokenizer)`, model in eval mode.
 
     name_or_path: 'tinypy' (the bundled model, the default, or `LLMOPT_MODEL`),
-    'tiny-random' (a random 2-layer model for tests), a local directory, or a hub id.
+    'tiny-random' (a random 2-layer model for tests), a local directory, or a hub id. A directory
+    written by `llmopt.quant.save_quantized` comes back quantized (its own dtype; `dtype` is ignored).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -178,6 +179,13 @@ def load(name_or_path=None, dtype=None, device=None, trust_remote_code: bool = F
     if isinstance(where, Path):
         for f in where.glob("*.safetensors"):
             _check_safetensors(f)
+        if (where / "quant_config.json").is_file():
+            from .quant.io import load_quantized
+
+            model, tok = load_quantized(where, device=dev)
+            if tok is None:
+                raise ValueError(f"{where} has no tokenizer: save it with save_quantized(model, tokenizer, path)")
+            return model, tok
     try:
         tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code)

@@ -117,3 +117,26 @@ def test_cli_exports_and_measures(tmp_path):
     assert "model_quantized.onnx" in r.stdout and "perplexity" in r.stdout
     onnx_dir = tmp_path / "m" / "onnx"
     assert (onnx_dir / "model.onnx").is_file() and not (onnx_dir / "model_q4.onnx").exists()
+
+
+def test_a_w4_quantized_and_fused_model_exports_what_it_computes(tmp_path, bundled):
+    """The quantized linears are written dequantized (the bit unpacking does not trace): the fp32 file's
+    logits equal the W4 model's, not the float model's; measure_export reads the export's own tokenizer."""
+    import copy
+
+    from llmopt.export.onnx import measure_export
+    from llmopt.kernels import fuse
+    from llmopt.quant import QuantConfig, quantize
+
+    model, tok = bundled
+    w4 = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, method="rtn"))
+    w4 = fuse(w4)
+    files = export_onnx(w4, tmp_path / "w4", tokenizer=tok, quantize=())
+    ids = tok("import os\nfor name in", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, plain = w4(ids).logits[0].numpy(), model(ids).logits[0].numpy()
+    sess = ort.InferenceSession(str(files["fp32"]))
+    got = sess.run(["logits"], feed_for(sess, ids[0].tolist()))[0][0]
+    assert np.abs(got - want).max() < 1e-3 < np.abs(got - plain).max()
+    r = measure_export(files, new_tokens=4, eval_tokens=600)
+    assert r["model"] == "w4" and r["rows"][0]["perplexity"] > 1 and r["rows"][0]["same_tokens_as_fp32"] == 1

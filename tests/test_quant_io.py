@@ -51,3 +51,21 @@ def test_save_load_errors(tiny, tmp_path):
     (out / "quant_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="v99"):
         load_quantized(out)
+
+
+def test_models_load_opens_a_saved_quantized_folder(tiny, tmp_path):
+    """`llmopt.models.load` (and so `llmopt serve --model FOLDER`) gives the quantized model back."""
+    from llmopt import models
+    from llmopt.quant import QuantLinear
+
+    model, tok = tiny
+    q = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32))
+    save_quantized(q, tok, tmp_path / "q")
+    loaded, tok2 = models.load(str(tmp_path / "q"), device="cpu")
+    assert any(isinstance(m, QuantLinear) for m in loaded.modules())
+    ids = torch.tensor([tok("def f(x):").input_ids])
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, loaded(ids).logits)
+    save_quantized(q, None, tmp_path / "no_tok")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        models.load(str(tmp_path / "no_tok"))

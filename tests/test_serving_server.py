@@ -1,5 +1,6 @@
 """`llmopt serve`: the official `openai` client against the server, streaming, every fault with its
-status and OpenAI-style error body, a disconnect freeing its blocks, and the HTTP bench's checks."""
+status and OpenAI-style error body, a disconnect freeing its blocks, and the HTTP bench's checks;
+each with the engine in a thread of the server and in a process of its own."""
 import json
 import time
 
@@ -11,17 +12,22 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from llmopt.serving import LLM, LLMEngine, SamplingParams  # noqa: E402
+from llmopt.serving.async_engine import EngineProcess  # noqa: E402
 from llmopt.serving.http_bench import BackgroundServer  # noqa: E402
 from llmopt.serving.server import build_app  # noqa: E402
 
 NAME = "tinypy"
 
 
-@pytest.fixture(scope="module")
-def server(bundled):
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def server(request, bundled):
     model, tok = bundled
-    app = build_app(LLMEngine(model, tok, num_kv_blocks=256, max_num_seqs=8), NAME, max_queue=4,
-                    request_timeout=60)
+    engine_kw = {"num_kv_blocks": 256, "max_num_seqs": 8}
+    if request.param == "engine-thread":
+        engine = LLMEngine(model, tok, **engine_kw)
+    else:   # the bundled model loaded again in the engine's process: the same weights
+        engine = EngineProcess(NAME, max_queue=4, **engine_kw)
+    app = build_app(engine, NAME, max_queue=4, request_timeout=60)
     with BackgroundServer(app) as s:
         s.app = app
         yield s
@@ -164,7 +170,7 @@ def test_a_lagging_stream_coalesces_its_chunks_and_keeps_the_text(server, bundle
         assert resp.status_code == 200
         lines = resp.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
-        (loop, _, _), = server.app.state.async_engine().streams.values()
+        (loop, _), = server.app.state.async_engine().streams.values()
         loop.call_soon_threadsafe(time.sleep, 1.0)   # the server's event loop stalls; the engine goes on
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
@@ -172,3 +178,59 @@ def test_a_lagging_stream_coalesces_its_chunks_and_keeps_the_text(server, bundle
     assert len(chunks) < 20
     assert "".join(c["choices"][0]["text"] for c in chunks) == reference_text(bundled, prompt, 40)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_bench_check_rejects_incomplete_or_mixed_streams():
+    from llmopt.serving.http_bench import _check_answer
+
+    def sse(*events):
+        return "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events).encode()
+
+    def chunk(rid, finish=None):
+        return {"id": rid, "choices": [{"text": "x", "finish_reason": finish}]}
+
+    assert _check_answer(200, sse(chunk("a"), chunk("a", "length"), "[DONE]"), True) == (True, "a")
+    assert not _check_answer(200, sse(chunk("a"), chunk("a", "length")), True)[0]            # no [DONE]
+    assert not _check_answer(200, sse(chunk("a"), chunk("b", "length"), "[DONE]"), True)[0]   # two requests
+    assert not _check_answer(200, sse(chunk("a"), chunk("a", "stop"), "[DONE]"), True)[0]     # cut short
+    assert not _check_answer(429, b"", True)[0]
+    assert _check_answer(200, json.dumps(chunk("c", "length")).encode(), False) == (True, "c")
+
+
+def test_an_engine_process_that_cannot_start_says_why():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        EngineProcess("/nonexistent/model", num_kv_blocks=8)
+    with pytest.raises(RuntimeError, match="block_size must be >= 1"):   # raised in the engine's process
+        EngineProcess(NAME, num_kv_blocks=8, block_size=0)
+
+
+def test_http_bench_keeps_its_time_bound_and_counts_the_rest_lost():
+    from llmopt.serving.http_bench import http_benchmark
+
+    t = time.monotonic()
+    r = http_benchmark("tinypy", n=6, concurrency=2, prompt_range=(16, 32), output_range=(900, 1000), compare=False,
+                       timeout=1.0)
+    assert time.monotonic() - t < 60
+    assert r["answered"] < 6 and any("bound" in (f.get("error") or "") for f in r["failed"])
+
+
+def test_serve_loads_a_saved_quantized_model(tmp_path, bundled):
+    """`llmopt serve --model FOLDER --fuse --served-model-name w4` on a folder written by save_quantized:
+    the W4 model's greedy text, served by the engine in its own process."""
+    import copy
+
+    from llmopt.quant import QuantConfig, quantize, save_quantized
+    from llmopt.serving.http_bench import SubprocessServer
+
+    model, tok = bundled
+    w4 = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, method="rtn"))
+    save_quantized(w4, tok, tmp_path / "w4")
+    prompt = "def add(a, b):"
+    want = LLM(model=w4, tokenizer=tok).generate([prompt], SamplingParams(temperature=0, max_tokens=10,
+                                                                         ignore_eos=True))[0].outputs[0].text
+    with SubprocessServer(str(tmp_path / "w4"), max_num_seqs=4, max_queue=8, fuse=True, name="w4") as s:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["w4"]
+        got = c.completions.create(model="w4", prompt=prompt, max_tokens=10, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert got.choices[0].text == want

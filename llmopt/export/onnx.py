@@ -97,7 +97,9 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 def export_onnx(model=None, out_dir="onnx_export", tokenizer=None, quantize=("q8", "q4"), opset: int = 17) -> dict:
     """Write `model` (a loaded model, or a name/folder for `llmopt.load`; default the bundled one)
     and its tokenizer to `out_dir` in Transformers.js' layout; `quantize`: any of "q8", "q4".
-    Returns {dtype: path of its .onnx file}."""
+    A model quantized by `llmopt.quant` (W4/W8 `QuantLinear`, NF4, ...) is written with its weights
+    dequantized: the fp32 file computes what the quantized model computes, and "q8"/"q4" are made
+    from it by onnxruntime's own quantizers. Returns {dtype: path of its .onnx file}."""
     from .. import models
 
     if not isinstance(model, nn.Module):
@@ -109,6 +111,7 @@ def export_onnx(model=None, out_dir="onnx_export", tokenizer=None, quantize=("q8
     if bad:
         raise ValueError(f"quantize takes 'q8' and 'q4', got {sorted(bad)}")
     model = copy.deepcopy(model).float().cpu().eval()   # exported in float32 from the CPU; the caller's stays
+    dequantize_linears(model)
     out = Path(out_dir)
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     dec = OnnxDecoder(model)
@@ -139,6 +142,27 @@ def export_onnx(model=None, out_dir="onnx_export", tokenizer=None, quantize=("q8
         files["q4"] = out / "onnx" / FILES["q4"]
         _quantize_q4(path, files["q4"])
     return files
+
+
+def dequantize_linears(model: nn.Module) -> int:
+    """Swap, in place, every module that holds quantized weights (it has `dequantized_weight`) for an
+    `nn.Linear` with those weights, dequantized to float32: ONNX export traces plain matmuls, not the
+    bit unpacking. Returns how many were swapped."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if not hasattr(module, "dequantized_weight"):
+            continue
+        w = module.dequantized_weight(torch.float32)
+        bias = getattr(module, "bias", None)
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if bias is not None:
+                linear.bias.copy_(bias.float())
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, linear)
+        swapped += 1
+    return swapped
 
 
 def _mark_bos(tokenizer, config_path: Path) -> None:
@@ -228,10 +252,14 @@ def onnx_perplexity(path, tokens: torch.Tensor, window: int = 512) -> float:
 
 def measure_export(files: dict, model=None, new_tokens: int = 64, eval_tokens: int = 4096) -> dict:
     """Size, perplexity on the test split, greedy decode speed in onnxruntime (CPU, batch 1) and
-    agreement with the fp32 file's tokens, for each exported file."""
-    from .. import data, models
+    agreement with the fp32 file's tokens, for each file of one export (`export_onnx`'s result; the
+    tokenizer is the one saved beside them). `model`: a name for the report (default: the folder's)."""
+    from transformers import AutoTokenizer
 
-    tok = models.load_tokenizer(model or models.default_model())
+    from .. import data
+
+    folder = Path(next(iter(files.values()))).parent.parent
+    tok = AutoTokenizer.from_pretrained(folder)
     stream = data.token_stream("test", tok)
     prompt = stream[:32].tolist()
     rows, ref = [], None
@@ -242,8 +270,8 @@ def measure_export(files: dict, model=None, new_tokens: int = 64, eval_tokens: i
                      "perplexity": onnx_perplexity(path, stream[:eval_tokens]),
                      "tok_s": (len(got) - 1) / seconds if len(got) > 1 else None,
                      "same_tokens_as_fp32": sum(a == b for a, b in zip(got, ref)) / len(ref)})
-    return {"model": str(model or models.default_model()), "new_tokens": new_tokens, "eval_tokens": eval_tokens,
-            "rows": rows}
+    return {"model": model if isinstance(model, str) else folder.name, "new_tokens": new_tokens,
+            "eval_tokens": eval_tokens, "rows": rows}
 
 
 def format_export(result: dict) -> str:

@@ -156,11 +156,9 @@ class ModelRunner:
         pos = torch.tensor(positions, device=dev)[None]
         slot_mapping = torch.tensor(slots, device=dev)
         decode = [i for i, (_, n) in enumerate(batch) if n == 1]
-        if decode:
-            width = max(len(batch[i][0].block_table) for i in decode)
-            tables = torch.tensor([batch[i][0].block_table + [0] * (width - len(batch[i][0].block_table))
-                                   for i in decode], device=dev)
-            lens = torch.tensor([batch[i][0].num_computed_tokens + 1 for i in decode], device=dev)
+        if decode:   # the decode tokens' context lengths and block tables, as a decode step has them
+            flat, tables = self.decode_inputs([batch[i][0] for i in decode])
+            lens, tables = flat.view(4, -1)[3].to(dev), tables.to(dev)
             rows = torch.tensor([segments[i][0] for i in decode], device=dev)
         base = self.model.model
         x = base.embed_tokens(ids)

@@ -6,114 +6,24 @@
     client.completions.create(model="tinypy", prompt="def add(a, b):", max_tokens=30)
 
 Endpoints: `/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions` (with `stream: true`
-as server-sent events). The engine steps in its own thread (`AsyncEngine`) while requests arrive;
-each request gets a queue its outputs are pushed to. Faults answer with OpenAI's error body:
-bad JSON or fields 400, an unknown model 404, a full queue 429, a request past its deadline 504; a
-client that disconnects has its request aborted, which frees its KV blocks at once.
+as server-sent events). The engine steps in a process of its own (`EngineProcess`; or in a thread,
+`AsyncEngine`) while requests arrive; each request gets a queue its outputs are pushed to. Faults
+answer with OpenAI's error body: bad JSON or fields 400, an unknown model 404, a full queue 429, a
+request past its deadline 504; a client that disconnects has its request aborted, which frees its KV
+blocks at once.
 """
 
 import asyncio
 import json
-import queue
-import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 
+from .async_engine import AsyncEngine, Busy, EngineProcess, Timeout
 from .engine import LLMEngine, RequestOutput
 from .sampling import SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "max_tokens", "logprobs", "ignore_eos",
                    "min_tokens", "stop_token_ids")
-
-
-class Busy(Exception):
-    """The server's queue is full (answered 429)."""
-
-
-class Timeout(Exception):
-    """A request passed its deadline (answered 504)."""
-
-
-class AsyncEngine:
-    """The engine in a background thread. `submit` hands a request to it through an inbox and returns
-    an asyncio.Queue that receives the request's `RequestOutput`s (the last one `finished`), or an
-    exception: ValueError if the engine rejects it, `Timeout` past its deadline (the engine thread
-    aborts it, freeing its blocks). `abort` cancels one. The event loop never waits for a step, and is
-    woken once per step for all the outputs of that step."""
-
-    def __init__(self, engine: LLMEngine, max_queue: int = 256):
-        self.engine, self.max_queue = engine, max_queue
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.work = threading.Event()
-        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, float]] = {}
-        self.running = True
-        self.thread = threading.Thread(target=self._loop, name="llmopt-engine", daemon=True)
-        self.thread.start()
-
-    def submit(self, prompt, params: SamplingParams, timeout: float) -> tuple[str, asyncio.Queue]:
-        if len(self.streams) + self.inbox.qsize() >= self.max_queue:
-            raise Busy(f"the server holds {self.max_queue} requests, its limit (--max-queue)")
-        rid, q = f"cmpl-{uuid.uuid4().hex}", asyncio.Queue()
-        self.inbox.put(("add", rid, prompt, params, asyncio.get_running_loop(), q, time.monotonic() + timeout))
-        self.work.set()
-        return rid, q
-
-    def abort(self, rid: str) -> None:
-        self.inbox.put(("abort", rid))   # the engine thread frees its KV blocks on its next turn
-        self.work.set()
-
-    def _take_inbox(self, deliveries):
-        while not self.inbox.empty():
-            msg = self.inbox.get()
-            if msg[0] == "abort":
-                self.engine.abort_request(msg[1])
-                self.streams.pop(msg[1], None)
-                continue
-            _, rid, prompt, params, loop, q, deadline = msg
-            try:
-                self.engine.add_request(prompt, params, request_id=rid)
-            except ValueError as e:
-                deliveries.setdefault(loop, []).append((q, e))
-            else:
-                self.streams[rid] = (loop, q, deadline)
-
-    def _expire(self, deliveries):
-        now = time.monotonic()
-        for rid, (loop, q, deadline) in list(self.streams.items()):
-            if now >= deadline:
-                self.engine.abort_request(rid)
-                del self.streams[rid]
-                deliveries.setdefault(loop, []).append((q, Timeout("the request passed its deadline")))
-
-    def _loop(self):
-        while self.running:
-            deliveries: dict = {}
-            self._take_inbox(deliveries)
-            self._expire(deliveries)
-            if self.engine.has_unfinished_requests():
-                # no text in the engine thread: a stream decodes what it sends, a plain answer its last output
-                for out in self.engine.step(detokenize=False):
-                    target = self.streams.get(out.request_id)
-                    if target is not None:
-                        deliveries.setdefault(target[0], []).append((target[1], out))
-                        if out.finished:
-                            del self.streams[out.request_id]
-            for loop, items in deliveries.items():
-                loop.call_soon_threadsafe(_deliver, items)
-            if not self.engine.has_unfinished_requests():
-                self.work.wait(0.05)
-                self.work.clear()
-
-    def close(self):
-        self.running = False
-        self.work.set()
-        self.thread.join(timeout=5)
-
-
-def _deliver(items):
-    for q, item in items:
-        q.put_nowait(item)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
@@ -147,12 +57,14 @@ def sampling_params(body: dict) -> SamplingParams:
         raise ValueError(str(e)) from None
 
 
-def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_timeout: float = 600.0):
-    """The FastAPI app serving `engine` under the name `model_name`."""
+def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int = 256,
+              request_timeout: float = 600.0):
+    """The FastAPI app serving `engine` under the name `model_name`: an `LLMEngine` (run in a thread of
+    this process, started with the first request) or an `EngineProcess` (its `max_queue` counts)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    state = {"engine": None}
+    state = {"engine": engine if isinstance(engine, EngineProcess) else None}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -162,7 +74,7 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
 
     app = FastAPI(title="llmopt serve", lifespan=lifespan)
 
-    def async_engine() -> AsyncEngine:
+    def async_engine() -> AsyncEngine | EngineProcess:
         if state["engine"] is None:
             state["engine"] = AsyncEngine(engine, max_queue)
         return state["engine"]
@@ -174,9 +86,9 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
 
     @app.get("/health")
     def health():
-        blocks = engine.blocks
-        return {"status": "ok", "requests": len(state["engine"].streams) if state["engine"] else 0,
-                "kv_blocks_in_use": blocks.num_blocks - blocks.num_free_blocks(), "kv_blocks": blocks.num_blocks}
+        in_use, total = async_engine().kv_blocks()
+        return {"status": "ok", "requests": len(async_engine().streams), "kv_blocks_in_use": in_use,
+                "kv_blocks": total}
 
     @app.get("/v1/models")
     def list_models():
@@ -194,7 +106,7 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
                         param="model", code="model_not_found")
         try:
             if chat:
-                prompt = chat_prompt(engine.tokenizer, body.get("messages"))
+                prompt = chat_prompt(async_engine().tokenizer, body.get("messages"))
             else:
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -250,7 +162,7 @@ def build_app(engine: LLMEngine, model_name: str, max_queue: int = 256, request_
             c = out.outputs[0]   # a finished output, or one of a request with stop strings, has its text
             if out.finished or params.stop:
                 return c.text
-            text = engine.tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens)
+            text = async_engine().tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens)
             return text.rstrip("\ufffd")   # a character whose bytes are not all generated yet: send it later
 
         async def events():
@@ -305,17 +217,31 @@ def _sse(obj: dict) -> str:
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256, request_timeout: float = 600,
-          threads: int | None = None, **engine_kw):
-    """Load `model` and serve it until interrupted (what `llmopt serve` runs). `threads`: PyTorch's
-    intra-op threads (CPU math); default one per core."""
+          threads: int | None = None, engine_process: bool = True, fuse: bool = False,
+          served_model_name: str | None = None, **engine_kw):
+    """Load `model` and serve it until interrupted (what `llmopt serve` runs). `threads`: the engine's
+    PyTorch threads (CPU math; default one per core). `engine_process`: the engine in a process of its
+    own (default), else in a thread of the server's. `fuse`: lesson 08's fused modules.
+    `served_model_name`: the name clients ask for (default: `model` as given)."""
     import torch
     import uvicorn
 
     from .. import models
 
-    if threads:
-        torch.set_num_threads(threads)
-    m, tok = models.load(model)
-    name = str(model or models.default_model())
-    app = build_app(LLMEngine(m, tok, **engine_kw), name, max_queue, request_timeout)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    name = served_model_name or str(model or models.default_model())
+    if engine_process:
+        engine = EngineProcess(model, max_queue, threads, fuse, **engine_kw)
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        m, tok = models.load(model)
+        if fuse:
+            from ..kernels import fuse as fuse_model
+
+            fuse_model(m)
+        engine = LLMEngine(m, tok, **engine_kw)
+    try:
+        uvicorn.run(build_app(engine, name, max_queue, request_timeout), host=host, port=port, log_level="warning")
+    finally:
+        if engine_process:
+            engine.close()
