@@ -59,7 +59,8 @@ def _bench(args):
         if args.requests < 1 or args.batch_size < 1:
             raise ValueError("--requests and --batch-size must be >= 1")
         main(args.model, n=args.requests, batch_size=args.batch_size, json_path=args.json, plot_path=args.plot,
-             shared_prefix=args.shared_prefix, systems=tuple(args.systems), block_size=args.block_size)
+             shared_prefix=args.shared_prefix, systems=tuple(args.systems), block_size=args.block_size,
+             repeats=args.repeats or 1)
 
 
 def _export(args):
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", default=None, help="also write the results to this JSON file")
     t.add_argument("--only", nargs="*", default=[], help="kernel names to keep (e.g. rmsnorm w4a16)")
     t.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (kernels: default 100; "
-                   "decode: 10; http: 3, each run of the workload over HTTP followed by one in-process)")
+                   "decode: 10; http: 3, each run of the workload over HTTP followed by one in-process; serve: 1, "
+                   "the systems interleaved)")
     t.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     t.add_argument("--e2e", action="store_true", help="also decode with the fused and W4-fused model")
     t.add_argument("--model", default=None, help="model for --e2e and serve (default: the bundled one; "

@@ -396,3 +396,19 @@ def test_load_llm_hands_vllm_a_folder_and_falls_back_when_it_fails(monkeypatch):
         assert llm_mod.load_llm("broken", max_num_seqs=2) == "ours"
     assert calls == [{"model": "broken", "max_num_seqs": 2}]
     assert isinstance(llm_mod.sampling_params_for("ours", max_tokens=3), SamplingParams)
+
+
+def test_serve_benchmark_runs_each_system_repeatedly_and_keeps_the_median():
+    from llmopt.serving.bench import format_results, serve_benchmark
+
+    r = serve_benchmark("tinypy", n=6, batch_size=3, repeats=3, prompt_range=(16, 40), output_range=(4, 12),
+                        block_size=4)   # short sequences: small blocks, or a partly filled block is most of one
+    assert [x["system"].split(",")[0] for x in r["results"]] == ["HF generate", "HF generate",
+                                                                  "llmopt engine (paged"]
+    for x in r["results"]:
+        runs = x["runs_tokens_per_s"]
+        assert len(runs) == 3 and x["tokens_per_s"] == sorted(runs)[1] and x["generated_tokens"] == sum(
+            q for q in r["workload"]["output_tokens"])
+    single, static, engine = r["results"]
+    assert engine["kv_waste"] < static["kv_waste"] and single["kv_waste"] == 0
+    assert "median of 3 runs" in format_results(r)

@@ -151,7 +151,10 @@ def run_engine(model, tokenizer, reqs: list[Request], **engine_kw) -> dict:
 
 def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: int = 0, device=None,
                     systems=("single", "static", "engine"), prompt_range=(16, 512), output_range=(16, 256),
-                    shared_prefix: int = 0, **engine_kw) -> dict:
+                    shared_prefix: int = 0, repeats: int = 1, **engine_kw) -> dict:
+    """The workload through each of `systems`, `repeats` times, interleaved (system by system, then
+    again: a shared machine's speed drifts); per system the run with the median throughput, and
+    every run's tokens/s in `runs_tokens_per_s`."""
     from .. import data, models
 
     model, tok = models.load(model_name, device=device)
@@ -163,17 +166,23 @@ def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: in
            "dtype": str(next(model.parameters()).dtype), "env": bench.environment(), "workload": {
                "requests": n, "prompt_tokens": [len(r.prompt_ids) for r in reqs],
                "output_tokens": [r.output_len for r in reqs], "shared_prefix": shared_prefix, "seed": seed},
-           "results": []}
-    if "single" in systems:
-        out["results"].append(run_hf_single(model, reqs))
-    if "static" in systems:
-        out["results"].append(run_hf_static(model, reqs, batch_size))
-    if "engine" in systems:
-        out["results"].append(run_engine(model, tok, reqs, **engine_kw))
-    if "engine-no-prefix-cache" in systems:
+           "repeats": repeats, "results": []}
+
+    def no_prefix_cache():
         r = run_engine(model, tok, reqs, **{**engine_kw, "enable_prefix_caching": False})
         r["system"] += ", no prefix caching"
-        out["results"].append(r)
+        return r
+
+    runners = {"single": lambda: run_hf_single(model, reqs), "static": lambda: run_hf_static(model, reqs, batch_size),
+               "engine": lambda: run_engine(model, tok, reqs, **engine_kw),
+               "engine-no-prefix-cache": no_prefix_cache}
+    runs = {name: [] for name in systems if name in runners}
+    for _ in range(repeats):
+        for name, rs in runs.items():
+            rs.append(runners[name]())
+    for rs in runs.values():
+        median = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
+        out["results"].append({**median, "runs_tokens_per_s": [r["tokens_per_s"] for r in rs]})
     return out
 
 
@@ -183,8 +192,12 @@ def format_results(result: dict) -> str:
              f"{min(w['prompt_tokens'])}-{max(w['prompt_tokens'])} tokens, outputs {min(w['output_tokens'])}-"
              f"{max(w['output_tokens'])}" + (f", shared prefix {w['shared_prefix']}" if w["shared_prefix"] else ""),
              "system | tok/s | req/s | TTFT p50 / p90 s | TPOT p50 / p90 ms | KV waste | tokens computed"]
+    if result.get("repeats", 1) > 1:
+        lines[1] = lines[1].replace("tok/s", f"tok/s (median of {result['repeats']} runs: each run)", 1)
     for r in result["results"]:
-        lines.append(f"{r['system']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+        runs = r.get("runs_tokens_per_s", [])
+        each = f" ({', '.join(f'{x:.1f}' for x in runs)})" if len(runs) > 1 else ""
+        lines.append(f"{r['system']} | {r['tokens_per_s']:.1f}{each} | {r['requests_per_s']:.2f} | "
                      f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p90']:.2f} | "
                      f"{r['tpot_s']['p50'] * 1e3:.1f} / {r['tpot_s']['p90'] * 1e3:.1f} | {r['kv_waste']:.1%} | "
                      f"{r.get('computed_tokens', '-')}")
@@ -211,9 +224,9 @@ def plot_results(result: dict, path=None):
 
 
 def main(model=None, n: int = 64, batch_size: int = 16, json_path=None, plot_path=None, shared_prefix: int = 0,
-         systems=("single", "static", "engine"), seed: int = 0, block_size: int = 16) -> dict:
+         systems=("single", "static", "engine"), seed: int = 0, block_size: int = 16, repeats: int = 1) -> dict:
     result = serve_benchmark(model, n=n, batch_size=batch_size, shared_prefix=shared_prefix, systems=systems,
-                             seed=seed, block_size=block_size)
+                             seed=seed, block_size=block_size, repeats=repeats)
     print(format_results(result))
     if json_path:
         with open(json_path, "w") as f:
