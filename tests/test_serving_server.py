@@ -147,10 +147,13 @@ def test_full_queue_answers_429_and_deadline_504(server):
     _wait_idle(server)
 
 
-def test_http_bench_loses_nothing():
+@pytest.mark.parametrize("engine_thread", [False, True], ids=["engine-process", "engine-thread"])
+def test_http_bench_loses_nothing(engine_thread):
     from llmopt.serving.http_bench import http_benchmark
 
-    r = http_benchmark("tinypy", n=12, concurrency=4, prompt_range=(16, 64), output_range=(4, 16), compare=False)
+    r = http_benchmark("tinypy", n=12, concurrency=4, prompt_range=(16, 64), output_range=(4, 16), compare=False,
+                       engine_thread=engine_thread)
+    assert r["engine_thread"] is engine_thread
     assert r["answered"] == 12 and r["duplicate_ids"] == 0 and not r["failed"]
     assert r["kv_blocks_in_use_after"] == 0 and r["tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0
 
@@ -234,3 +237,39 @@ def test_serve_loads_a_saved_quantized_model(tmp_path, bundled):
         got = c.completions.create(model="w4", prompt=prompt, max_tokens=10, temperature=0,
                                    extra_body={"ignore_eos": True})
     assert got.choices[0].text == want
+
+
+def test_a_dead_engine_ends_its_requests_and_answers_503(bundled):
+    """The engine process is killed mid-stream: the stream ends with an error event, /health and new
+    requests answer 503 instead of hanging."""
+    import os
+    import signal
+
+    engine = EngineProcess(NAME, max_queue=4, num_kv_blocks=64, max_num_seqs=2)
+    with BackgroundServer(build_app(engine, NAME)) as s:
+        body = {"model": NAME, "prompt": "import os", "max_tokens": 600, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            os.kill(engine.proc.pid, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        err = json.loads(rest[-1][6:])["error"]
+        assert "engine process stopped" in err["message"] and err["type"] == "server_error"
+        assert httpx.get(f"{s.url}/health").status_code == 503
+        r = httpx.post(f"{s.url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "engine process stopped" in r.json()["error"]["message"]
+
+
+def test_an_engine_thread_that_fails_answers_503(bundled):
+    model, tok = bundled
+    engine = LLMEngine(model, tok, num_kv_blocks=64, max_num_seqs=2)
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("a bug in the step")
+
+    engine.step = broken_step
+    with BackgroundServer(build_app(engine, NAME)) as s:
+        r = httpx.post(f"{s.url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and "a bug in the step" in r.json()["error"]["message"]
+        assert httpx.get(f"{s.url}/health").json()["status"] == "engine stopped"

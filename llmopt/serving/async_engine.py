@@ -4,17 +4,18 @@ without waiting for them.
 `EngineCore.turn` is one turn of the serving loop: take the new messages (add a request, abort one),
 abort the requests past their deadline, run one engine step. Two ways to drive it:
 
-- `AsyncEngine`: the core in a thread of the server's process. Simple, and what the tests and the
-  notebook use; but the HTTP layer's Python and the engine's Python share one interpreter lock, so
-  on a small CPU each waits for the other.
+- `AsyncEngine`: the core in a thread of the server's process. Simple, and what `build_app` runs for
+  an `LLMEngine` (a model that exists only in memory); but the HTTP layer's Python and the engine's
+  share one interpreter lock, so on a small CPU each waits for the other.
 - `EngineProcess`: the core in a process of its own (as vLLM's V1 engine does), talking to the server
   through a pipe: per step, one message with the outputs of every request that got a token. The two
   interpreters run in parallel; `llmopt serve` uses this one.
 
 Both give the server the same front end: `submit` returns an asyncio.Queue that receives the
 request's `RequestOutput`s (the last one `finished`), or the exception that ended it: ValueError if
-the engine rejects it, `Timeout` past its deadline (its blocks are freed). `abort` cancels one (a
-client that went away). The event loop is woken once per step for all the outputs of that step.
+the engine rejects it, `Timeout` past its deadline (its blocks are freed), `EngineStopped` if the
+engine died. `abort` cancels one (a client that went away). The event loop is woken once per step
+for all the outputs of that step.
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ class Busy(Exception):
 
 class Timeout(Exception):
     """A request passed its deadline (answered 504)."""
+
+
+class EngineStopped(Exception):
+    """The engine died (a crash, a killed process): its requests end with this, and new ones get 503."""
 
 
 class EngineCore:
@@ -92,8 +97,11 @@ class _FrontEnd:
     def __init__(self, tokenizer, max_queue: int):
         self.tokenizer, self.max_queue = tokenizer, max_queue
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stopped: str | None = None   # why the engine died, once it has
 
     def submit(self, prompt, params: SamplingParams, timeout: float) -> tuple[str, asyncio.Queue]:
+        if self.stopped:
+            raise EngineStopped(self.stopped)
         if len(self.streams) >= self.max_queue:
             raise Busy(f"the server holds {self.max_queue} requests, its limit (--max-queue)")
         rid, q = f"cmpl-{uuid.uuid4().hex}", asyncio.Queue()
@@ -116,7 +124,15 @@ class _FrontEnd:
             if not hasattr(item, "finished") or item.finished:
                 self.streams.pop(rid, None)
         for loop, batch in deliveries.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:   # that event loop is closed: no one is waiting
+                pass
+
+    def _stop(self, why: str) -> None:
+        """The engine is gone: end every request in flight with `EngineStopped`; refuse new ones."""
+        self.stopped = why
+        self._route([(rid, EngineStopped(why)) for rid in list(self.streams)])
 
     def _send(self, msg) -> None:
         raise NotImplementedError
@@ -147,14 +163,17 @@ class AsyncEngine(_FrontEnd):
         return self.core.kv_blocks()
 
     def _loop(self):
-        while self.running:
-            messages = []
-            while not self.inbox.empty():
-                messages.append(self.inbox.get())
-            self._route(self.core.turn(messages))
-            if not self.core.busy:
-                self.work.wait(0.05)
-                self.work.clear()
+        try:
+            while self.running:
+                messages = []
+                while not self.inbox.empty():
+                    messages.append(self.inbox.get())
+                self._route(self.core.turn(messages))
+                if not self.core.busy:
+                    self.work.wait(0.05)
+                    self.work.clear()
+        except Exception as e:   # a bug in a step: say so to every waiting client rather than hang
+            self._stop(f"the engine stopped: {type(e).__name__}: {e}")
 
     def close(self):
         self.running = False
@@ -202,9 +221,11 @@ class EngineProcess(_FrontEnd):
         while True:
             try:
                 items, self._blocks = self.conn.recv()
-            except (EOFError, OSError):   # the core has stopped
-                return
+            except (EOFError, OSError):   # the core's end of the pipe is closed: it has stopped
+                break
             self._route(items)
+        self.proc.join(1)
+        self._stop(f"the engine process stopped (exit code {self.proc.exitcode})")
 
     def close(self):
         try:
@@ -217,21 +238,27 @@ class EngineProcess(_FrontEnd):
         self.conn.close()
 
 
-def _core_main(conn, model, threads, fuse, engine_kw):
-    """The engine process: load the model, then turn until told to stop (None) or the server is gone."""
+def load_engine(model=None, threads: int | None = None, fuse: bool = False, **engine_kw) -> LLMEngine:
+    """An `LLMEngine` on `llmopt.models.load(model)`: `threads` PyTorch threads for this process,
+    `fuse` for lesson 08's fused modules."""
     import torch
 
     from .. import models
 
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        m, tok = models.load(model)
-        if fuse:
-            from ..kernels import fuse as fuse_model
+    if threads:
+        torch.set_num_threads(threads)
+    m, tok = models.load(model)
+    if fuse:
+        from ..kernels import fuse as fuse_model
 
-            fuse_model(m)
-        core = EngineCore(LLMEngine(m, tok, **engine_kw))
+        fuse_model(m)
+    return LLMEngine(m, tok, **engine_kw)
+
+
+def _core_main(conn, model, threads, fuse, engine_kw):
+    """The engine process: load the model, then turn until told to stop (None) or the server is gone."""
+    try:
+        core = EngineCore(load_engine(model, threads, fuse, **engine_kw))
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return

@@ -9,8 +9,8 @@ Endpoints: `/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions` (w
 as server-sent events). The engine steps in a process of its own (`EngineProcess`; or in a thread,
 `AsyncEngine`) while requests arrive; each request gets a queue its outputs are pushed to. Faults
 answer with OpenAI's error body: bad JSON or fields 400, an unknown model 404, a full queue 429, a
-request past its deadline 504; a client that disconnects has its request aborted, which frees its KV
-blocks at once.
+request past its deadline 504, a dead engine 503 (`/health` too); a client that disconnects has its
+request aborted, which frees its KV blocks at once.
 """
 
 import asyncio
@@ -18,7 +18,7 @@ import json
 import time
 from contextlib import asynccontextmanager
 
-from .async_engine import AsyncEngine, Busy, EngineProcess, Timeout
+from .async_engine import AsyncEngine, Busy, EngineProcess, EngineStopped, Timeout, load_engine
 from .engine import LLMEngine, RequestOutput
 from .sampling import SamplingParams
 
@@ -28,6 +28,15 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "ma
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _ending(e: Exception) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of an exception that ended a request."""
+    if isinstance(e, Timeout):
+        return 504, "timeout"
+    if isinstance(e, EngineStopped):
+        return 503, "server_error"
+    return 400, "invalid_request_error"   # a ValueError: the engine refused the request
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -87,8 +96,11 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
     @app.get("/health")
     def health():
         in_use, total = async_engine().kv_blocks()
-        return {"status": "ok", "requests": len(async_engine().streams), "kv_blocks_in_use": in_use,
+        body = {"status": "ok", "requests": len(async_engine().streams), "kv_blocks_in_use": in_use,
                 "kv_blocks": total}
+        if async_engine().stopped:
+            return JSONResponse({**body, "status": "engine stopped", "why": async_engine().stopped}, 503)
+        return body
 
     @app.get("/v1/models")
     def list_models():
@@ -118,8 +130,9 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
             rid, outputs = async_engine().submit(prompt, params, float(body.get("timeout", request_timeout)))
         except Busy as e:
             return fail(429, str(e), kind="rate_limit_error")
-        except ValueError as e:
-            return fail(400, str(e))
+        except (ValueError, EngineStopped) as e:
+            status, kind = _ending(e)
+            return fail(status, str(e), kind=kind)
         created, stream = int(time.time()), bool(body.get("stream"))
         obj = "chat.completion" if chat else "text_completion"
         try:
@@ -127,10 +140,9 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
         except asyncio.CancelledError:
             async_engine().abort(rid)
             raise
-        if isinstance(first, ValueError):   # rejected by the engine (empty prompt, too long, ...)
-            return fail(400, str(first))
-        if isinstance(first, Timeout):
-            return fail(504, str(first), kind="timeout")
+        if isinstance(first, Exception):   # rejected (empty prompt, too long, ...), late, or no engine
+            status, kind = _ending(first)
+            return fail(status, str(first), kind=kind)
 
         def usage(out: RequestOutput):
             n_out = len(out.outputs[0].token_ids)
@@ -142,8 +154,9 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
             try:
                 while not out.finished:
                     out = await outputs.get()
-                    if isinstance(out, Timeout):
-                        return fail(504, str(out), kind="timeout")
+                    if isinstance(out, Exception):
+                        status, kind = _ending(out)
+                        return fail(status, str(out), kind=kind)
             except asyncio.CancelledError:
                 async_engine().abort(rid)
                 raise
@@ -176,10 +189,10 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
                 while True:
                     # outputs carry the whole completion so far: when the client has fallen behind, skip
                     # to the latest one and send everything new in one chunk
-                    while not isinstance(out, Timeout) and not out.finished and not outputs.empty():
+                    while not isinstance(out, Exception) and not out.finished and not outputs.empty():
                         out = outputs.get_nowait()
-                    if isinstance(out, Timeout):
-                        yield _sse(error_body(str(out), "timeout"))
+                    if isinstance(out, Exception):   # past its deadline, or the engine died
+                        yield _sse(error_body(str(out), _ending(out)[1]))
                         return
                     c, text = out.outputs[0], text_of(out)
                     delta, sent = text[sent:], len(text)
@@ -223,7 +236,6 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, max_queue: int 
     PyTorch threads (CPU math; default one per core). `engine_process`: the engine in a process of its
     own (default), else in a thread of the server's. `fuse`: lesson 08's fused modules.
     `served_model_name`: the name clients ask for (default: `model` as given)."""
-    import torch
     import uvicorn
 
     from .. import models
@@ -232,14 +244,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, max_queue: int 
     if engine_process:
         engine = EngineProcess(model, max_queue, threads, fuse, **engine_kw)
     else:
-        if threads:
-            torch.set_num_threads(threads)
-        m, tok = models.load(model)
-        if fuse:
-            from ..kernels import fuse as fuse_model
-
-            fuse_model(m)
-        engine = LLMEngine(m, tok, **engine_kw)
+        engine = load_engine(model, threads, fuse, **engine_kw)
     try:
         uvicorn.run(build_app(engine, name, max_queue, request_timeout), host=host, port=port, log_level="warning")
     finally:
