@@ -139,6 +139,28 @@ def test_every_candidate_config(path, group):
         assert_close(fn(x, *qargs(q), q.bias, out=poisoned(M, N, x.dtype), **config), want)
 
 
+@pytest.mark.parametrize("K, split, splits", [(1024, 4, 4), (384, 4, 3), (640, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_k_gemv_adds_its_partial_sums(monkeypatch, K, split, splits, dtype):
+    """K cut in `splits` ranges of whole 128-wide tiles (the last one partly past K: masked), each
+    range's float32 partial sums in its own slice, added up with the bias afterwards."""
+    q = make(45, K, 128, False, True)
+    x = rand(3, K, dtype=dtype)
+    seen = []
+    real = torch.empty
+
+    def spy(*shape, **kw):   # the partial-sums buffer is the one float32 tensor of three dims
+        t = real(*shape, **kw)
+        if t.dim() == 3 and kw.get("dtype") == torch.float32:
+            seen.append(tuple(t.shape))
+        return t
+    monkeypatch.setattr(w4a16.torch, "empty", spy)
+    got = w4a16.w4a16_gemv(x, *qargs(q), q.bias, out=poisoned(3, 45, dtype), BLOCK_N=16, BLOCK_K=128,
+                           SPLIT_K=split)
+    assert seen == [(splits, 3, 45)]
+    assert_close(got, w4a16.w4a16_reference(x, *qargs(q), q.bias))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape", [(1, 3), (2, 10), (0,)])  # leading dims: GEMV, GEMM (or W8's reference), empty
 def test_linear_flattens_leading_dims(bits, shape):

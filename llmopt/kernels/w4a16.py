@@ -51,6 +51,12 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, LATE_SUM=True),
     dict(BLOCK_N=32, BLOCK_K=64, num_warps=2, LATE_SUM=True),
     dict(BLOCK_N=64, BLOCK_K=128, num_warps=8, LATE_SUM=True),
+    # K split over 2-8 programs per column tile: more programs in flight (see the kernel)
+    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, SPLIT_K=2),
+    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, SPLIT_K=4),
+    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, SPLIT_K=4),
+    dict(BLOCK_N=16, BLOCK_K=128, num_warps=2, SPLIT_K=8),
+    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, LATE_SUM=True, SPLIT_K=4),
 ]
 # GEMM: BLOCK_M >= 16 and BLOCK_K // 2 >= 16 (tl.dot's smallest tile).
 GEMM_CONFIGS = [
@@ -103,23 +109,25 @@ def _dequantize(codes, n, k, mask, s_ptr, z_ptr, G, stride_sn, HAS_ZEROS: tl.con
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
-                       stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
+                       stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on, stride_os, K_SPLIT,
                        HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP: tl.constexpr,
                        LATE_SUM: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One program per BLOCK_N output columns, all M rows, the whole K. No split-K: a decoder's
-    # projections have N in the thousands, so N / BLOCK_N programs already fill the GPU; split-K
-    # would pay off only for small N with a long K, at the price of a second reduction.
+    # One program per BLOCK_N output columns and K_SPLIT of K (all of it without split-K), all M rows.
+    # Split-K: with N / BLOCK_N programs alone a 4096 x 11008 layer has a few hundred programs, two or
+    # three per SM of a big GPU, too few warps in flight to hide the memory latency; splitting K over
+    # grid axis 1 multiplies them, and each split writes its float32 partial sums to its own slice
+    # of `out` (stride_os) for the wrapper to add up. `pick_config` times both ways.
     # LATE_SUM: keep the products of every k lane in registers and sum over k once, after the loop,
     # instead of a sum across threads in every iteration (more registers, fewer shuffles; which one
     # wins depends on the GPU and the shape: `pick_config` times both).
-    pid = tl.program_id(0)
+    pid, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)  # M padded to a power of two; the extra rows are masked
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc3 = tl.full((BLOCK_M, BLOCK_N, BLOCK_K // 2), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(split * K_SPLIT, split * K_SPLIT + K_SPLIT, BLOCK_K):   # K_SPLIT: a multiple of BLOCK_K
         j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns of qweight: k = 2j and 2j + 1
         j_ok = j < K // 2
         w_mask = col_ok[:, None] & j_ok[None, :]
@@ -172,8 +180,8 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
         acc = tl.sum(acc3, axis=2)
     if HAS_BIAS:  # in the kernel, in float32, before the one rounding: no second pass over the output
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -262,22 +270,37 @@ def _output(out, x, N):
 
 
 def _launch(kernel, grid, x, qweight, scales, zeros, group_size, bias, out, **meta):
+    """`out`: (M, N), or (splits, M, N) for a split-K GEMV (its split stride comes in `meta`)."""
     M, K = x.shape
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = None if zeros is None else zeros.contiguous()
     kernel[grid](x, qweight, scales, scales if zeros is None else zeros, scales if bias is None else bias, out,
-                 M, out.shape[1], K, K if group_size is None else group_size,
-                 x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1),
+                 M, out.shape[-1], K, K if group_size is None else group_size,
+                 x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), out.stride(-2), out.stride(-1),
                  HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, **meta)  # unused pointers: any tensor
     return out
 
 
-def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, num_warps=4, LATE_SUM=False):
-    grid = (triton.cdiv(out.shape[1], BLOCK_N),)
+def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, num_warps=4, LATE_SUM=False,
+          SPLIT_K=1):
+    K = x.shape[1]
+    k_split = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K   # whole tiles per split
+    splits = triton.cdiv(K, k_split)
+    grid = (triton.cdiv(out.shape[1], BLOCK_N), splits)
     one_group = group_size is None or group_size % BLOCK_K == 0   # every K tile inside one group
-    return _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, bias, out, ONE_GROUP=one_group,
-                   LATE_SUM=LATE_SUM, BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                   num_warps=num_warps)
+    meta = dict(ONE_GROUP=one_group, LATE_SUM=LATE_SUM, BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N,
+                BLOCK_K=BLOCK_K, num_warps=num_warps, K_SPLIT=k_split)
+    if splits == 1:
+        return _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, bias, out, stride_os=0,
+                       **meta)
+    # each split's float32 partial sums in its own slice, added up here (a second, small reduction)
+    partial = torch.empty(splits, *out.shape, device=x.device, dtype=torch.float32)
+    _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, None, partial,
+            stride_os=partial.stride(0), **meta)
+    total = partial.sum(0)
+    if bias is not None:
+        total += bias.float()
+    return out.copy_(total)
 
 
 def _gemm(x, qweight, scales, zeros, group_size, bias, out, BLOCK_M, BLOCK_N, BLOCK_K, num_warps=4):
