@@ -111,7 +111,10 @@ class _FrontEnd:
 
     def abort(self, rid: str) -> None:
         self.streams.pop(rid, None)
-        self._send(("abort", rid))   # the core frees its KV blocks on its next turn
+        try:
+            self._send(("abort", rid))   # the core frees its KV blocks on its next turn
+        except EngineStopped:   # no engine, no blocks to free
+            pass
 
     def _route(self, items) -> None:
         """Hand one turn's items to their requests' queues: one wake-up per event loop."""
@@ -211,8 +214,11 @@ class EngineProcess(_FrontEnd):
         self.receiver.start()
 
     def _send(self, msg) -> None:
-        with self._lock:
-            self.conn.send(msg)
+        try:
+            with self._lock:
+                self.conn.send(msg)
+        except OSError as e:   # the process is gone (BrokenPipeError), or close() closed the pipe
+            raise EngineStopped(self.stopped or f"the engine process stopped ({e})") from None
 
     def kv_blocks(self) -> tuple[int, int]:
         return self._blocks   # as of the core's last turn
@@ -230,7 +236,7 @@ class EngineProcess(_FrontEnd):
     def close(self):
         try:
             self._send(None)
-        except (BrokenPipeError, OSError):
+        except EngineStopped:
             pass
         self.proc.join(10)
         if self.proc.is_alive():
