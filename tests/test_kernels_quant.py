@@ -155,8 +155,15 @@ def test_split_k_gemv_adds_its_partial_sums(monkeypatch, K, split, splits, dtype
             seen.append(tuple(t.shape))
         return t
     monkeypatch.setattr(w4a16.torch, "empty", spy)
-    got = w4a16.w4a16_gemv(x, *qargs(q), q.bias, out=poisoned(3, 45, dtype), BLOCK_N=16, BLOCK_K=128,
-                           SPLIT_K=split)
+    qweight, scales, zeros, group = qargs(q)
+    # scales and zeros at the start of longer buffers whose tails are NaN / 255: a read past the last
+    # group (a tile beyond K) would show in the output
+    tail = torch.full((scales.numel() + 64,), float("nan"), dtype=scales.dtype, device=scales.device)
+    tail[:scales.numel()] = scales.flatten()
+    ztail = torch.full((zeros.numel() + 64,), 255, dtype=zeros.dtype, device=zeros.device)
+    ztail[:zeros.numel()] = zeros.flatten()
+    args = (qweight, tail[:scales.numel()].view(scales.shape), ztail[:zeros.numel()].view(zeros.shape), group)
+    got = w4a16.w4a16_gemv(x, *args, q.bias, out=poisoned(3, 45, dtype), BLOCK_N=16, BLOCK_K=128, SPLIT_K=split)
     assert seen == [(splits, 3, 45)]
     assert_close(got, w4a16.w4a16_reference(x, *qargs(q), q.bias))
 

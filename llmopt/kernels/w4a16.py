@@ -127,7 +127,9 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
     row_ok, col_ok = rows < M, cols < N
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc3 = tl.full((BLOCK_M, BLOCK_N, BLOCK_K // 2), 0.0, tl.float32)
-    for k0 in range(split * K_SPLIT, split * K_SPLIT + K_SPLIT, BLOCK_K):   # K_SPLIT: a multiple of BLOCK_K
+    # K_SPLIT is a multiple of BLOCK_K; the last split stops at K: a tile wholly past K would read
+    # the scales of a group that does not exist
+    for k0 in range(split * K_SPLIT, tl.minimum(split * K_SPLIT + K_SPLIT, K), BLOCK_K):
         j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns of qweight: k = 2j and 2j + 1
         j_ok = j < K // 2
         w_mask = col_ok[:, None] & j_ok[None, :]
