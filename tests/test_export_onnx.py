@@ -10,7 +10,13 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from llmopt.export.onnx import OnnxDecoder, export_onnx, onnx_generate, onnx_perplexity  # noqa: E402
+from llmopt.export.onnx import (  # noqa: E402
+    OnnxDecoder,
+    export_onnx,
+    onnx_generate,
+    onnx_logits,
+    onnx_perplexity,
+)
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +141,7 @@ def test_a_w4_quantized_and_fused_model_exports_what_it_computes(tmp_path, bundl
     ids = tok("import os\nfor name in", return_tensors="pt").input_ids
     with torch.no_grad():
         want, plain = w4(ids).logits[0].numpy(), model(ids).logits[0].numpy()
-    sess = ort.InferenceSession(str(files["fp32"]))
-    got = sess.run(["logits"], feed_for(sess, ids[0].tolist()))[0][0]
+    got = onnx_logits(files["fp32"], ids.numpy())[0]
     assert np.abs(got - want).max() < 1e-3 < np.abs(got - plain).max()
     r = measure_export(files, new_tokens=4, eval_tokens=600)
     assert r["model"] == "w4" and r["rows"][0]["perplexity"] > 1 and r["rows"][0]["same_tokens_as_fp32"] == 1

@@ -190,12 +190,24 @@ def _quantize_q4(src: Path, dst: Path, block_size: int = 32) -> None:
     q.model.save_model_to_file(str(dst))
 
 
-def _empty_past(sess) -> dict:
-    """A past of length 0 for every past_key_values input of an onnxruntime session (batch 1)."""
+def _empty_past(sess, batch: int = 1) -> dict:
+    """A past of length 0 for every past_key_values input of an onnxruntime session."""
     import numpy as np
 
-    return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32) for i in sess.get_inputs()
+    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=np.float32) for i in sess.get_inputs()
             if i.name.startswith("past_key_values.")}
+
+
+def onnx_logits(path, ids):
+    """Logits (batch, seq, vocab) of the exported file in onnxruntime for token ids (batch, seq), no past."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.asarray(ids, dtype=np.int64)
+    return sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                 "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy(),
+                                 **_empty_past(sess, ids.shape[0])})[0]
 
 
 def onnx_generate(path, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None):
