@@ -16,12 +16,15 @@ for part in $PARTS; do
   case $part in
   decode)  # lessons 09-10 and 08 end to end: TinyLlama-1.1B-shaped, random init, bf16; batch 1 and 32:
            # HF generate, the engine eager / CUDA graphs / fused kernels / W4 + fused, vs the bandwidth floor
-    timeout ${DECODE_TIMEOUT:-300} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes 1 32 \
+    timeout ${DECODE_TIMEOUT:-300} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes ${BATCHES:-1 32} \
         --variants ${VARIANTS:-hf eager graphs fused w4-fused} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
   kernels)  # lesson 08: every kernel vs eager and torch.compile at 7B sizes, and the W4A16/W8A16 GEMV/GEMM vs bf16
     timeout ${KERNELS_TIMEOUT:-200} $PY -m llmopt.cli bench kernels --repeats 50 --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" ;;
+  quant)  # lesson 08's quantized matmuls only, and every W4A16 GEMV candidate config, timed one by one
+    timeout ${QUANT_TIMEOUT:-300} $PY -m llmopt.cli bench kernels --only w4a16 w8a16 --configs --repeats 50 \
+        --json "$OUT/quant.json" 2>&1 | tee "$OUT/quant.txt" ;;
   tests)  # the GPU-marked tests (CUDA graphs vs eager vs HF, the kernels in bf16 on the GPU, ...)
-    timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tail -n 25 | tee "$OUT/pytest.txt" ;;
+    timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors ${TESTS:-tests} 2>&1 | tail -n 25 | tee "$OUT/pytest.txt" ;;
   serve)  # the engine against HF generate on a chat workload (long: HF one request at a time)
     timeout 300 $PY -m llmopt.cli bench serve --model tinyllama-1.1b-random --batch-size 32 --requests 64 \
         --systems static engine --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.txt" ;;

@@ -129,19 +129,20 @@ def test_every_candidate_config(path, group):
     N, K, symmetric, bias = 37, 256, False, True
     bits = 8 if path.startswith("w8") else 4
     q = make(N, K, group, symmetric, bias, bits=bits)
-    M = 20 if path.endswith("gemm") else 5
-    x = rand(M, K)
     mod, fn, configs = {"w4 gemv": (w4a16, w4a16.w4a16_gemv, w4a16.GEMV_CONFIGS),
                         "w4 gemm": (w4a16, w4a16.w4a16_gemm, w4a16.GEMM_CONFIGS),
                         "w8 gemv": (w8a16, w8a16.w8a16_gemv, w8a16.GEMV_CONFIGS)}[path]
-    want = (w4a16.w4a16_reference if bits == 4 else w8a16.w8a16_reference)(x, *qargs(q), q.bias)
-    for config in configs:
-        assert_close(fn(x, *qargs(q), q.bias, out=poisoned(M, N, x.dtype), **config), want)
+    for M in [20] if path.endswith("gemm") else [1, 5]:   # one row: the grouped GEMV's LATE_SUM path
+        x = rand(M, K)
+        want = (w4a16.w4a16_reference if bits == 4 else w8a16.w8a16_reference)(x, *qargs(q), q.bias)
+        for config in configs:
+            assert_close(fn(x, *qargs(q), q.bias, out=poisoned(M, N, x.dtype), **config), want)
 
 
+@pytest.mark.parametrize("grouped", [{}, dict(GROUPED=True, PREFETCH=True)])
 @pytest.mark.parametrize("K, split, splits", [(1024, 4, 4), (384, 4, 3), (640, 2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_split_k_gemv_adds_its_partial_sums(monkeypatch, K, split, splits, dtype):
+def test_split_k_gemv_adds_its_partial_sums(monkeypatch, K, split, splits, dtype, grouped):
     """K cut in `splits` ranges of whole 128-wide tiles (the last one partly past K: masked), each
     range's float32 partial sums in its own slice, added up with the bias afterwards."""
     q = make(45, K, 128, False, True)
@@ -163,7 +164,8 @@ def test_split_k_gemv_adds_its_partial_sums(monkeypatch, K, split, splits, dtype
     ztail = torch.full((zeros.numel() + 64,), 255, dtype=zeros.dtype, device=zeros.device)
     ztail[:zeros.numel()] = zeros.flatten()
     args = (qweight, tail[:scales.numel()].view(scales.shape), ztail[:zeros.numel()].view(zeros.shape), group)
-    got = w4a16.w4a16_gemv(x, *args, q.bias, out=poisoned(3, 45, dtype), BLOCK_N=16, BLOCK_K=128, SPLIT_K=split)
+    got = w4a16.w4a16_gemv(x, *args, q.bias, out=poisoned(3, 45, dtype), BLOCK_N=16, BLOCK_K=128, SPLIT_K=split,
+                           **grouped)
     assert seen == [(splits, 3, 45)]
     assert_close(got, w4a16.w4a16_reference(x, *qargs(q), q.bias))
 
@@ -230,6 +232,41 @@ def test_bad_backend():
         w8a16.w8a16_linear(x, *qargs(q8), backend="fast")
     with pytest.raises(ValueError, match="backend"):
         KernelQuantLinear.from_quant_linear(q4, backend="gpu")
+
+
+def test_grouped_gemv_tiles_whole_group_runs_or_falls_back():
+    # (runs per tile, bytes per run); None: the group size does not split into power-of-two runs
+    assert w4a16._grouped_runs(128, 4096, 512) == (4, 64)
+    assert w4a16._grouped_runs(128, 4096, 64) == (1, 32)      # tiles smaller than a group
+    assert w4a16._grouped_runs(None, 4096, 256) == (1, 128)   # per channel: one group of K
+    assert w4a16._grouped_runs(None, 11008, 512) is None      # 5504 bytes do not split into 256s
+    assert w4a16._grouped_runs(24, 96, 256) is None and w4a16._grouped_runs(3, 48, 256) is None
+    # the fallback (the plain GEMV) still computes the right thing
+    for case in [(20, 96, 24, False, True), (20, 48, 3, True, True)]:
+        q = make(*case)
+        x = rand(1, case[1])
+        got = w4a16.w4a16_gemv(x, *qargs(q), q.bias, out=poisoned(1, case[0], x.dtype), BLOCK_N=16, BLOCK_K=256,
+                               GROUPED=True, LATE_SUM=True)
+        assert_close(got, w4a16.w4a16_reference(x, *qargs(q), q.bias))
+
+
+def test_pick_config_skips_a_candidate_that_fails(monkeypatch):
+    from llmopt import bench
+    from llmopt.kernels import common
+
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "time_graph", lambda fn, **kw: (fn(), bench.Stats.of([1.0]))[1])
+    calls = []
+
+    def launch(BLOCK):
+        calls.append(BLOCK)
+        if BLOCK == 64:
+            raise RuntimeError("out of resources")
+    with pytest.warns(UserWarning, match="failed on this GPU"):
+        assert common.pick_config(("test-skip",), [dict(BLOCK=64), dict(BLOCK=32)], launch) == dict(BLOCK=32)
+    assert calls == [64, 32]
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="every candidate"):
+        common.pick_config(("test-all-fail",), [dict(BLOCK=64)] * 2, launch)
 
 
 def test_bad_shapes():

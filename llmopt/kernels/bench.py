@@ -5,7 +5,11 @@ and replayed, so the host's launch overhead is left out, as in a graph-captured 
 least (inputs read once, outputs written once) and the flops, hence GB/s, TFLOP/s and the
 fraction of the bandwidth a device-to-device copy reaches in the same run; the speedups over the
 eager reference and over `torch.compile(reference)`; for the quantized GEMV/GEMM also over the
-`F.linear` of the same layer with its unquantized weight ("dense_linear": bf16 on a GPU). On a CPU
+`F.linear` of the same layer with its unquantized weight ("dense_linear": bf16 on a GPU). A GPU's L2
+(50-60 MB on an H100/H200) holds a whole 4-bit 7B-class layer, so timing one layer call after call
+would read it from the cache; a model's decode reads every layer from memory once per token. So each
+quantized case cycles through copies of its layer (and of the dense weight) that together fill three
+times the L2, one copy per call, in all of its columns. On a CPU
 there is nothing to time the kernels with (the
 interpreter measures numpy), so it checks each kernel against its reference at small sizes and
 measures what `torch.compile` fusion gives the references on this CPU instead.
@@ -37,6 +41,30 @@ class Case:
     flops: float
     baseline: object = None  # for the quantized matmuls: F.linear of the same layer's unquantized weight
     #                          (bf16 on a GPU, the run's dtype elsewhere)
+    inputs: object = tuple   # inputs() -> the tensors for the next call, passed to run and baseline:
+    #                          the next copy of a quantized layer (see the module's docstring)
+
+
+class Rotation:
+    """Hands out `copies` clones of some tensors in turn: the next call reads other addresses, so it
+    finds nothing of the last one in the L2 cache."""
+
+    def __init__(self, tensors, copies: int):
+        self.sets = [tuple(t if t is None else t.clone() for t in tensors) for _ in range(copies)]
+        self.i = -1
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+def copies_past_l2(nbytes: int, device) -> int:
+    """How many copies of `nbytes` fill three times the device's L2 cache (1 off a GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+    return max(1, -(-3 * l2 // nbytes))
 
 
 def _qlinear(N, K, bits, group_size, device, dtype):
@@ -96,13 +124,13 @@ def cases(device="cuda", dtype=torch.bfloat16, scale: str = "gpu") -> list[Case]
         for N, K in S["linear"]:
             ql, w16 = _qlinear(N, K, bits, gsz, device, dtype)
             packed = ql.qweight.numel() + ql.scales.numel() * 2
+            layer = Rotation((ql.qweight, ql.scales, ql.zeros, w16), copies_past_l2(packed, device))
             for M in S["m4" if bits == 4 else "m8"]:
                 x = rand(M, K)
                 out.append(Case(f"{name} {'gemv' if M <= 8 else 'gemm'}", f"M={M} {K}->{N}",
-                                lambda b, x=x, ql=ql, fn=fn, gsz=gsz: fn(x, ql.qweight, ql.scales, ql.zeros, gsz,
-                                                                           backend=b),
+                                lambda b, qw, sc, z, w, x=x, fn=fn, gsz=gsz: fn(x, qw, sc, z, gsz, backend=b),
                                 packed + (M * K + M * N) * e, 2 * M * N * K,
-                                baseline=lambda x=x, w16=w16: F.linear(x, w16)))
+                                baseline=lambda qw, sc, z, w, x=x: F.linear(x, w), inputs=layer))
     return out
 
 
@@ -110,7 +138,8 @@ def check(device="cpu") -> list[dict]:
     """Every kernel against its reference at small sizes (the interpreter on a CPU)."""
     rows = []
     for c in cases(device, torch.float32 if device == "cpu" else torch.bfloat16, scale="small"):
-        got, want = c.run("triton"), c.run("torch")
+        args = c.inputs()
+        got, want = c.run("triton", *args), c.run("torch", *args)
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
         err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want))
         rows.append({"kernel": c.kernel, "size": c.size, "max_abs_err": err})
@@ -133,13 +162,17 @@ def time_cases(device="cuda", warmup: int = 10, repeats: int = 100, compile: boo
         t = {}
         timer = bench.time_graph if gpu else bench.time_fn
         if gpu and use_triton(torch.empty(0, device=device), "auto"):
-            t["kernel"] = timer(lambda c=c: c.run("triton"), device=device, warmup=warmup, repeats=repeats).median
-        t["eager"] = timer(lambda c=c: c.run("torch"), device=device, warmup=warmup, repeats=repeats).median
-        if compile:
-            fn = torch.compile(lambda c=c: c.run("torch"), dynamic=False)
-            t["compiled"] = timer(fn, device=device, warmup=max(warmup, 3), repeats=repeats).median
+            t["kernel"] = timer(lambda c=c: c.run("triton", *c.inputs()), device=device, warmup=warmup,
+                                repeats=repeats).median
+        t["eager"] = timer(lambda c=c: c.run("torch", *c.inputs()), device=device, warmup=warmup,
+                           repeats=repeats).median
+        if compile:   # the inputs are the compiled function's arguments: new copies need no recompiling
+            fn = torch.compile(c.run, dynamic=False)
+            t["compiled"] = timer(lambda c=c, fn=fn: fn("torch", *c.inputs()), device=device,
+                                  warmup=max(warmup, 3), repeats=repeats).median
         if c.baseline is not None:
-            t["dense_linear"] = timer(c.baseline, device=device, warmup=warmup, repeats=repeats).median
+            t["dense_linear"] = timer(lambda c=c: c.baseline(*c.inputs()), device=device, warmup=warmup,
+                                      repeats=repeats).median
         row = {"kernel": c.kernel, "size": c.size, "bytes": c.nbytes, "flops": c.flops,
                **{f"{k}_us": v * 1e6 for k, v in t.items()}}
         best = min(v for k, v in t.items() if k != "dense_linear")   # the fastest way to run the op
@@ -153,6 +186,65 @@ def time_cases(device="cuda", warmup: int = 10, repeats: int = 100, compile: boo
             row["compiled_vs_eager"] = t["eager"] / t["compiled"]
         out["rows"].append(row)
     return out
+
+
+def sweep_gemv(device="cuda", shapes=((11008, 4096), (4096, 11008)), ms=(1, 8), repeats: int = 50,
+               configs=None) -> dict:
+    """Every candidate of `w4a16.GEMV_CONFIGS` on each (N, K) layer and batch M, timed as `time_cases`
+    times the kernels (CUDA graph, copies past the L2), beside the dense bf16 `F.linear`: which config
+    wins where, and by how much, on this GPU. `pick_config` makes the same choice inside a model.
+    `configs`: another list of candidates (default: all of GEMV_CONFIGS)."""
+    from .w4a16 import GEMV_CONFIGS, w4a16_gemv, w4a16_reference
+
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # the interpreter: no bf16
+    bw = bench.memory_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else bench.cpu_name()
+    out = {"device": name, "copy_bandwidth_GBps": bw / 1e9, "rows": []}
+    for N, K in shapes:
+        ql, w16 = _qlinear(N, K, 4, 128, device, dtype)
+        packed = ql.qweight.numel() + ql.scales.numel() * 2
+        layer = Rotation((ql.qweight, ql.scales, ql.zeros, w16), copies_past_l2(packed, device))
+        for M in ms:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            want = w4a16_reference(x, *layer.sets[0][:3], 128)
+            dense = bench.time_graph(lambda x=x, layer=layer: F.linear(x, layer()[3]), device=device,
+                                     repeats=repeats).median
+            nbytes = packed + (M * K + M * N) * x.element_size()
+            for i, c in enumerate(GEMV_CONFIGS if configs is None else configs):
+                try:
+                    err = float((w4a16_gemv(x, *layer.sets[0][:3], 128, **c).float() - want.float()).abs().max())
+                    t = bench.time_graph(lambda c=c, x=x, layer=layer: w4a16_gemv(x, *layer()[:3], 128, **c),
+                                         device=device, repeats=repeats).median
+                except Exception as e:  # noqa: BLE001 - a config this GPU cannot run: say so, go on
+                    out["rows"].append({"N": N, "K": K, "M": M, "config": i, **c, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                out["rows"].append({"N": N, "K": K, "M": M, "config": i, **c, "us": t * 1e6,
+                                    "dense_us": dense * 1e6,
+                                    "GBps": nbytes / t / 1e9, "fraction_of_copy_bw": nbytes / t / bw,
+                                    "speedup_vs_dense_linear": dense / t, "max_abs_err": err})
+    return out
+
+
+def format_sweep(result: dict, top: int = 6) -> str:
+    lines = [f"W4A16 GEMV configs on {result['device']} (copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s), "
+             f"the {top} fastest per layer and M"]
+    keys = sorted({(r["M"], r["K"], r["N"]) for r in result["rows"]})
+    for M, K, N in keys:
+        rows = sorted((r for r in result["rows"] if (r["M"], r["K"], r["N"]) == (M, K, N) and "us" in r),
+                      key=lambda r: r["us"])
+        failed = [r for r in result["rows"] if (r["M"], r["K"], r["N"]) == (M, K, N) and "error" in r]
+        for r in failed:
+            lines.append(f"M={M} {K}->{N}: config {r['config']} failed: {r['error'][:200]}")
+        if not rows:
+            continue
+        lines.append(f"M={M} {K}->{N}: dense bf16 {rows[0]['dense_us']:.1f} us; slowest config {rows[-1]['us']:.1f} us")
+        for r in rows[:top]:
+            cfg = {k: r[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "LATE_SUM", "SPLIT_K", "GROUPED",
+                                     "PREFETCH", "num_stages") if k in r}
+            lines.append(f"  {r['us']:7.1f} us  {r['GBps']:6.0f} GB/s  {r['fraction_of_copy_bw']:.2f} of copy  "
+                         f"{r['speedup_vs_dense_linear']:.2f}x dense  err {r['max_abs_err']:.2g}  {cfg}")
+    return "\n".join(lines)
 
 
 def format_rows(result: dict) -> str:
@@ -169,7 +261,7 @@ def format_rows(result: dict) -> str:
 
 
 def main(device=None, json_path=None, compile: bool = True, only: tuple = (), repeats: int = 100,
-         e2e: bool = False, model=None) -> dict:
+         e2e: bool = False, model=None, configs: bool = False) -> dict:
     """What `llmopt bench kernels` runs; returns the JSON-able result."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {}
@@ -182,6 +274,9 @@ def main(device=None, json_path=None, compile: bool = True, only: tuple = (), re
     result.update(time_cases(device, warmup=5 if device.type == "cpu" else 10,
                              repeats=min(repeats, 25) if device.type == "cpu" else repeats, compile=compile, only=only))
     print(format_rows(result))
+    if configs and device.type == "cuda":
+        result["gemv_configs"] = sweep_gemv(device, repeats=repeats)
+        print(format_sweep(result["gemv_configs"]))
     if e2e:
         result["end_to_end"] = end_to_end(model, device)
         print(format_e2e(result["end_to_end"]))

@@ -97,7 +97,16 @@ def pick_config(key, candidates: list[dict], launch) -> dict:
         return candidates[0]
     from ..bench import time_graph
 
-    times = [time_graph(lambda c=c: launch(**c), calls=10, warmup=2, repeats=5).median for c in candidates]
+    times = []
+    for c in candidates:
+        try:
+            times.append(time_graph(lambda c=c: launch(**c), calls=10, warmup=2, repeats=5).median)
+        except Exception as e:  # noqa: BLE001 - e.g. a tile too big for this GPU's registers or shared memory
+            warnings.warn(f"{key}: config {c} failed on this GPU and is skipped: {type(e).__name__}: {e}",
+                          stacklevel=2)
+            times.append(float("inf"))
+    if times and min(times) == float("inf"):
+        raise RuntimeError(f"{key}: every candidate config failed on this GPU")
     _best[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
     return _best[key]
 

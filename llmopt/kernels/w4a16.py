@@ -17,7 +17,9 @@ The storage format is `llmopt.quant.QuantLinear`'s, read as it is (no repacking)
 
 Two kernels:
 - `w4a16_gemv` (decode, M <= 8 rows): tl.dot needs at least 16 rows, so it multiplies and sums with
-  broadcasting, float32 throughout;
+  broadcasting, float32 throughout. Two versions: the plain one, which a learner can follow line by
+  line, and the grouped one, which spends fewer instructions per weight byte (see its comments);
+  `pick_config` times both;
 - `w4a16_gemm` (prefill): tiles with tl.dot on the tensor cores, weights dequantized to x's dtype.
 `w4a16_linear` picks one; `w4a16_reference` is the spec both are tested against.
 
@@ -40,23 +42,30 @@ GEMV_MAX_M = 8  # decode batches; above this the tensor-core GEMM wins
 # A BLOCK_K that divides the group size (128 by default) takes the kernel's one-group path.
 GEMV_CONFIGS = [
     dict(BLOCK_N=32, BLOCK_K=64, num_warps=4),
-    dict(BLOCK_N=64, BLOCK_K=64, num_warps=4),
-    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4),
-    dict(BLOCK_N=64, BLOCK_K=128, num_warps=8),
-    dict(BLOCK_N=16, BLOCK_K=128, num_warps=2),
-    dict(BLOCK_N=8, BLOCK_K=128, num_warps=1),
-    dict(BLOCK_N=16, BLOCK_K=256, num_warps=4),
-    # the same products summed over k once, after the loop (see the kernel)
-    dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, LATE_SUM=True),
-    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, LATE_SUM=True),
+    # the plain GEMV's fastest on an H200 (2026-11-27): at 8 rows (these), and at 1 before the grouped one
     dict(BLOCK_N=32, BLOCK_K=64, num_warps=2, LATE_SUM=True),
-    dict(BLOCK_N=64, BLOCK_K=128, num_warps=8, LATE_SUM=True),
-    # K split over 2-8 programs per column tile: more programs in flight (see the kernel)
-    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, SPLIT_K=2),
-    dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, SPLIT_K=4),
-    dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, SPLIT_K=4),
-    dict(BLOCK_N=16, BLOCK_K=128, num_warps=2, SPLIT_K=8),
+    dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, LATE_SUM=True),
     dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, LATE_SUM=True, SPLIT_K=4),
+    # the grouped GEMV (see its kernel): tiles of 1-8 KB of packed weights
+    dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, GROUPED=True),
+    dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, GROUPED=True),
+    dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, GROUPED=True),
+    dict(BLOCK_N=4, BLOCK_K=512, num_warps=2, GROUPED=True),
+    dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, GROUPED=True),
+    dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, GROUPED=True),
+    dict(BLOCK_N=32, BLOCK_K=512, num_warps=8, GROUPED=True),
+    dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, GROUPED=True),
+    dict(BLOCK_N=8, BLOCK_K=1024, num_warps=8, GROUPED=True),
+    dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8, GROUPED=True),
+    dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, GROUPED=True, PREFETCH=True),
+    dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, GROUPED=True, PREFETCH=True),
+    dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8, GROUPED=True, PREFETCH=True),
+    dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, GROUPED=True, LATE_SUM=True),
+    dict(BLOCK_N=32, BLOCK_K=512, num_warps=8, GROUPED=True, LATE_SUM=True),
+    dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8, GROUPED=True, LATE_SUM=True),
+    dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, GROUPED=True, LATE_SUM=True, PREFETCH=True),
+    dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8, GROUPED=True, LATE_SUM=True, PREFETCH=True),
+    dict(BLOCK_N=32, BLOCK_K=512, num_warps=8, GROUPED=True, SPLIT_K=2),
 ]
 # GEMM: BLOCK_M >= 16 and BLOCK_K // 2 >= 16 (tl.dot's smallest tile).
 GEMM_CONFIGS = [
@@ -187,6 +196,99 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
 
 
 @triton.jit
+def _byte_columns(j0, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """(GROUPS, LANES, VEC) byte columns of qweight from j0 on: GROUPS runs of LANES * VEC bytes."""
+    g = tl.arange(0, GROUPS)[:, None, None] * (LANES * VEC)
+    return j0 + g + tl.arange(0, LANES)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
+
+
+@triton.jit
+def _packed_runs(qw_ptr, cols, col_ok, j0, j_end, stride_qn, GROUPS: tl.constexpr, LANES: tl.constexpr,
+                 VEC: tl.constexpr):
+    """The (BLOCK_N, GROUPS, LANES, VEC) bytes of qweight from byte column j0 on; zeros from j_end on."""
+    j = _byte_columns(j0, GROUPS, LANES, VEC)
+    return tl.load(qw_ptr + cols[:, None, None, None] * stride_qn + j[None, :, :, :],
+                   mask=col_ok[:, None, None, None] & (j < j_end)[None, :, :, :], other=0)
+
+
+@triton.jit
+def _w4a16_gemv_grouped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
+                               stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on, stride_os, K_SPLIT,
+                               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, LATE_SUM: tl.constexpr,
+                               PREFETCH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+                               GROUP_BYTES: tl.constexpr):
+    # The decode GEMV built for a GPU's instruction budget. At 60% of an H200's bandwidth a 4096 x 11008
+    # layer's 22.5 MB pass in 9 us, a few instructions per weight byte for the whole chip, so:
+    # - the tile is (BLOCK_N, GROUPS, LANES, VEC) bytes: GROUPS runs, each inside one quantization
+    #   group, of LANES pieces of VEC (16) contiguous bytes, one 16-byte load per thread. A thread sums
+    #   its own piece first (no cross-thread traffic), then scales that sum by its group's scale;
+    # - codes become floats without conversion instructions (a quarter of the rate of an add): OR-ing a
+    #   nibble into the low mantissa bits of 2^23 gives the float 2^23 + code exactly, and subtracting
+    #   2^23 + zero leaves code - zero. The high nibble is masked in place, 16 * code, saving a shift;
+    #   the odd x's are divided by 16 to match;
+    # - x is loaded as contiguous pairs (k = 2j, 2j + 1 for byte j), split into the even and odd k that
+    #   meet the low and high nibbles.
+    # Options: PREFETCH loads the next tile before working on this one (two tiles in flight per
+    # program); LATE_SUM (one row only) keeps each piece's scaled sum and adds across threads once at the end.
+    pid, split = tl.program_id(0), tl.program_id(1)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    row = tl.arange(0, BLOCK_M)
+    half = tl.arange(0, 2)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc3 = tl.full((BLOCK_N, GROUPS, LANES), 0.0, tl.float32)   # LATE_SUM's
+    j_begin = split * K_SPLIT // 2
+    j_end = tl.minimum(split * K_SPLIT + K_SPLIT, K) // 2   # this split's bytes: [j_begin, j_end)
+    if ALIGNED:   # K is a multiple of 32: tell the compiler, or it cannot load 16 bytes at a time
+        j_begin = tl.multiple_of(j_begin, 16)
+        j_end = tl.multiple_of(j_end, 16)
+    SUB: tl.constexpr = LANES * VEC
+    STEP: tl.constexpr = GROUPS * SUB
+    nxt = _packed_runs(qw_ptr, cols, col_ok, j_begin, j_end, stride_qn, GROUPS, LANES, VEC)   # PREFETCH's first
+    for j0 in range(j_begin, j_end, STEP):
+        if ALIGNED:
+            j0 = tl.multiple_of(j0, 16)
+        if PREFETCH:
+            packed = nxt
+            nxt = _packed_runs(qw_ptr, cols, col_ok, j0 + STEP, j_end, stride_qn, GROUPS, LANES, VEC)
+        else:
+            packed = _packed_runs(qw_ptr, cols, col_ok, j0, j_end, stride_qn, GROUPS, LANES, VEC)
+        packed = packed.to(tl.int32)
+        low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)     # 2^23 + code
+        high = ((packed & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True)   # 2^23 + 16 * code
+        start = j0 + tl.arange(0, GROUPS) * SUB                 # first byte of each run
+        g = start // GROUP_BYTES           # each run's group (a constant divisor: a shift, not a division)
+        g_mask = col_ok[:, None] & (start < j_end)[None, :]
+        s = tl.load(s_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N, GROUPS), 8.0, tl.float32)
+        low = low - (8388608.0 + z)[:, :, None, None]           # code - zero, exactly
+        high = high - (8388608.0 + 16.0 * z)[:, :, None, None]  # 16 * (code - zero), exactly
+        j = _byte_columns(j0, GROUPS, LANES, VEC)
+        for m in tl.static_range(BLOCK_M):
+            # rows past M are masked (BLOCK_M is M rounded up to a power of 2)
+            x_ok = (j < j_end) & (tl.full((GROUPS, LANES, VEC), m, tl.int32) < M)
+            xm = tl.load(x_ptr + m * stride_xm + (2 * j[:, :, :, None] + half) * stride_xk,
+                         mask=x_ok[:, :, :, None], other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(xm)
+            piece = tl.sum(low * x_even[None] + high * (x_odd * 0.0625)[None], axis=3)   # (BLOCK_N, GROUPS, LANES)
+            if LATE_SUM:   # BLOCK_M == 1
+                acc3 += piece * s[:, :, None]
+            else:
+                y = tl.sum(tl.sum(piece, axis=2) * s, axis=1)   # (BLOCK_N,)
+                acc += tl.where(row[:, None] == m, y[None, :], 0.0)
+    if LATE_SUM:
+        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + split * stride_os + row[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=(row < M)[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
                        stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
                        HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -283,22 +385,41 @@ def _launch(kernel, grid, x, qweight, scales, zeros, group_size, bias, out, **me
     return out
 
 
+def _grouped_runs(group_size, K, BLOCK_K):
+    """(GROUPS, SUB) for the grouped GEMV: runs of SUB bytes inside one group, GROUPS of them per
+    BLOCK_K; None where the group size does not split into power-of-two runs (use the plain GEMV)."""
+    group = K if group_size is None else group_size
+    sub = min(BLOCK_K, group) // 2
+    if sub < 1 or sub != next_power_of_2(sub) or (group // 2) % sub or group % 2 or BLOCK_K % (2 * sub):
+        return None
+    return BLOCK_K // (2 * sub), sub
+
+
 def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, num_warps=4, LATE_SUM=False,
-          SPLIT_K=1):
+          SPLIT_K=1, GROUPED=False, PREFETCH=False, num_stages=None):
     K = x.shape[1]
     k_split = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K   # whole tiles per split
     splits = triton.cdiv(K, k_split)
     grid = (triton.cdiv(out.shape[1], BLOCK_N), splits)
-    one_group = group_size is None or group_size % BLOCK_K == 0   # every K tile inside one group
-    meta = dict(ONE_GROUP=one_group, LATE_SUM=LATE_SUM, BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N,
-                BLOCK_K=BLOCK_K, num_warps=num_warps, K_SPLIT=k_split)
+    meta = dict(BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N, num_warps=num_warps, K_SPLIT=k_split)
+    if num_stages is not None:
+        meta["num_stages"] = num_stages
+    runs = _grouped_runs(group_size, K, BLOCK_K) if GROUPED else None
+    if runs is not None:
+        kernel = _w4a16_gemv_grouped_kernel
+        vec = min(16, runs[1])   # bytes per thread and load
+        meta.update(GROUPS=runs[0], LANES=runs[1] // vec, VEC=vec, PREFETCH=PREFETCH,
+                    GROUP_BYTES=(group_size or K) // 2, LATE_SUM=LATE_SUM and x.shape[0] == 1,
+                    ALIGNED=K % 32 == 0 and k_split % 32 == 0 and vec == 16)
+    else:   # the plain GEMV, also for group sizes the grouped one cannot tile
+        kernel = _w4a16_gemv_kernel
+        one_group = group_size is None or group_size % BLOCK_K == 0   # every K tile inside one group
+        meta.update(ONE_GROUP=one_group, LATE_SUM=LATE_SUM, BLOCK_K=BLOCK_K)
     if splits == 1:
-        return _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, bias, out, stride_os=0,
-                       **meta)
+        return _launch(kernel, grid, x, qweight, scales, zeros, group_size, bias, out, stride_os=0, **meta)
     # each split's float32 partial sums in its own slice, added up here (a second, small reduction)
     partial = torch.empty(splits, *out.shape, device=x.device, dtype=torch.float32)
-    _launch(_w4a16_gemv_kernel, grid, x, qweight, scales, zeros, group_size, None, partial,
-            stride_os=partial.stride(0), **meta)
+    _launch(kernel, grid, x, qweight, scales, zeros, group_size, None, partial, stride_os=partial.stride(0), **meta)
     total = partial.sum(0)
     if bias is not None:
         total += bias.float()

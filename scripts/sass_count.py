@@ -1,0 +1,81 @@
+"""Count the machine instructions of the grouped W4A16 GEMV's inner loop, on a machine with no GPU.
+
+Triton can compile for a GPU it does not have: `triton.compile` with a `GPUTarget` runs its whole
+pipeline down to a cubin (its pip wheel carries ptxas), and the `cuobjdump` beside ptxas prints the
+SASS. Dividing the loop's instructions by the packed bytes each thread handles per iteration gives
+instructions per weight byte: the number that decides whether a decode GEMV can keep up with memory.
+
+    python scripts/sass_count.py                       # the default config
+    python scripts/sass_count.py '{"BLOCK_N": 16, "GROUPS": 8, "LANES": 4, "VEC": 16, "num_warps": 8}'
+
+Tested with Triton 3.9 (`ASTSource`'s arguments change between versions). Integer arguments are
+marked divisible by 16, as Triton's launcher marks them on a GPU for these shapes (K = 4096, 11008).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+os.environ["TRITON_INTERPRET"] = "0"   # a compiled kernel, not the interpreter's
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # fused multiply-adds, as on a GPU launch
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from llmopt.kernels import w4a16  # noqa: E402
+
+POINTERS = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*bf16",
+            "out_ptr": "*bf16"}
+DEFAULT = dict(BLOCK_N=32, GROUPS=4, LANES=4, VEC=16, num_warps=8, LATE_SUM=True, PREFETCH=False)
+
+
+def compile_sm90(kernel, consts: dict, num_warps: int):
+    consts = dict(consts, stride_xk=1, stride_on=1)   # unit strides are specialised as constants
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = POINTERS.get(name, "i32")
+        if name != "M":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def sass(cubin: bytes, path="/tmp/llmopt_gemv.cubin") -> str:
+    with open(path, "wb") as f:
+        f.write(cubin)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def loop_body(text: str) -> list[str]:
+    """The instructions of the longest backward branch's range: the kernel's main loop."""
+    lines = [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", text)]
+    best = []
+    for addr, ins in lines:
+        target = re.search(r"BRA\s+0x([0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < addr:
+            body = [i for a, i in lines if int(target.group(1), 16) <= a <= addr]
+            best = max(best, body, key=len)
+    return best
+
+
+def main(config: dict):
+    config = {**DEFAULT, **config}
+    warps = config.pop("num_warps")
+    consts = dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=1, ALIGNED=True, GROUP_BYTES=64, **config)
+    body = loop_body(sass(compile_sm90(w4a16._w4a16_gemv_grouped_kernel, consts, warps).asm["cubin"]))
+    ops = Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", i).group(1) for i in body)
+    per_thread = config["BLOCK_N"] * config["GROUPS"] * config["LANES"] * config["VEC"] / (32 * warps)
+    print(f"{config}, {warps} warps: loop of {len(body)} instructions for {per_thread:.0f} packed bytes per "
+          f"thread = {len(body) / per_thread:.1f} per byte")
+    print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
