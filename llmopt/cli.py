@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 32], help="decode: batch sizes")
     t.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per sequence")
     t.add_argument("--variants", nargs="*", default=["hf", "eager", "graphs", "fused", "w4-fused"],
-                   choices=["hf", "eager", "graphs", "fused", "w4-fused"], help="decode: what to run")
+                   choices=["hf", "eager", "graphs", "fused", "merged", "w4-fused", "w4-merged"],
+                   help="decode: what to run (merged: fuse(merge=True), q/k/v and gate/up as one matmul each)")
     t.add_argument("--plot", default=None, help="serve: write the plot here")
     t.set_defaults(func=_bench)
 

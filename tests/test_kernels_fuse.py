@@ -55,6 +55,44 @@ def test_fused_quantized_model_uses_the_kernels(tiny, cfg):
     assert sum(isinstance(m, QuantLinear) for m in kernels.fuse(copy.deepcopy(q), quantized=False).modules()) > 0
 
 
+@pytest.mark.parametrize("cfg", [None, QuantConfig(bits=4, group_size=32, symmetric=False), QuantConfig(bits=8)],
+                         ids=["dense", "w4-zp-g32", "w8-channel"])
+def test_merged_projections_keep_logits_and_generation(tiny, cfg):
+    model, _ = tiny
+    base = model if cfg is None else quantize(copy.deepcopy(model), cfg)
+    merged = kernels.fuse(copy.deepcopy(base), backend="torch" if cfg is None else "triton", merge=True)
+    attn, mlp = merged.model.layers[0].self_attn, merged.model.layers[0].mlp
+    assert hasattr(attn, "qkv_proj") and not hasattr(attn, "q_proj")
+    assert hasattr(mlp, "gate_up_proj") and not hasattr(mlp, "up_proj")
+    keys = set(merged.state_dict())
+    assert any(".qkv_proj." in k for k in keys) and not any(".q_proj." in k for k in keys)
+    torch.testing.assert_close(logits(merged), logits(base), rtol=1e-4, atol=1e-4)
+    if cfg is None:
+        want = base.generate(IDS, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(merged.generate(IDS, max_new_tokens=6, do_sample=False, pad_token_id=0), want)
+
+
+def test_merge_linears_stacks_outputs_or_refuses():
+    from llmopt.kernels.fuse import merge_linears
+    from llmopt.kernels.qlinear import KernelQuantLinear
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(12, 5), torch.nn.Linear(12, 3)
+    x = torch.randn(4, 12)
+    m = merge_linears([a, b])
+    torch.testing.assert_close(m(x), torch.cat([a(x), b(x)], -1))
+    qa, qb = (KernelQuantLinear.from_quant_linear(QuantLinear.from_linear(t, QuantConfig(bits=4, group_size=4)))
+              for t in (a, b))
+    qm = merge_linears([qa, qb])
+    assert isinstance(qm, KernelQuantLinear) and qm.qweight.shape == (8, 6) and qm.scales.shape == (8, 3)
+    torch.testing.assert_close(qm(x), torch.cat([qa(x), qb(x)], -1))
+    qc = KernelQuantLinear.from_quant_linear(QuantLinear.from_linear(b, QuantConfig(bits=4, group_size=6)))
+    assert merge_linears([qa, qc]) is None                                     # other group size
+    assert merge_linears([a, qb]) is None                                      # dense with quantized
+    assert merge_linears([a, torch.nn.Linear(12, 3, bias=False)]) is None     # bias on one only
+    assert merge_linears([a, torch.nn.Linear(10, 3)]) is None                 # other input size
+
+
 def test_fused_model_saves_and_reloads_as_a_plain_llama(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 

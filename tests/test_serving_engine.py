@@ -89,11 +89,17 @@ def test_quantized_and_fused_models_plug_in(model_tok):
     from llmopt.quant import QuantConfig, quantize
 
     model, tok = model_tok
-    q = kernels.fuse(quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=64)))
+    w4 = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=64))
+    q = kernels.fuse(copy.deepcopy(w4))
     reqs = workload(6, model.config.vocab_size, seed=4, max_prompt=30, max_new=10)
     outs = run_engine(LLMEngine(q, tok, num_kv_blocks=64), reqs)
     for (prompt, n), out in zip(reqs, outs):
         assert out.outputs[0].token_ids == hf_greedy(q, prompt, n)
+    # q/k/v and gate/up merged into one projection each: the runner takes the merged path
+    merged = kernels.fuse(copy.deepcopy(w4), merge=True)
+    assert hasattr(merged.model.layers[0].self_attn, "qkv_proj")
+    again = run_engine(LLMEngine(merged, tok, num_kv_blocks=64), reqs)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
 
 
 def test_vllm_style_code_runs_unchanged(model_tok):

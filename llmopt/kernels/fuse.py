@@ -10,6 +10,13 @@ What changes, per decoder layer (state-dict keys stay the same, the weights are 
 - every 4- or 8-bit `QuantLinear` -> `KernelQuantLinear`: the W4A16 / W8A16 kernels read the
   packed bytes directly instead of dequantizing the whole weight every call.
 
+`merge=True` also stacks each layer's q, k and v projections into one `qkv_proj`, and gate and up
+into one `gate_up_proj` (vLLM's QKVParallelLinear and MergedColumnParallelLinear): one matmul, or
+one W4A16 GEMV, instead of three and two. At batch-1 decode every call is a launch and a pass over
+a few MB, so fewer, larger calls waste less. The merged weights are the originals stacked (packed
+INT4/INT8 codes and scales stack the same way), so the state-dict keys change to the merged names:
+save the model before fusing with `merge=True`.
+
 `backend` says where the ops run ("auto": the kernels on a GPU and the PyTorch references on
 a CPU; "triton": the kernels everywhere, under the interpreter on a CPU - slow, for tests;
 "torch": the references). `FusedAttention.forward` mirrors transformers' `LlamaAttention`
@@ -41,15 +48,28 @@ class FusedRMSNorm(nn.Module):
 
 
 class FusedMLP(nn.Module):
-    """down(swiglu(gate(x), up(x))) with the SwiGLU in one kernel."""
+    """down(swiglu(gate(x), up(x))) with the SwiGLU in one kernel; after `merge()`, gate and up are one
+    matmul whose two halves go to the kernel as they are (strided views, no copy)."""
 
     def __init__(self, mlp: nn.Module, backend: str = "auto"):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.backend = backend
 
+    def merge(self) -> bool:
+        merged = merge_linears([self.gate_proj, self.up_proj])
+        if merged is None:
+            return False
+        self.gate_up_proj, self.split = merged, self.gate_proj.out_features
+        del self.gate_proj, self.up_proj
+        return True
+
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).split(self.split, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up, backend=self.backend))
 
 
 class FusedAttention(nn.Module):
@@ -64,11 +84,23 @@ class FusedAttention(nn.Module):
                 setattr(self, name, getattr(attn, name))
         self.backend = backend
 
+    def merge(self) -> bool:
+        merged = merge_linears([self.q_proj, self.k_proj, self.v_proj])
+        if merged is None:
+            return False
+        self.qkv_proj, self.qkv_sizes = merged, [m.out_features for m in (self.q_proj, self.k_proj, self.v_proj)]
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def qkv(self, h):
+        """The q, k and v projections of h (one matmul after `merge()`; its parts are views)."""
+        if hasattr(self, "qkv_proj"):
+            return self.qkv_proj(h).split(self.qkv_sizes, dim=-1)
+        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in self.qkv(hidden_states))
         cos, sin = position_embeddings
         q, k = rope(q, k, cos, sin, backend=self.backend)
         cache = kwargs.pop("cache", None)  # called past_key_values before transformers 5.2x
@@ -110,6 +142,38 @@ class FusedDecoderLayer(nn.Module):
         return residual + self.mlp(h)
 
 
+@torch.no_grad()
+def merge_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One linear layer computing `linears`' outputs side by side: their weights (or packed codes,
+    scales and zeros) stacked along the output dimension, biases too. None where they cannot be
+    stacked: different types, input sizes, quantization settings, or bias on some and not others."""
+    from .qlinear import KernelQuantLinear
+
+    first = linears[0]
+    if any(type(m) is not type(first) or m.in_features != first.in_features for m in linears):
+        return None
+    if len({m.bias is None for m in linears}) > 1:
+        return None
+    bias = None if first.bias is None else torch.cat([m.bias for m in linears])
+    out_features = sum(m.out_features for m in linears)
+    if type(first) is nn.Linear:
+        merged = nn.Linear(first.in_features, out_features, bias=bias is not None, device="meta")
+        merged.weight = nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=first.weight.requires_grad)
+    elif type(first) is KernelQuantLinear:
+        if any(m.cfg != first.cfg for m in linears) or len({m.zeros is None for m in linears}) > 1:
+            return None
+        merged = KernelQuantLinear(first.in_features, out_features, first.cfg, bias=False, device="meta",
+                                   backend=first.backend)
+        merged.qweight = torch.cat([m.qweight for m in linears])
+        merged.scales = torch.cat([m.scales for m in linears])
+        merged.zeros = None if first.zeros is None else torch.cat([m.zeros for m in linears])
+    else:
+        return None
+    if bias is not None:
+        merged.bias = nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+    return merged
+
+
 def _fused_norm(norm: nn.Module, backend: str) -> FusedRMSNorm:
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if eps is None:
@@ -140,8 +204,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True) -> nn.Module:
-    """Swap in the fused modules, in place; returns `model` (it still generates and saves)."""
+def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True, merge: bool = False) -> nn.Module:
+    """Swap in the fused modules, in place; returns `model` (it still generates and saves). `merge`:
+    also merge q/k/v and gate/up into one projection each, where their types and settings match."""
     from .qlinear import KernelQuantLinear, has_kernel
 
     check_backend(backend)
@@ -160,6 +225,10 @@ def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True) -> nn.
             if has_kernel(module):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, KernelQuantLinear.from_quant_linear(module, backend))
+    if merge:
+        for layer in layers:
+            layer.self_attn.merge()
+            layer.mlp.merge()
     return model
 
 

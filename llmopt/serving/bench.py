@@ -253,8 +253,9 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
                      group_size: int = 128) -> dict:
     """Greedy decode speed of one model on `bench.generation`'s harness (the one behind the tour's
     rows): HF `generate`; the engine without and with CUDA graphs; the engine serving the model with
-    lesson 08's fused kernels (same weights); and serving it quantized to W4 (RTN, groups of
-    `group_size`) with the fused and W4A16 kernels. CUDA graphs wherever there is a GPU.
+    lesson 08's fused kernels (same weights; "merged": also q/k/v and gate/up merged into one
+    projection each); and serving it quantized to W4 (RTN, groups of `group_size`) with the fused and
+    W4A16 kernels ("w4-fused", "w4-merged"). CUDA graphs wherever there is a GPU.
     Batch-1 rows also carry the share of the decode floor (weight bytes / measured bandwidth)."""
     import copy
 
@@ -282,11 +283,16 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
 
     if "fused" in systems:
         runs.append(("llmopt engine, fused kernels" + graphs, fuse(copy.deepcopy(model)), {}))
-    if "w4-fused" in systems:
-        from ..quant import QuantConfig, quantize
+    if "merged" in systems:
+        runs.append(("llmopt engine, fused kernels, merged qkv / gate-up" + graphs,
+                     fuse(copy.deepcopy(model), merge=True), {}))
+    for variant, merge in (("w4-fused", False), ("w4-merged", True)):
+        if variant in systems:
+            from ..quant import QuantConfig, quantize
 
-        w4 = fuse(quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=group_size)))
-        runs.append(("llmopt engine, W4 + fused kernels" + graphs, w4, {}))
+            w4 = fuse(quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=group_size)), merge=merge)
+            runs.append(("llmopt engine, W4 + fused kernels" + (", merged qkv / gate-up" if merge else "") + graphs,
+                         w4, {}))
     for name, m, kw in runs:
         fn = None if kw is None else generate_fn(_engine_for(m, tok, max_b, max_tokens, **kw))
         for b in batch_sizes:

@@ -48,8 +48,10 @@ def check_model(model: nn.Module) -> None:
                          f"got {type(model).__name__}")
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise ValueError(f"layer {i}: expected self_attn with q_proj, k_proj, v_proj, o_proj")
+        separate = all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
+        if attn is None or not (separate or hasattr(attn, "qkv_proj")) or not hasattr(attn, "o_proj"):
+            raise ValueError(f"layer {i}: expected self_attn with q_proj, k_proj, v_proj (or a merged qkv_proj) "
+                             f"and o_proj")
         if getattr(layer, "mlp", None) is None:
             raise ValueError(f"layer {i}: expected an mlp")
     if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
@@ -119,9 +121,11 @@ class ModelRunner:
         and the residual stream."""
         attn, T = layer.self_attn, x.shape[1]
         h, residual = self._norm(layer.input_layernorm, x, residual)
-        q = attn.q_proj(h).view(1, T, -1, self.head_dim)
-        k = attn.k_proj(h).view(1, T, -1, self.head_dim)
-        v = attn.v_proj(h).view(T, -1, self.head_dim)
+        if hasattr(attn, "qkv_proj"):   # lesson 08's fuse(merge=True): one matmul, three views of its output
+            q, k, v = attn.qkv(h)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = q.view(1, T, -1, self.head_dim), k.view(1, T, -1, self.head_dim), v.view(T, -1, self.head_dim)
         if hasattr(attn, "q_norm"):   # Qwen3: RMSNorm per head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=self.backend)
