@@ -7,6 +7,7 @@ instructions per weight byte: the number that decides whether a decode GEMV can 
 
     python scripts/sass_count.py                       # the default config
     python scripts/sass_count.py '{"BLOCK_N": 16, "GROUPS": 8, "LANES": 4, "VEC": 16, "num_warps": 8}'
+    python scripts/sass_count.py gemm                  # the plain and the grouped GEMM, one 64x128x64 tile
 
 Tested with Triton 3.9 (`ASTSource`'s arguments change between versions). Integer arguments are
 marked divisible by 16, as Triton's launcher marks them on a GPU for these shapes (K = 4096, 11008).
@@ -65,12 +66,26 @@ def loop_body(text: str) -> list[str]:
     return best
 
 
+def count(body: list[str]) -> Counter:
+    return Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", i).group(1) for i in body)
+
+
+def gemm():
+    for name, kernel in (("plain GEMM", w4a16._w4a16_gemm_kernel), ("grouped GEMM", w4a16._w4a16_gemm_grouped_kernel)):
+        consts = dict(HAS_ZEROS=False, HAS_BIAS=False, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+        body = loop_body(sass(compile_sm90(kernel, consts, 4).asm["cubin"]))
+        ops = count(body)
+        print(f"{name}, 64x128x64 tiles, 4 warps: loop of {len(body)} instructions per K step "
+              f"({len(body) / 32:.1f} per packed byte per thread)")
+        print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
+
+
 def main(config: dict):
     config = {**DEFAULT, **config}
     warps = config.pop("num_warps")
     consts = dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=1, ALIGNED=True, GROUP_BYTES=64, **config)
     body = loop_body(sass(compile_sm90(w4a16._w4a16_gemv_grouped_kernel, consts, warps).asm["cubin"]))
-    ops = Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", i).group(1) for i in body)
+    ops = count(body)
     per_thread = config["BLOCK_N"] * config["GROUPS"] * config["LANES"] * config["VEC"] / (32 * warps)
     print(f"{config}, {warps} warps: loop of {len(body)} instructions for {per_thread:.0f} packed bytes per "
           f"thread = {len(body) / per_thread:.1f} per byte")
@@ -78,4 +93,7 @@ def main(config: dict):
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
+    if sys.argv[1:] == ["gemm"]:
+        gemm()
+    else:
+        main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
