@@ -71,9 +71,10 @@ def count(body: list[str]) -> Counter:
 
 
 def gemm():
-    for name, kernel in (("plain GEMM", w4a16._w4a16_gemm_kernel), ("grouped GEMM", w4a16._w4a16_gemm_grouped_kernel)):
-        consts = dict(HAS_ZEROS=False, HAS_BIAS=False, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
-        body = loop_body(sass(compile_sm90(kernel, consts, 4).asm["cubin"]))
+    for name, grouped in (("plain GEMM", False), ("grouped GEMM", True)):
+        consts = dict(HAS_ZEROS=False, HAS_BIAS=False, PRECISION="tf32", GROUPED=grouped, BLOCK_M=64, BLOCK_N=128,
+                      BLOCK_K=64)
+        body = loop_body(sass(compile_sm90(w4a16._w4a16_gemm_kernel, consts, 4).asm["cubin"]))
         ops = count(body)
         print(f"{name}, 64x128x64 tiles, 4 warps: loop of {len(body)} instructions per K step "
               f"({len(body) / 32:.1f} per packed byte per thread)")

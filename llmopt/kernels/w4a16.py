@@ -74,7 +74,7 @@ GEMM_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8),
-    # the grouped GEMM (see its kernel; 2026-11-27, tested under the interpreter, not yet timed on a GPU)
+    # the grouped GEMM (see the kernel; 2026-11-27, tested under the interpreter, not yet timed on a GPU)
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, GROUPED=True),
     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, GROUPED=True),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, GROUPED=True),
@@ -299,7 +299,11 @@ def _w4a16_gemv_grouped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N
 def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
                        stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
                        HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # GROUPED (BLOCK_K divides the group size) takes the grouped GEMV's ideas: a K tile has one scale
+    # (and zero) per column, loaded once per tile instead of gathered per weight; code - zero is a small
+    # integer, exact in fp16/bf16, so the tensor cores multiply x by it and the scale multiplies the
+    # tile's float32 sums afterwards (once per output and tile, not per weight).
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,54 +318,29 @@ def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
         # the weight tile is loaded (K, N)-major, as tl.dot wants its right operand
         w_mask = j_ok[:, None] & col_ok[None, :]
         packed = tl.load(qw_ptr + cols[None, :] * stride_qn + j[:, None], mask=w_mask, other=0)
-        # dequantized in float32, then rounded to x's dtype so tl.dot runs on the tensor cores
-        w_even = _dequantize(packed & 0xF, cols[None, :], 2 * j[:, None], w_mask, s_ptr, z_ptr, G, stride_sn,
-                             HAS_ZEROS, 8).to(x_ptr.dtype.element_ty)
-        w_odd = _dequantize(packed >> 4, cols[None, :], 2 * j[:, None] + 1, w_mask, s_ptr, z_ptr, G, stride_sn,
-                            HAS_ZEROS, 8).to(x_ptr.dtype.element_ty)
-        # sum over k split in two: x[:, even k] @ w[even k, :] + x[:, odd k] @ w[odd k, :]
-        acc += tl.dot(x_even, w_even, input_precision=PRECISION)
-        acc += tl.dot(x_odd, w_odd, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _w4a16_gemm_grouped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
-                               stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on,
-                               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # The GEMM with the grouped GEMV's ideas: BLOCK_K divides the group size, so a K tile has one scale
-    # (and zero) per column, loaded once per tile instead of gathered per weight. code - zero is a small
-    # integer, exact in fp16/bf16: the tensor cores multiply x by it, and the scale multiplies the
-    # tile's float32 sums afterwards (one multiply per output per tile, not per weight).
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < M, cols < N
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        j_ok = j < K // 2
-        x_mask = row_ok[:, None] & j_ok[None, :]
-        x_even = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :]) * stride_xk, mask=x_mask, other=0.0)
-        x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * j[None, :] + 1) * stride_xk, mask=x_mask, other=0.0)
-        packed = tl.load(qw_ptr + cols[None, :] * stride_qn + j[:, None], mask=j_ok[:, None] & col_ok[None, :],
-                         other=0).to(tl.int32)
-        g = k0 // G
-        s = tl.load(s_ptr + cols * stride_sn + g, mask=col_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + cols * stride_sn + g, mask=col_ok, other=0).to(tl.float32)
+        if GROUPED:
+            g = k0 // G
+            s = tl.load(s_ptr + cols * stride_sn + g, mask=col_ok, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + cols * stride_sn + g, mask=col_ok, other=0).to(tl.float32)
+            else:
+                z = tl.full((BLOCK_N,), 8.0, tl.float32)
+            # codes to floats with the 2^23 trick (see the grouped GEMV), then to x's dtype: exact
+            packed = packed.to(tl.int32)
+            low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)[None, :]
+            high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)[None, :]
+            part = tl.dot(x_even, low.to(x_ptr.dtype.element_ty), input_precision=PRECISION)
+            part += tl.dot(x_odd, high.to(x_ptr.dtype.element_ty), input_precision=PRECISION)
+            acc += part * s[None, :]
         else:
-            z = tl.full((BLOCK_N,), 8.0, tl.float32)
-        # codes to floats with the 2^23 trick (see the grouped GEMV), then to x's dtype: exact
-        low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)[None, :]
-        high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)[None, :]
-        part = tl.dot(x_even, low.to(x_ptr.dtype.element_ty), input_precision=PRECISION)
-        part += tl.dot(x_odd, high.to(x_ptr.dtype.element_ty), input_precision=PRECISION)
-        acc += part * s[None, :]
+            # dequantized in float32, then rounded to x's dtype so tl.dot runs on the tensor cores
+            w_even = _dequantize(packed & 0xF, cols[None, :], 2 * j[:, None], w_mask, s_ptr, z_ptr, G, stride_sn,
+                                 HAS_ZEROS, 8).to(x_ptr.dtype.element_ty)
+            w_odd = _dequantize(packed >> 4, cols[None, :], 2 * j[:, None] + 1, w_mask, s_ptr, z_ptr, G, stride_sn,
+                                HAS_ZEROS, 8).to(x_ptr.dtype.element_ty)
+            # sum over k split in two: x[:, even k] @ w[even k, :] + x[:, odd k] @ w[odd k, :]
+            acc += tl.dot(x_even, w_even, input_precision=PRECISION)
+            acc += tl.dot(x_odd, w_odd, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
@@ -476,10 +455,10 @@ def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, nu
 def _gemm(x, qweight, scales, zeros, group_size, bias, out, BLOCK_M, BLOCK_N, BLOCK_K, num_warps=4, GROUPED=False):
     grid = (triton.cdiv(x.shape[0], BLOCK_M), triton.cdiv(out.shape[1], BLOCK_N))
     group = x.shape[1] if group_size is None else group_size
-    # the grouped GEMM needs K tiles inside one group; other group sizes take the plain one
-    kernel = _w4a16_gemm_grouped_kernel if GROUPED and group % BLOCK_K == 0 else _w4a16_gemm_kernel
-    return _launch(kernel, grid, x, qweight, scales, zeros, group_size, bias, out,
-                   PRECISION=precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    # the grouped path needs K tiles inside one group; other group sizes take the plain one
+    return _launch(_w4a16_gemm_kernel, grid, x, qweight, scales, zeros, group_size, bias, out,
+                   PRECISION=precision(x.dtype), GROUPED=GROUPED and group % BLOCK_K == 0,
+                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                    num_warps=num_warps)
 
 
