@@ -252,7 +252,8 @@ def _w4a16_gemv_grouped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N
         j_end = tl.multiple_of(j_end, 16)
     SUB: tl.constexpr = LANES * VEC
     STEP: tl.constexpr = GROUPS * SUB
-    nxt = _packed_runs(qw_ptr, cols, col_ok, j_begin, j_end, stride_qn, GROUPS, LANES, VEC)   # PREFETCH's first
+    if PREFETCH:   # the first tile, loaded before the loop
+        nxt = _packed_runs(qw_ptr, cols, col_ok, j_begin, j_end, stride_qn, GROUPS, LANES, VEC)
     for j0 in range(j_begin, j_end, STEP):
         if ALIGNED:
             j0 = tl.multiple_of(j0, 16)
