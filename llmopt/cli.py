@@ -44,7 +44,8 @@ def _bench(args):
         from .serving.bench import decode_main
 
         decode_main(args.model, batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, json_path=args.json,
-                    repeats=min(args.repeats or 10, 10), systems=tuple(args.variants))
+                    repeats=min(args.repeats or 10, 10), systems=tuple(args.variants),
+                    scheduler_steps=args.scheduler_steps)
     elif args.what == "http":
         from .serving.http_bench import main
 
@@ -145,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 32], help="decode: batch sizes")
     t.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per sequence")
     t.add_argument("--variants", nargs="*", default=["hf", "eager", "graphs", "fused", "w4-fused"],
-                   choices=["hf", "eager", "graphs", "fused", "merged", "w4-fused", "w4-merged"],
-                   help="decode: what to run (merged: fuse(merge=True), q/k/v and gate/up as one matmul each)")
+                   choices=["hf", "eager", "graphs", "graphs-multistep", "fused", "merged", "multistep", "w4-fused",
+                            "w4-merged", "w4-multistep"],
+                   help="decode: what to run (merged: fuse(merge=True), q/k/v and gate/up as one matmul each; "
+                   "*multistep: also multi-step decoding, --scheduler-steps tokens per host sync)")
+    t.add_argument("--scheduler-steps", type=int, default=8, help="decode: num_scheduler_steps of the multistep "
+                   "variants")
     t.add_argument("--plot", default=None, help="serve: write the plot here")
     t.set_defaults(func=_bench)
 

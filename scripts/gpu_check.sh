@@ -17,7 +17,7 @@ for part in $PARTS; do
   decode)  # lessons 09-10 and 08 end to end: TinyLlama-1.1B-shaped, random init, bf16; batch 1 and 32:
            # HF generate, the engine eager / CUDA graphs / fused kernels / W4 + fused, vs the bandwidth floor
     timeout ${DECODE_TIMEOUT:-420} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes ${BATCHES:-1 32} \
-        --variants ${VARIANTS:-hf eager graphs fused merged w4-fused w4-merged} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
+        --variants ${VARIANTS:-hf graphs fused merged multistep graphs-multistep w4-merged w4-multistep} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
   kernels)  # lesson 08: every kernel vs eager and torch.compile at 7B sizes, and the W4A16/W8A16 GEMV/GEMM vs bf16
     timeout ${KERNELS_TIMEOUT:-200} $PY -m llmopt.cli bench kernels --repeats 50 --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" ;;
   quant)  # lesson 08's quantized matmuls only, and every W4A16 GEMV candidate config, timed one by one

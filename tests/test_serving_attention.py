@@ -199,6 +199,26 @@ def test_decode_triton_matches_reference(Hq, Hk, D, bs, dtype):
     torch.testing.assert_close(got, paged_decode_reference(q, *b.args(), scale=D ** -0.5), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 2, 3, 100])
+@pytest.mark.parametrize("Hq,Hk,D,bs", [(8, 2, 24, 4), (4, 1, 16, 8)])
+def test_decode_triton_split_context_matches_reference(Hq, Hk, D, bs, splits, dtype):
+    """Flash-Decoding: the context cut into pieces (1: none; 100: more than the table has blocks, so
+    one block each and most pieces past the short contexts) gives the reference's answer."""
+    b = Batch(lengths_for(bs) + [7 * bs - 1], bs, Hk, D, dtype=dtype, seed=splits)
+    q = randn(len(b.lengths), Hq, D, dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    got = paged_decode_triton(q, *b.args(), scale=D ** -0.5, out=out, splits=splits)
+    torch.testing.assert_close(got, paged_decode_reference(q, *b.args(), scale=D ** -0.5), **TOL[dtype])
+
+
+def test_num_splits_fills_the_machine_but_never_cuts_a_block():
+    cpu = torch.device("cpu")         # counted as 8 SMs: about 16 programs wanted
+    assert attention.num_splits(1, 4, 128, cpu) == 4
+    assert attention.num_splits(1, 1, 3, cpu) == 3            # capped by the table's width
+    assert attention.num_splits(64, 8, 128, cpu) == 1         # enough programs without splitting
+
+
 def test_decode_triton_large_scores_and_strided_q():
     """Scores in the hundreds (exp overflows float32 without the running max), the largest in a late block,
     int64 tables, and q a strided slice of a fused qkv tensor."""

@@ -321,6 +321,41 @@ class BlockWalk(RuleBasedStateMachine):
         self.write(seq, len(seq.token_ids) - 1)
 
     @precondition(lambda self: self.live)
+    @rule(data=st.data(), tokens=st.lists(st.integers(0, 1), min_size=2, max_size=9), stop=st.booleans())
+    def multi_step(self, data, tokens, stop):
+        """The engine's multi-step decoding: a new token (tokens[0]) as a decode step appends it, then
+        its blocks for len(tokens) positions reserved, the device writing all of them, the host taking
+        them one by one (may_append each) up to the end or up to a stop, after which the sequence ends."""
+        seq = data.draw(st.sampled_from(self.live))
+        seq.token_ids.append(tokens[0])
+        if not self.bm.can_append(seq):
+            seq.token_ids.pop()
+            return
+        for src, dst in self.bm.may_append(seq):
+            for slot in range(self.bs):
+                if (src, slot) in self.cache:
+                    self.cache[(dst, slot)] = self.cache[(src, slot)]
+        k, pos = len(tokens), len(seq.token_ids) - 1
+        if self.bm.blocks_to_reserve(seq, k) > self.bm.num_free_blocks():
+            with pytest.raises(NoFreeBlocks):
+                self.bm.reserve(seq, k)
+            self.write(seq, pos)                             # a single step instead
+            return
+        self.bm.reserve(seq, k)
+        ran = seq.token_ids[:pos] + tokens                   # what the device ran, position by position
+        for m in range(k):
+            block = seq.block_table[(pos + m) // self.bs]
+            assert self.bm.blocks[block].ref_count == 1, "a run writes into a shared block"
+            self.cache[(block, (pos + m) % self.bs)] = tuple(ran[:pos + m + 1])
+        keep = data.draw(st.integers(1, k)) if stop else k
+        for m in range(1, keep):
+            seq.token_ids.append(tokens[m])
+            assert self.bm.may_append(seq) == []             # reserved and private: nothing to copy
+        if stop:
+            self.live.remove(seq)
+            self.bm.free(seq)
+
+    @precondition(lambda self: self.live)
     @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(self.live))

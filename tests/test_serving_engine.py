@@ -320,6 +320,155 @@ def test_decode_fast_path_keeps_hf_outputs_with_a_mixed_then_pure_decode_run(mod
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
 
 
+def _spy_steps(engine):
+    """Record the number of steps of every multi-step run of `engine`."""
+    runs, real = [], engine.runner.decode_steps
+
+    def spy(seqs, k):
+        runs.append(k)
+        return real(seqs, k)
+    engine.runner.decode_steps = spy
+    return runs
+
+
+def test_multi_step_decoding_gives_the_single_step_tokens(model_tok):
+    """num_scheduler_steps=8: greedy tokens equal HF generate and the single-step engine's, with runs
+    that cross block boundaries (block_size 4), stop early (eos, stop ids, stop strings: the tokens
+    past the stop are dropped), share a prefix, and a cache too small to reserve 8 tokens ahead."""
+    model, tok = model_tok
+    reqs = workload(24, model.config.vocab_size, seed=5, max_prompt=40, max_new=40)
+    multi = LLMEngine(model, tok, block_size=4, num_kv_blocks=400, max_num_seqs=6, num_scheduler_steps=8)
+    runs = _spy_steps(multi)
+    for (prompt, n), out in zip(reqs, run_engine(multi, reqs)):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
+    assert runs and max(runs) == 8 and min(runs) < 8          # runs of 8, and shorter ones near max_tokens
+    multi.blocks.check()
+    assert multi.blocks.num_free_blocks() == multi.blocks.num_blocks
+    # stops inside a run, a shared system prompt, a sampled request in the batch (single steps then)
+    system = tok("# utilities for parsing\nimport os\nimport re\n").input_ids
+    free = LLMEngine(model, tok, num_kv_blocks=64)
+    rid = free.add_request(system + [5], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    free_out = free.run()[rid].outputs[0]
+    params = [SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[free_out.token_ids[5]], ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, stop=[free_out.text[6:9]], ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=40),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=3),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    prompts = [system + [5], system + [5], "def main():\n", system + [9], system + [11, 12]]
+
+    def serve(engine):
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        final = engine.run()
+        engine.blocks.check()
+        assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
+        return [final[i].outputs[0] for i in ids], set(engine.blocks.hash_to_block_id)
+
+    one, one_hashes = serve(LLMEngine(model, tok, block_size=4, num_kv_blocks=200, seed=1))
+    multi = LLMEngine(model, tok, block_size=4, num_kv_blocks=200, seed=1, num_scheduler_steps=8)
+    runs = _spy_steps(multi)
+    got, got_hashes = serve(multi)
+    assert runs
+    for a, b in zip(one, got):
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
+                                                                         b.stop_reason)
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-3)
+    assert got[0].finish_reason == got[1].finish_reason == "stop"
+    assert got_hashes == one_hashes       # the prefix cache holds the same blocks either way
+    # a cache that cannot hold 8 tokens ahead for everyone: shorter runs, then preemption; same tokens
+    reqs = workload(12, model.config.vocab_size, seed=6, max_prompt=30, max_new=30)
+    small = LLMEngine(model, tok, block_size=4, num_kv_blocks=40, max_num_seqs=6, num_scheduler_steps=8)
+    runs = _spy_steps(small)
+    for (prompt, n), out in zip(reqs, run_engine(small, reqs)):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
+    assert runs and small.stats.preemptions > 0
+    small.blocks.check()
+
+
+def test_multi_step_decoding_streams_each_run_at_once(model_tok):
+    """A step of a multi-step engine reports every token of its run; a waiting request (here: one
+    added mid-stream) turns the runs off until it has been admitted."""
+    model, tok = model_tok
+    engine = LLMEngine(model, tok, num_kv_blocks=64, num_scheduler_steps=4)
+    rid = engine.add_request("import sys\n", SamplingParams(temperature=0, max_tokens=11, ignore_eos=True))
+    lengths = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid:
+                lengths.append(len(out.outputs[0].token_ids))
+        if len(lengths) == 2:
+            engine.add_request("x = 1\n", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    # prefill: 1 token; runs of 4 (1 -> 5); the newcomer's prefill: one single step (6); then 4, 1
+    assert lengths == [1, 5, 6, 10, 11], lengths
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        LLMEngine(model, tok, num_kv_blocks=8, num_scheduler_steps=0)
+
+
+class _StandInGraph:
+    """A CUDA graph's contract on a CPU: `replay()` reruns the recorded step on the tensors it was
+    recorded with, and its output lands in the tensor the recording returned."""
+    def __init__(self, fn):
+        self.fn = fn
+        self.out = fn()
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+    def pool(self):
+        return None
+
+    @classmethod
+    def record(cls, fn, pool):   # ModelRunner._record's signature
+        graph = cls(fn)
+        return graph, graph.out
+
+
+@pytest.mark.parametrize("steps", [1, 8])
+def test_graph_replay_path_with_a_stand_in_graph(model_tok, monkeypatch, steps):
+    """The engine's CUDA-graph path (static input tensors, padded batch sizes, the scratch block, the
+    multi-step graph's in-graph token pick and input update) run on a CPU through stand-in graphs:
+    the tokens equal HF generate."""
+    from llmopt.serving.runner import ModelRunner
+
+    model, tok = model_tok
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(_StandInGraph.record))
+    engine = LLMEngine(model, tok, block_size=4, num_kv_blocks=300, max_num_seqs=5, enforce_eager=True,
+                       max_model_len=128, num_scheduler_steps=steps)
+    engine.runner.capture_cuda_graphs(5)
+    assert sorted(engine.runner.graphs) == [1, 2, 4, 5]
+    runs = _spy_steps(engine)
+    replays = []
+    for size, (g, *_) in engine.runner.graphs.items():
+        real = g.replay
+        g.replay = lambda real=real, size=size: (replays.append(size), real())
+    # the first request holds block 0 to the end, while padded batches run beside it
+    reqs = [([7, 8, 9, 10, 11], 60)] + workload(9, model.config.vocab_size, seed=8, max_prompt=30, max_new=30)
+    eager = LLMEngine(model, tok, block_size=4, num_kv_blocks=300, max_num_seqs=5, enforce_eager=True)
+    for (prompt, n), out, ref in zip(reqs, run_engine(engine, reqs), run_engine(eager, reqs)):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
+        # the same logits to rounding: a padding row that wrote into a live block would show here
+        assert out.outputs[0].cumulative_logprob == pytest.approx(ref.outputs[0].cumulative_logprob, abs=1e-4)
+    assert set(replays) == {1, 2, 4, 5}, set(replays)          # every graph, padded batches among them
+    assert bool(runs) == (steps > 1) and (steps == 1 or max(runs) == 8)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_multi_step_equals_single_step():
+    """On a GPU: the multi-step CUDA graphs (greedy pick and input update inside the graph, replays back
+    to back) give the eager single-step engine's tokens, padded batches included."""
+    import llmopt
+
+    model, tok = llmopt.load("tinypy", device="cuda", dtype=torch.float32)
+    model.eval()
+    reqs = workload(24, model.config.vocab_size, seed=3, max_prompt=60, max_new=40)
+    multi = LLMEngine(model, tok, block_size=16, num_kv_blocks=256, max_num_seqs=12, num_scheduler_steps=8)
+    runs = _spy_steps(multi)
+    eager = LLMEngine(model, tok, block_size=16, num_kv_blocks=256, max_num_seqs=12, enforce_eager=True)
+    for x, y in zip(run_engine(multi, reqs), run_engine(eager, reqs)):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+    assert runs and max(runs) == 8
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graph_decode_equals_eager_and_hf():
     """On a GPU: the engine with CUDA graphs gives the eager engine's and HF generate's tokens (float32,

@@ -17,11 +17,15 @@ instead of from one slice; everything else is ordinary attention.
   everything cached before it, as chunked prefill and prefix caching need.
 - `paged_decode_reference` / `paged_decode_triton` / `paged_decode`: one new query per sequence over its
   whole context, the step that dominates generation. The kernel reads each K/V block once per kv head.
+  Where (sequence, kv head) pairs are too few to fill the GPU (batch 1: a handful), it also cuts each
+  context into pieces that run side by side and merges their partial softmaxes (Flash-Decoding).
 
 GQA: with Hq query heads and Hk kv heads (Hq a multiple of Hk), query head h reads kv head h // (Hq // Hk);
 the Hq // Hk query heads sharing a kv head are its group (MHA: groups of 1; MQA: Hk = 1, one group).
 """
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -206,13 +210,19 @@ def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale: f
 # ---------------------------------------------------------------- kernel
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale, GROUP, D,
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
+                         scale, GROUP, D, blocks_per_split, num_splits,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                          stride_ob, stride_oh, stride_tb,
-                         BLOCK_SIZE: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr, SPLIT: tl.constexpr):
+    """One (sequence, kv head) over its context; with SPLIT, over the `blocks_per_split` blocks of
+    split number program_id(2), leaving the unnormalised (max, sum, weighted values) for the reduction."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     context_len = tl.load(lens_ptr + seq)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(context_len, BLOCK_SIZE))
     g = tl.arange(0, GROUP_P)  # the group's query heads, padded to a power of 2
     d = tl.arange(0, D_P)  # head dim, padded likewise
     heads = kv_head * GROUP + g
@@ -225,7 +235,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, sca
     l = tl.zeros((GROUP_P,), tl.float32)  # running sum of exp(score - m)  # noqa: E741
     acc = tl.zeros((GROUP_P, D_P), tl.float32)  # running sum of exp(score - m) * v
     offs = tl.arange(0, BLOCK_SIZE)
-    for i in range(0, tl.cdiv(context_len, BLOCK_SIZE)):
+    for i in range(first, last):
         block = tl.load(tables_ptr + seq * stride_tb + i).to(tl.int64)  # the page table lookup
         valid = i * BLOCK_SIZE + offs < context_len  # the last block may be partly filled
         kv_mask = valid[:, None] & (d < D)[None, :]
@@ -244,14 +254,63 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, sca
                     mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
-    out = acc / l[:, None]
-    tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if SPLIT:   # partials of shape (B, Hq, num_splits[, D]); the reduction skips splits past the context
+        row = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split
+        keep = g < GROUP
+        tl.store(m_ptr + row, m, mask=keep)
+        tl.store(l_ptr + row, l, mask=keep)
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=keep[:, None] & (d < D)[None, :])
+    else:
+        out = acc / l[:, None]
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lens_ptr, blocks_per_split, num_splits, D,
+                                stride_ob, stride_oh,
+                                BLOCK_SIZE: tl.constexpr, SPLITS_P: tl.constexpr, D_P: tl.constexpr):
+    """One (sequence, query head): merge its splits' partial softmaxes. With M the largest of their
+    maxima, each split's sums are rescaled by exp(m - M), exactly as the online softmax rescales
+    between blocks; out = sum(acc * w) / sum(l * w)."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    context_len = tl.load(lens_ptr + seq)
+    used = tl.cdiv(tl.cdiv(context_len, BLOCK_SIZE), blocks_per_split)   # splits that saw a block
+    s = tl.arange(0, SPLITS_P)
+    d = tl.arange(0, D_P)
+    valid = s < used
+    row = (seq * tl.num_programs(1) + head) * num_splits + s
+    m = tl.load(m_ptr + row, mask=valid, other=float("-inf"))
+    w = tl.exp(m - tl.max(m, axis=0))      # 0 for the splits that saw nothing
+    l = tl.sum(tl.load(l_ptr + row, mask=valid, other=0.0) * w, axis=0)  # noqa: E741
+    acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=valid[:, None] & (d < D)[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / l
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def num_splits(batch: int, kv_heads: int, width: int, device) -> int:
+    """How many pieces to cut each context into (Flash-Decoding, Dao et al. 2023). One program per
+    (sequence, kv head) walks its context block after block, so at batch 1 a GPU with 132 SMs runs a
+    handful of programs, each a long chain of dependent loads. Splitting the table's `width` blocks
+    into pieces that run side by side, then merging their partial softmaxes, fills the GPU: aim at
+    about two programs per SM, and never cut finer than one block."""
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 8
+    return max(1, min(width, -(-2 * sms // max(1, batch * kv_heads))))
+
+
+@cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, out=None,
-                        check: bool = True):
-    """The kernel, one program per (sequence, kv head); same contract as `paged_decode_reference`.
+                        check: bool = True, splits: int | None = None):
+    """The kernel, one program per (sequence, kv head) and piece of context; same contract as
+    `paged_decode_reference`. `splits`: how many pieces the table's blocks are cut into (default:
+    `num_splits`, which depends only on shapes, so a CUDA graph can hold it); over 1, a second kernel
+    merges the pieces.
 
     The block size must be a power of 2. `out` (B, Hq, D) in q's dtype may be given pre-allocated.
     `check=False` skips the checks of the tables' values (see `_check_decode`)."""
@@ -273,11 +332,24 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
         q = q.contiguous()
     tables, lens = block_tables.contiguous(), context_lens.contiguous()
     scale = D ** -0.5 if scale is None else scale
-    _paged_decode_kernel[(B, Hk)](
-        q, k_cache, v_cache, out, tables, lens, float(scale), group, D,
+    width = max(1, tables.shape[1])
+    n = num_splits(B, Hk, width, q.device) if splits is None else max(1, min(int(splits), width))
+    per_split = -(-width // n)
+    n = -(-width // per_split)       # no empty piece at the end
+    m_part = l_part = acc_part = out   # the partials; unused (any tensor will do) without splits
+    if n > 1:
+        m_part = torch.empty(B, Hq, n, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty(B, Hq, n, D, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(B, Hk, n)](
+        q, k_cache, v_cache, out, tables, lens, m_part, l_part, acc_part, float(scale), group, D, per_split, n,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
-        BLOCK_SIZE=block_size, GROUP_P=next_power_of_2(group), D_P=next_power_of_2(D))
+        BLOCK_SIZE=block_size, GROUP_P=next_power_of_2(group), D_P=next_power_of_2(D), SPLIT=n > 1)
+    if n > 1:
+        _paged_decode_reduce_kernel[(B, Hq)](
+            m_part, l_part, acc_part, out, lens, per_split, n, D, out.stride(0), out.stride(1),
+            BLOCK_SIZE=block_size, SPLITS_P=next_power_of_2(n), D_P=next_power_of_2(D))
     return out
 
 

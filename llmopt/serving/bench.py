@@ -250,12 +250,14 @@ def _engine_for(model, tokenizer, max_batch: int, max_tokens: int, block_size: i
 def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32, new_tokens: int = 128,
                      repeats: int = 3, device=None, dtype=None,
                      systems=("hf", "eager", "graphs", "fused", "w4-fused"),
-                     group_size: int = 128) -> dict:
+                     group_size: int = 128, scheduler_steps: int = 8) -> dict:
     """Greedy decode speed of one model on `bench.generation`'s harness (the one behind the tour's
     rows): HF `generate`; the engine without and with CUDA graphs; the engine serving the model with
     lesson 08's fused kernels (same weights; "merged": also q/k/v and gate/up merged into one
     projection each); and serving it quantized to W4 (RTN, groups of `group_size`) with the fused and
-    W4A16 kernels ("w4-fused", "w4-merged"). CUDA graphs wherever there is a GPU.
+    W4A16 kernels ("w4-fused", "w4-merged"); "graphs-multistep", "multistep" (fused and merged) and
+    "w4-multistep" (W4, fused and merged) add multi-step decoding (`num_scheduler_steps=scheduler_steps`).
+    CUDA graphs wherever there is a GPU.
     Batch-1 rows also carry the share of the decode floor (weight bytes / measured bandwidth)."""
     import copy
 
@@ -276,23 +278,28 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
         runs.append(("HF generate", model, None))
     if "eager" in systems:
         runs.append(("llmopt engine, eager", model, {"enforce_eager": True}))
+    graphs = ", CUDA graphs" if dev.type == "cuda" else ""
+    multi = {"num_scheduler_steps": scheduler_steps}
+    steps = f", {scheduler_steps} steps a sync"
     if "graphs" in systems and dev.type == "cuda":
         runs.append(("llmopt engine, CUDA graphs", model, {}))
-    graphs = ", CUDA graphs" if dev.type == "cuda" else ""
+    if "graphs-multistep" in systems:
+        runs.append(("llmopt engine" + graphs + steps, model, multi))
     from ..kernels.fuse import fuse
 
     if "fused" in systems:
         runs.append(("llmopt engine, fused kernels" + graphs, fuse(copy.deepcopy(model)), {}))
-    if "merged" in systems:
-        runs.append(("llmopt engine, fused kernels, merged qkv / gate-up" + graphs,
-                     fuse(copy.deepcopy(model), merge=True), {}))
-    for variant, merge in (("w4-fused", False), ("w4-merged", True)):
+    for variant, kw in (("merged", {}), ("multistep", multi)):
+        if variant in systems:
+            runs.append(("llmopt engine, fused kernels, merged qkv / gate-up" + graphs + (steps if kw else ""),
+                         fuse(copy.deepcopy(model), merge=True), kw))
+    for variant, merge, kw in (("w4-fused", False, {}), ("w4-merged", True, {}), ("w4-multistep", True, multi)):
         if variant in systems:
             from ..quant import QuantConfig, quantize
 
             w4 = fuse(quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=group_size)), merge=merge)
-            runs.append(("llmopt engine, W4 + fused kernels" + (", merged qkv / gate-up" if merge else "") + graphs,
-                         w4, {}))
+            runs.append(("llmopt engine, W4 + fused kernels" + (", merged qkv / gate-up" if merge else "") + graphs
+                         + (steps if kw else ""), w4, kw))
     for name, m, kw in runs:
         fn = None if kw is None else generate_fn(_engine_for(m, tok, max_b, max_tokens, **kw))
         for b in batch_sizes:
@@ -319,9 +326,10 @@ def format_decode_row(r: dict) -> str:
 
 
 def decode_main(model=None, batch_sizes=(1, 32), new_tokens: int = 128, json_path=None, repeats: int = 3,
-                systems=("hf", "eager", "graphs", "fused", "w4-fused")) -> dict:
+                systems=("hf", "eager", "graphs", "fused", "w4-fused"), scheduler_steps: int = 8) -> dict:
     """What `llmopt bench decode` runs."""
-    result = decode_benchmark(model, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats, systems=systems)
+    result = decode_benchmark(model, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats, systems=systems,
+                              scheduler_steps=scheduler_steps)
     print(f"{result['model']} on {result['device']} ({result['dtype']}), copy bandwidth "
           f"{result['copy_bandwidth_GBps']:.0f} GB/s, prompt {result['prompt_len']}, {result['new_tokens']} new tokens")
     base = {r["batch"]: r["tok_s"] for r in result["rows"] if r["system"] == "HF generate"}

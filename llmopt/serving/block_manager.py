@@ -134,7 +134,7 @@ class BlockManager:
     def _append_needs_block(self, seq) -> bool:
         pos, table = len(seq.token_ids) - 1, seq.block_table
         i = pos // self.block_size
-        if pos < 0 or not (i <= len(table) <= i + 1) or (len(table) == i and pos % self.block_size):
+        if pos < 0 or len(table) < i or (len(table) == i and pos % self.block_size):
             raise ValueError(f"seq.block_table ({len(table)} blocks) cannot take position {pos}: allocate the "
                              "sequence first and call may_append once per new token")
         return len(table) == i or self.blocks[table[i]].ref_count > 1     # a new block, or copy-on-write
@@ -164,6 +164,22 @@ class BlockManager:
                 prev = self._hashes(seq.token_ids[:i * bs])[-1]
             self._register(block, block_hash(prev, block.token_ids))
         return copies
+
+    def blocks_to_reserve(self, seq, num_tokens: int) -> int:
+        """New blocks `seq` needs for the slots of its next `num_tokens` tokens (positions len - 1 ..
+        len + num_tokens - 2: the last token, not yet run, and the ones it and they will produce)."""
+        last = len(seq.token_ids) - 2 + num_tokens
+        return max(0, last // self.block_size + 1 - len(seq.block_table))
+
+    def reserve(self, seq, num_tokens: int) -> None:
+        """Multi-step decoding: give `seq` its blocks for the next `num_tokens` tokens now, since the
+        device writes their K/V before the host sees them. `may_append`, still called once per new
+        token, then finds each token's block already there and only records its tokens and hash."""
+        need = self.blocks_to_reserve(seq, num_tokens)
+        if need > len(self.free_block_ids):
+            raise NoFreeBlocks(f"{num_tokens} tokens ahead need {need} blocks, {len(self.free_block_ids)} are free")
+        for _ in range(need):
+            seq.block_table.append(self._take_free().block_id)
 
     def free(self, seq) -> None:
         # A block whose K/V was never written (a prefill cut short by preemption, a token sampled but

@@ -9,6 +9,11 @@ One engine step = schedule -> copy-on-write copies -> one forward over the batch
 token for every sequence that reached its last token -> check stop conditions -> free the blocks
 of finished sequences. `step()` returns a `RequestOutput` for each request that got a new token,
 so a caller can stream.
+
+With `num_scheduler_steps=k` (vLLM's multi-step scheduling) a step whose batch is all greedy decode
+runs up to k forwards on the device, each feeding its token to the next, and the host takes the k
+tokens in one go: the host's per-token work (above) is paid once per k tokens, and on a GPU the k
+CUDA-graph replays run back to back. The tokens are the same as k single steps'.
 """
 from __future__ import annotations
 
@@ -62,8 +67,12 @@ class LLMEngine:
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 chunked_prefill: bool = True, backend: str = "auto", enforce_eager: bool = False, seed: int = 0):
+                 chunked_prefill: bool = True, backend: str = "auto", enforce_eager: bool = False, seed: int = 0,
+                 num_scheduler_steps: int = 1):
+        if num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be >= 1, got {num_scheduler_steps!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.num_scheduler_steps = num_scheduler_steps
         cfg = model.config
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
         if num_kv_blocks is None:
@@ -76,7 +85,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, chunked_prefill)
         # on a GPU the runner records its decode steps as CUDA graphs, unless enforce_eager (vLLM's name)
         self.runner = ModelRunner(model, num_kv_blocks, block_size, backend, max_num_seqs, self.max_model_len,
-                                  enforce_eager)
+                                  enforce_eager, num_scheduler_steps)
         self.eos = _eos_ids(model, tokenizer)
         self.seed = seed
         self.stats = EngineStats()
@@ -137,12 +146,15 @@ class LLMEngine:
             if seq.copies:
                 self.runner.copy_blocks(seq.copies)
                 seq.copies = []
+        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.cached_tokens = self.scheduler.num_cached_tokens
         done = [seq.num_computed_tokens + n == len(seq) for seq, n in batch]
+        k = self._steps_ahead(batch, done)
+        if k > 1:
+            return self._flush(self._multi_step(batch, k, detokenize))
         logits = self.runner.forward(batch, done)
         self.stats.steps += 1
         self.stats.computed_tokens += sum(n for _, n in batch)
-        self.stats.preemptions = self.scheduler.num_preemptions
-        self.stats.cached_tokens = self.scheduler.num_cached_tokens
         for seq, n in batch:
             seq.num_computed_tokens += n
         ready = [seq for (seq, _), d in zip(batch, done) if d]
@@ -156,11 +168,67 @@ class LLMEngine:
                 except Exception as e:  # one bad request must not stop the batch
                     self._finish(seq, "error", f"{type(e).__name__}: {e}", report=False)
                 outputs.append(self._output(seq, detokenize))
-        used = sum(s.num_computed_tokens for s in self.scheduler.running)
-        self.stats.kv_used_slots.append(used)
+        self._record_kv_use()
+        return self._flush(outputs)
+
+    # ------------------------------------------------------------------ multi-step decoding
+
+    def _steps_ahead(self, batch, done) -> int:
+        """How many decode steps this batch may run before the host looks again (vLLM's multi-step
+        scheduling, `num_scheduler_steps`): more than 1 only for a pure greedy decode batch that no
+        waiting request could join now (it would wait that many steps for its prefill; one that finds
+        the batch full may wait up to k - 1 steps past a seat freeing up), within every sequence's
+        context, no longer than the longest still to generate (a shorter one runs on, and its extra
+        tokens are dropped), and with the blocks for all of them free."""
+        k, sched = self.num_scheduler_steps, self.scheduler
+        if k == 1 or not all(done) or any(n != 1 for _, n in batch):
+            return 1
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            return 1
+        longest = 0
+        for seq, _ in batch:
+            p = seq.params
+            if not p.greedy or p.logprobs is not None:
+                return 1
+            room = self.max_model_len - len(seq)
+            k = min(k, room)
+            longest = max(longest, room if p.max_tokens is None else p.max_tokens - seq.num_completion_tokens)
+        k = min(k, longest)
+        need = sum(self.blocks.blocks_to_reserve(seq, k) for seq, _ in batch)
+        if need > self.blocks.num_free_blocks():   # then only as far as the blocks they hold reach
+            k = min(k, *(len(seq.block_table) * self.blocks.block_size - len(seq) + 1 for seq, _ in batch))
+        return max(k, 1)
+
+    def _multi_step(self, batch, k: int, detokenize: bool) -> list[RequestOutput]:
+        """Run k decode steps on the device, then take their tokens in order as k single steps would:
+        a sequence that stops at step j keeps j tokens, and the rest of its run is dropped (its K/V
+        went into its own blocks, freed with it)."""
+        seqs = [seq for seq, _ in batch]
+        for seq in seqs:
+            self.blocks.reserve(seq, k)
+        tokens, logprobs = self.runner.decode_steps(seqs, k)
+        self.stats.steps += k
+        self.stats.computed_tokens += k * len(seqs)
+        outputs = []
+        for i, seq in enumerate(seqs):
+            seq.num_computed_tokens += 1
+            for j in range(k):
+                try:
+                    self._append(seq, tokens[j][i], logprobs[j][i], None)
+                except Exception as e:  # one bad request must not stop the batch
+                    self._finish(seq, "error", f"{type(e).__name__}: {e}", report=False)
+                if seq.is_finished or j == k - 1:
+                    break
+                self.blocks.may_append(seq)    # the token's block is reserved: this records its tokens
+                seq.num_computed_tokens += 1
+            outputs.append(self._output(seq, detokenize))
+        self._record_kv_use()
+        return outputs
+
+    def _record_kv_use(self) -> None:
+        self.stats.kv_used_slots.append(sum(s.num_computed_tokens for s in self.scheduler.running))
         self.stats.kv_reserved_slots.append(sum(len(s.block_table) for s in self.scheduler.running)
                                             * self.blocks.block_size)
-        return self._flush(outputs)
 
     def _flush(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         outputs = self._pending + outputs

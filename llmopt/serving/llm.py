@@ -24,7 +24,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1, quantization=None,
                  trust_remote_code: bool = False, device=None, num_kv_blocks: int | None = None,
-                 backend: str = "auto", enforce_eager: bool = False, **kwargs):
+                 backend: str = "auto", enforce_eager: bool = False, num_scheduler_steps: int = 1, **kwargs):
         unknown = set(kwargs) - set(IGNORED)
         if unknown:
             raise ValueError(f"unsupported LLM arguments: {sorted(unknown)}")
@@ -54,7 +54,7 @@ class LLM:
                                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                                 enable_prefix_caching=enable_prefix_caching,
                                 chunked_prefill=enable_chunked_prefill, backend=backend,
-                                enforce_eager=enforce_eager, seed=seed)
+                                enforce_eager=enforce_eager, seed=seed, num_scheduler_steps=num_scheduler_steps)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -85,7 +85,8 @@ class LLM:
 
 
 # arguments of our `LLM` that vLLM's does not take: dropped when the real vLLM is used
-OURS_ONLY = ("backend", "num_kv_blocks", "device")
+# (num_scheduler_steps was vLLM's until its V1 engine, which overlaps the host's work by itself)
+OURS_ONLY = ("backend", "num_kv_blocks", "device", "num_scheduler_steps")
 
 
 def load_llm(model, prefer_vllm: bool = True, **kwargs):

@@ -25,6 +25,8 @@ that no sequence owns. `enforce_eager=True` (vLLM's name) turns the graphs off.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -68,7 +70,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, backend: str = "auto",
-                 max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False):
+                 max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
+                 num_scheduler_steps: int = 1):
         check_model(model)
         self.model, self.block_size, self.num_blocks, self.backend = model, block_size, num_blocks, backend
         cfg = model.config
@@ -86,7 +89,9 @@ class ModelRunner:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
-        self.graphs: dict[int, tuple] = {}      # batch size -> (CUDA graph, its logits tensor)
+        # multi-step decoding: how many decode steps may run on the device before the host looks
+        self.num_scheduler_steps = num_scheduler_steps
+        self.graphs: dict[int, tuple] = {}      # batch size -> (CUDA graph, logits, tokens, logprobs)
         if self.device.type == "cuda" and not enforce_eager:
             self.capture_cuda_graphs(max_num_seqs)
 
@@ -205,6 +210,27 @@ class ModelRunner:
             x, residual = self._rest(layer, out, residual)
         return self.model.lm_head(self._norm(base.norm, x[0], residual[0])[0]).float()
 
+    def _decode_step(self, ids, pos, slots, lens, tables, tokens, logprobs, step) -> torch.Tensor:
+        """`_forward_decode`, then multi-step decoding's part, also on the device: each row's greedy
+        token and its log-probability go to row `step` of `tokens` / `logprobs` (S, B), and the
+        inputs move on to that token (its id, position + 1, its slot from the block table, context + 1),
+        so the next call runs it with no word from the host. Returns the logits."""
+        logits = self._forward_decode(ids, pos, slots, lens, tables)
+        tok = logits.argmax(-1)
+        at = step % tokens.shape[0]
+        tokens.index_copy_(0, at, tok[None])
+        logprobs.index_copy_(0, at, (logits.gather(1, tok[:, None])[:, 0] - logits.logsumexp(-1))[None])
+        bs = self.block_size
+        ids.copy_(tok)
+        pos.add_(1)
+        lens.add_(1)
+        # after the last step the token's position may lie past the reserved blocks: that slot is
+        # never used (the host loads new inputs first), the clamp only keeps the lookup in the table
+        block = (pos // bs).clamp_(max=tables.shape[1] - 1)
+        slots.copy_(tables.gather(1, block[:, None])[:, 0] * bs + pos % bs)
+        step.add_(1)
+        return logits
+
     def decode_inputs(self, seqs: list[Sequence], size: int | None = None, width: int | None = None):
         """The decode inputs of `seqs` on the host: one int64 tensor holding ids, positions, slots and
         context lengths (4 x size), and the block tables (size, width). Rows past len(seqs), up to
@@ -230,36 +256,91 @@ class ModelRunner:
             flat, tables = self.decode_inputs(seqs)
             flat, tables = flat.to(self.device), tables.to(self.device)
             return self._forward_decode(*flat.view(4, B), tables)
-        graph, logits = self.graphs[size]
-        flat, tables = self.decode_inputs(seqs, size)
-        self._graph_inputs[:4 * size].copy_(flat, non_blocking=True)
-        self._graph_tables[:size, :tables.shape[1]].copy_(tables, non_blocking=True)
+        graph, logits, _, _ = self.graphs[size]
+        self._load_graph_inputs(seqs, size)
         graph.replay()
         return logits[:B]
 
+    def _load_graph_inputs(self, seqs: list[Sequence], size: int) -> None:
+        flat, tables = self.decode_inputs(seqs, size)
+        self._graph_inputs[:4 * size].copy_(flat, non_blocking=True)
+        self._graph_tables[:size, :tables.shape[1]].copy_(tables, non_blocking=True)
+
+    @torch.inference_mode()
+    def decode_steps(self, seqs: list[Sequence], num_steps: int) -> tuple[list[list[int]], list[list[float]]]:
+        """Multi-step decoding (vLLM's `num_scheduler_steps`): `num_steps` greedy decode steps in a row
+        with one host sync at the end. Each step's token is picked on the device and fed to the next
+        step there, so on a GPU the host queues all the graph replays at once and the device runs them
+        back to back; the host's own work per step (scheduling, sampling, bookkeeping) is paid once.
+        The blocks for every position must be in the tables already (`BlockManager.reserve`).
+        Returns tokens and their log-probabilities, [step][sequence]."""
+        B = len(seqs)
+        size = next((s for s in self.graphs if s >= B), None)
+        if size is None:
+            flat, tables = self.decode_inputs(seqs)
+            flat, tables = flat.to(self.device), tables.to(self.device)
+            tokens = torch.empty(num_steps, B, dtype=torch.long, device=self.device)
+            logprobs = torch.empty(num_steps, B, dtype=torch.float32, device=self.device)
+            step = torch.zeros(1, dtype=torch.long, device=self.device)
+            for _ in range(num_steps):
+                self._decode_step(*flat.view(4, B), tables, tokens, logprobs, step)
+        else:
+            graph, _, tokens, logprobs = self.graphs[size]
+            if num_steps > tokens.shape[0]:
+                raise ValueError(f"num_steps ({num_steps}) exceeds num_scheduler_steps ({tokens.shape[0]})")
+            self._load_graph_inputs(seqs, size)
+            self._graph_step.zero_()
+            for _ in range(num_steps):
+                graph.replay()
+        return tokens[:num_steps, :B].tolist(), logprobs[:num_steps, :B].tolist()
+
     @torch.inference_mode()
     def capture_cuda_graphs(self, max_num_seqs: int) -> None:
-        """Record `_forward_decode` once per size of `graph_batch_sizes`, largest first, all sharing
-        one memory pool; each is run once eagerly before (kernels compiled, block configs picked)."""
+        """Record a decode step once per size of `graph_batch_sizes`, largest first, all sharing one
+        memory pool; each is run once eagerly before (kernels compiled, block configs picked). The step
+        is `_forward_decode`, or with multi-step decoding `_decode_step` (greedy pick and inputs moved
+        on, inside the graph)."""
         sizes = graph_batch_sizes(max_num_seqs)
         width = -(-self.max_model_len // self.block_size)
         self._graph_inputs = torch.zeros(4 * sizes[-1], dtype=torch.long, device=self.device)
         self._graph_tables = torch.full((sizes[-1], width), self.num_blocks, dtype=torch.long, device=self.device)
+        self._graph_step = torch.zeros(1, dtype=torch.long, device=self.device)
         pool = None
         for size in reversed(sizes):
-            flat = self._graph_inputs[:4 * size]
-            flat.view(4, size)[2].fill_(self.num_blocks * self.block_size)   # the scratch block's first slot
-            flat.view(4, size)[3].fill_(1)
-            args = (*flat.view(4, size), self._graph_tables[:size])
-            self._forward_decode(*args)
+            tokens = torch.zeros(self.num_scheduler_steps, size, dtype=torch.long, device=self.device)
+            logprobs = torch.zeros(self.num_scheduler_steps, size, dtype=torch.float32, device=self.device)
+            self._pad_graph_inputs(size)
+            self._graph_body(size, tokens, logprobs)
+            self._pad_graph_inputs(size)       # the run above may have moved them on a token
             torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward_decode(*args)
+            graph, logits = self._record(partial(self._graph_body, size, tokens, logprobs), pool)
             pool = graph.pool() if pool is None else pool
-            self.graphs[size] = (graph, logits)
+            self.graphs[size] = (graph, logits, tokens, logprobs)
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize(self.device)
+
+    @staticmethod
+    def _record(fn, pool):
+        """(a CUDA graph of what fn launches, fn's output): the graph's input and output tensors are the
+        ones fn read and wrote; a replay reruns its kernels on whatever they hold then."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        return graph, out
+
+    def _pad_graph_inputs(self, size: int) -> None:
+        """Every row padding: token 0 at position 0 in the scratch block."""
+        flat = self._graph_inputs[:4 * size].view(4, size)
+        flat.zero_()
+        flat[2].fill_(self.num_blocks * self.block_size)
+        flat[3].fill_(1)
+        self._graph_tables[:size].fill_(self.num_blocks)
+
+    def _graph_body(self, size: int, tokens, logprobs) -> torch.Tensor:
+        args = (*self._graph_inputs[:4 * size].view(4, size), self._graph_tables[:size])
+        if self.num_scheduler_steps > 1:
+            return self._decode_step(*args, tokens, logprobs, self._graph_step)
+        return self._forward_decode(*args)
 
 
 def _write(k_cache, v_cache, k, v, slots) -> None:
