@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-"decode kernels tests"}
+PARTS=${PARTS:-"profile decode kernels tests"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for part in $PARTS; do
@@ -18,6 +18,9 @@ for part in $PARTS; do
            # HF generate, the engine eager / CUDA graphs / fused kernels / W4 + fused, vs the bandwidth floor
     timeout ${DECODE_TIMEOUT:-420} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes ${BATCHES:-1 32} \
         --variants ${VARIANTS:-hf graphs fused merged multistep graphs-multistep w4-merged w4-multistep} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
+  profile)  # lessons 08-10: where a batch-1 decode step's time goes (engine step, graph replay, kernel by kernel)
+    timeout ${PROFILE_TIMEOUT:-240} $PY scripts/decode_profile.py --model tinyllama-1.1b-random --json "$OUT/profile.json" \
+        2>&1 | grep -v Warning | tee "$OUT/profile.txt" ;;
   kernels)  # lesson 08: every kernel vs eager and torch.compile at 7B sizes, and the W4A16/W8A16 GEMV/GEMM vs bf16
     timeout ${KERNELS_TIMEOUT:-200} $PY -m llmopt.cli bench kernels --repeats 50 --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" ;;
   quant)  # lesson 08's quantized matmuls only, and every W4A16 GEMV candidate config, timed one by one

@@ -19,11 +19,8 @@ import subprocess
 import sys
 from collections import Counter
 
-os.environ["TRITON_INTERPRET"] = "0"   # a compiled kernel, not the interpreter's
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # fused multiply-adds, as on a GPU launch
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from compile_check import compile_sm90 as compile_for  # it sets TRITON_INTERPRET=0, then imports triton
+from compile_check import triton
 
 from llmopt.kernels import w4a16  # noqa: E402
 
@@ -34,17 +31,8 @@ DEFAULT = dict(BLOCK_N=32, GROUPS=4, LANES=4, VEC=16, num_warps=8, LATE_SUM=True
 
 def compile_sm90(kernel, consts: dict, num_warps: int):
     consts = dict(consts, stride_xk=1, stride_on=1)   # unit strides are specialised as constants
-    sig, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-            continue
-        sig[name] = POINTERS.get(name, "i32")
-        if name != "M":
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    aligned = [n for n in kernel.arg_names if n not in consts and n != "M"]   # pointers and sizes: multiples of 16
+    return compile_for(kernel, POINTERS, consts, num_warps, divisible=aligned)
 
 
 def sass(cubin: bytes, path="/tmp/llmopt_gemv.cubin") -> str:

@@ -20,6 +20,8 @@ from llmopt.serving.attention import (  # noqa: E402
     paged_decode_reference,
     paged_decode_triton,
     paged_prefill_reference,
+    rope_write_kv,
+    rope_write_kv_reference,
     write_kv,
 )
 
@@ -124,6 +126,52 @@ def test_gather_kv_returns_what_was_written(bs):
 
 
 # ---------------------------------------------------------------- prefill reference
+
+def _rotary(T, D, seed=0):
+    """cos and sin (T, D) as Llama builds them: cat(freqs, freqs) at positions in random order."""
+    pos = torch.randperm(64, generator=torch.Generator().manual_seed(seed))[:T].float()
+    freqs = pos[:, None] * 10000.0 ** (-torch.arange(0, D, 2).float() / D)[None, :]
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,Hq,Hk,D", [(1, 4, 2, 16), (5, 8, 2, 24), (3, 3, 3, 32)])
+def test_rope_write_kv_kernel_matches_reference(T, Hq, Hk, D, dtype):
+    """Rotary + both cache writes in one launch: q and k views of one merged qkv row, random slots
+    in a cache of garbage, a poisoned q output; every other slot of the cache untouched."""
+    bs, nb = 4, 6
+    qkv = randn(T, (Hq + 2 * Hk) * D, dtype=dtype, seed=T)
+    q = qkv[:, :Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hk) * D].view(T, Hk, D)
+    v = qkv[:, (Hq + Hk) * D:].view(T, Hk, D)
+    cos, sin = _rotary(T, D)
+    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(D))[:T].to(DEVICE)
+    kc, vc = randn(nb, bs, Hk, D, dtype=dtype, seed=2), randn(nb, bs, Hk, D, dtype=dtype, seed=3)
+    want_kc, want_vc = kc.clone(), vc.clone()
+    want_q = rope_write_kv_reference(q, k, v, cos.to(dtype), sin.to(dtype), want_kc, want_vc, slots)
+    got_q = rope_write_kv(q, k, v, cos.to(dtype), sin.to(dtype), kc, vc, slots, backend="triton")
+    torch.testing.assert_close(got_q, want_q, **TOL[dtype])
+    torch.testing.assert_close(kc, want_kc, **TOL[dtype])
+    assert torch.equal(vc, want_vc)                          # a copy: exact
+    assert not torch.equal(kc, randn(nb, bs, Hk, D, dtype=dtype, seed=2))   # it did write
+
+
+def test_rope_write_kv_reference_is_rope_then_write_kv():
+    from llmopt.kernels.rope import rope_reference
+
+    T, Hq, Hk, D = 4, 4, 2, 8
+    q, k, v = randn(T, Hq, D, seed=4), randn(T, Hk, D, seed=5), randn(T, Hk, D, seed=6)
+    cos, sin = _rotary(T, D, seed=1)
+    kc, vc = torch.zeros(3, 4, Hk, D, device=DEVICE), torch.zeros(3, 4, Hk, D, device=DEVICE)
+    slots = torch.tensor([9, 0, 4, 7], device=DEVICE)
+    got = rope_write_kv(q, k, v, cos, sin, kc, vc, slots, backend="torch")
+    q2, k2 = rope_reference(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    write_kv(kc2, vc2, k2[0].transpose(0, 1), v, slots)
+    torch.testing.assert_close(got, q2[0].transpose(0, 1))
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
 
 @pytest.mark.parametrize("Hq,Hk", [(2, 2), (8, 2), (4, 1)])
 @pytest.mark.parametrize("start", [0, 4, 5, 13])  # whole prompt; after a cached block; mid-block; last token only
@@ -313,3 +361,22 @@ def test_gpu_decode_bf16():
     got = paged_decode_triton(q, *b.args(), out=out)
     torch.testing.assert_close(got, paged_decode_reference(q, *b.args()), **TOL[torch.bfloat16])
     assert torch.equal(paged_decode(q, *b.args()), got)  # auto takes the kernel on a GPU
+    one = paged_decode_triton(q, *b.args(), splits=1)     # the default cut the contexts in pieces here
+    assert attention.num_splits(len(b.lengths), Hk, b.block_tables.shape[1], q.device) > 1
+    torch.testing.assert_close(one, got, **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_rope_write_kv_bf16():
+    T, Hq, Hk, D = 7, 32, 4, 64
+    q, k, v = randn(T, Hq, D, dtype=torch.bfloat16), randn(T, Hk, D, dtype=torch.bfloat16, seed=2), \
+        randn(T, Hk, D, dtype=torch.bfloat16, seed=3)
+    cos, sin = (x.to(torch.bfloat16) for x in _rotary(T, D))
+    slots = torch.tensor([40, 3, 17, 0, 63, 22, 9], device=DEVICE)
+    kc, vc = randn(4, 16, Hk, D, dtype=torch.bfloat16, seed=4), randn(4, 16, Hk, D, dtype=torch.bfloat16, seed=5)
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = rope_write_kv_reference(q, k, v, cos, sin, kc2, vc2, slots)
+    got = rope_write_kv(q, k, v, cos, sin, kc, vc, slots)   # auto: the kernel on a GPU
+    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    torch.testing.assert_close(kc, kc2, **TOL[torch.bfloat16])
+    assert torch.equal(vc, vc2)

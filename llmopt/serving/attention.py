@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.common import next_power_of_2, tl, triton, use_triton
+from ..kernels.rope import _rotate, rope_reference
 
 # scaled_dot_product_attention took enable_gqa in torch 2.5; before that the kv heads are repeated by hand
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -88,6 +89,75 @@ def gather_kv(k_cache, v_cache, block_table, length: int, check: bool = True):
     k = k_cache[blocks].reshape(n * block_size, Hk, D)[:length]
     v = v_cache[blocks].reshape(n * block_size, Hk, D)[:length]
     return k, v
+
+
+# ---------------------------------------------------------------- rotary embedding + cache write, one launch
+
+def rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """What a layer does between its projections and attention, in PyTorch: rotate q (T, Hq, D) and
+    k (T, Hk, D) by cos/sin (T, D) (lesson 08's `rope_reference`), store the rotated k and v (T, Hk, D)
+    at their cache slots (T,), all valid. Returns the rotated q."""
+    q_rot, k_rot = rope_reference(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    _, _, Hk, D = k_cache.shape
+    k_cache.view(-1, Hk, D).index_copy_(0, slots, k_rot[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(-1, Hk, D).index_copy_(0, slots, v.to(v_cache.dtype))
+    return q_rot[0].transpose(0, 1)
+
+
+@triton.jit
+def _rope_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slots_ptr,
+                       HQ, HK, HALF, D, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_t, ss_t, sqo_t, sqo_h, s_slot, s_head,
+                       BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, D_P: tl.constexpr):
+    """One program per token: its q heads rotated to qo, its k heads rotated straight into the key
+    cache at the token's slot, its v heads copied into the value cache there."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < HALF
+    cos1 = tl.load(cos_ptr + t * sc_t + cols, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * sc_t + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * ss_t + cols, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * ss_t + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    _rotate(q_ptr + t * sq_t, qo_ptr + t * sqo_t, sq_h, sqo_h, HQ, HALF, cos1, cos2, sin1, sin2, BLOCK_HQ, BLOCK_D)
+    _rotate(k_ptr + t * sk_t, kc_ptr + slot * s_slot, sk_h, s_head, HK, HALF, cos1, cos2, sin1, sin2,
+            BLOCK_HK, BLOCK_D)
+    heads = tl.arange(0, BLOCK_HK)[:, None]
+    d = tl.arange(0, D_P)[None, :]
+    vmask = (heads < HK) & (d < D)
+    x = tl.load(v_ptr + t * sv_t + heads * sv_h + d, mask=vmask, other=0.0)
+    tl.store(vc_ptr + slot * s_slot + heads * s_head + d, x.to(vc_ptr.dtype.element_ty), mask=vmask)
+
+
+def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, backend: str = "auto"):
+    """Rotate q and k, write k and v into the paged cache: `rope_write_kv_reference`'s contract, in
+    one launch on a GPU instead of three (rotary, then one write each for keys and values). q, k, v may
+    be strided views (of a merged qkv projection) with a contiguous last dim; slots must all be valid.
+    backend: "triton", "torch" (the reference), "auto" (the kernel on a GPU)."""
+    _check_cache(k_cache, v_cache)
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    if k.shape != (T, Hk, D) or v.shape != k.shape or tuple(k_cache.shape[2:]) != (Hk, D):
+        raise ValueError(f"q (T, Hq, D), k and v (T, Hk, D) must match the cache's (Hk, D) = "
+                         f"{tuple(k_cache.shape[2:])}, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if cos.shape != (T, D) or sin.shape != (T, D) or slots.shape != (T,):
+        raise ValueError(f"cos and sin must be (T, D) = ({T}, {D}) and slots (T,), got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}, {tuple(slots.shape)}")
+    if D % 2:
+        raise ValueError(f"head_dim must be even for the rotary embedding, got {D}")
+    if not use_triton(q, backend):
+        return rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
+    q, k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, cos, sin))
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the kernel writes into contiguous k_cache and v_cache")
+    q_out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    if T:
+        _rope_write_kernel[(T,)](
+            q, k, v, cos, sin, q_out, k_cache, v_cache, slots, Hq, Hk, D // 2, D,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            sin.stride(0), q_out.stride(0), q_out.stride(1), Hk * D, D,
+            BLOCK_HQ=next_power_of_2(Hq), BLOCK_HK=next_power_of_2(Hk), BLOCK_D=next_power_of_2(D // 2),
+            D_P=next_power_of_2(D))
+    return q_out
 
 
 # ---------------------------------------------------------------- references

@@ -318,6 +318,112 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
     return out
 
 
+def decode_time_split(model, tokenizer, batch: int = 1, num_scheduler_steps: int = 1, new_tokens: int = 128,
+                      prompt_len: int = 32) -> dict:
+    """Where a decode step's time goes, on any device: `batch` greedy requests run to `new_tokens`, with
+    the model's decode forward (`ModelRunner._forward_decode`, the part a CUDA graph replays) timed
+    apart from everything else the engine does per token (scheduling, inputs, sampling, bookkeeping;
+    with multi-step decoding also the in-graph token pick). Milliseconds per decode step; on a GPU
+    each forward is followed by a sync, so both parts are device time plus host time, not overlapped."""
+    engine = _engine_for(model, tokenizer, batch, prompt_len + new_tokens, enforce_eager=True,
+                         num_scheduler_steps=num_scheduler_steps)
+    runner, spent = engine.runner, [0.0]
+    forward = runner._forward_decode
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda *a: None)
+
+    def timed(*args):
+        sync()
+        t = time.perf_counter()
+        out = forward(*args)
+        sync()
+        spent[0] += time.perf_counter() - t
+        return out
+    runner._forward_decode = timed
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request([(7 * i + j) % 1000 + 3 for j in range(prompt_len)], params)
+    engine.step()                                   # the prefill: not a decode step
+    spent[0], start = 0.0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step(detokenize=False)
+    wall, steps = time.perf_counter() - start, new_tokens - 1
+    return {"batch": batch, "num_scheduler_steps": num_scheduler_steps, "ms_per_step": wall / steps * 1e3,
+            "forward_ms": spent[0] / steps * 1e3, "rest_ms": (wall - spent[0]) / steps * 1e3}
+
+
+def decode_profile(model, tokenizer, batch: int = 1, context: int = 96, steps: int = 20, top: int = 12) -> dict:
+    """Where a decode step's time goes, measured three ways (milliseconds per step):
+
+    - `engine_ms`: a whole engine step, host and device, as `llmopt bench decode` sees it;
+    - `replay_ms`: the device alone running the step: its CUDA graph replayed back to back (without
+      a GPU, or with `enforce_eager`: the eager forward);
+    - `kernels_ms`: the summed device time of the kernels one eager forward launches (torch.profiler),
+      with `kernels` (how many) and `top` (the costliest by total time: name, calls, ms per step).
+
+    replay - kernels is the idle time between kernels inside the graph; engine - replay is the host's
+    share. `batch` requests, each `context` tokens into its sequence. On a CPU the "kernels" are
+    PyTorch ops and their self CPU time."""
+    engine = _engine_for(model, tokenizer, batch, context + 4 * steps + 8)
+    params = SamplingParams(temperature=0, max_tokens=4 * steps + 4, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request([(11 * i + j) % 1000 + 3 for j in range(context)], params)
+    for _ in range(3):                              # the prefill, then two decode steps to warm up
+        engine.step(detokenize=False)
+    runner = engine.runner
+    dev = runner.device
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step(detokenize=False)
+    bench.sync(dev)
+    engine_ms = (time.perf_counter() - t) / steps * 1e3
+    seqs = list(engine.scheduler.running)
+    flat, tables = runner.decode_inputs(seqs)
+    flat, tables = flat.to(dev), tables.to(dev)
+
+    def forward():
+        with torch.inference_mode():
+            runner._forward_decode(*flat.view(4, len(seqs)), tables)
+    size = next((s for s in runner.graphs if s >= len(seqs)), None)
+    if size is not None:
+        runner._load_graph_inputs(seqs, size)
+        graph = runner.graphs[size][0]
+        step = lambda: graph.replay()   # noqa: E731
+    else:
+        step = forward
+    replay = bench.time_fn(lambda: [step() for _ in range(steps)], device=dev, warmup=1, repeats=3)
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    forward()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            forward()
+        bench.sync(dev)
+    rows = []
+    for e in prof.key_averages():
+        if cuda:
+            us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        elif e.key.startswith("aten::"):
+            us = e.self_cpu_time_total
+        else:
+            continue
+        if us > 0:
+            rows.append((e.key, e.count / steps, us / steps / 1e3))
+    rows.sort(key=lambda r: -r[2])
+    return {"batch": batch, "context": context, "device": str(dev), "engine_ms": engine_ms,
+            "replay_ms": replay.median / steps * 1e3, "graphs": size is not None,
+            "kernels": sum(r[1] for r in rows), "kernels_ms": sum(r[2] for r in rows),
+            "top": [{"name": n[:90], "calls": c, "ms": ms} for n, c, ms in rows[:top]]}
+
+
+def format_decode_profile(name: str, r: dict) -> str:
+    lines = [f"{name} | batch {r['batch']}, context {r['context']} | engine step {r['engine_ms']:.3f} ms | "
+             f"{'graph replay' if r['graphs'] else 'eager forward'} {r['replay_ms']:.3f} ms | "
+             f"{r['kernels']:.0f} kernels, {r['kernels_ms']:.3f} ms of kernel time"]
+    lines += [f"    {k['ms'] * 1e3:8.1f} us  {k['calls']:5.1f}x  {k['name']}" for k in r["top"]]
+    return "\n".join(lines)
+
+
 def format_decode_row(r: dict) -> str:
     floor = (f" | {r['fraction_of_floor']:.1%} of the {r['floor_tok_s']:.0f} tok/s floor"
              if "fraction_of_floor" in r else "")

@@ -5,7 +5,7 @@ The batch is flat: the tokens of every scheduled sequence (a prefill chunk of ma
 decode token) are concatenated into one row, with their positions and the cache slot each token's
 keys and values go to. Per layer:
 
-    norm -> q, k, v projections -> rotary embedding -> write k, v into the cache at their slots
+    norm -> q, k, v projections -> rotary embedding and the k, v cache writes (one kernel on a GPU)
     -> attention through each sequence's block table (a prefill chunk: causal over its prefix and
        itself; all decode tokens together: `paged_decode`) -> o projection -> residual
     -> norm -> MLP -> residual
@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from ..kernels.fuse import FusedRMSNorm
-from ..kernels.rope import rope
-from .attention import paged_decode, paged_prefill_reference
+from .attention import paged_decode, paged_prefill_reference, rope_write_kv
 from .sequence import Sequence
 
 
@@ -121,20 +120,20 @@ class ModelRunner:
         h = x + residual
         return norm(h), h
 
-    def _qkv(self, layer, x, residual, cos, sin):
-        """(add) + norm -> q, k, v projections -> (q/k norms) -> rotary: q (T, Hq, D), k and v (T, Hk, D),
-        and the residual stream."""
-        attn, T = layer.self_attn, x.shape[1]
+    def _qkv(self, layer, li, x, residual, cos, sin, slots):
+        """(add) + norm -> q, k, v projections -> (q/k norms) -> rotary on q and k, with k and v written
+        into layer li's cache at `slots` in the same kernel: returns q (T, Hq, D) and the residual stream."""
+        attn, T, D = layer.self_attn, x.shape[1], self.head_dim
         h, residual = self._norm(layer.input_layernorm, x, residual)
         if hasattr(attn, "qkv_proj"):   # lesson 08's fuse(merge=True): one matmul, three views of its output
             q, k, v = attn.qkv(h)
         else:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        q, k, v = q.view(1, T, -1, self.head_dim), k.view(1, T, -1, self.head_dim), v.view(T, -1, self.head_dim)
+        q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)
         if hasattr(attn, "q_norm"):   # Qwen3: RMSNorm per head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=self.backend)
-        return q.transpose(1, 2)[0], k.transpose(1, 2)[0], v, residual
+        q = rope_write_kv(q, k, v, cos[0], sin[0], self.k_cache[li], self.v_cache[li], slots, backend=self.backend)
+        return q, residual
 
     def _rest(self, layer, out, residual):
         """o projection -> add + norm -> MLP; returns the MLP's output and the residual stream."""
@@ -174,9 +173,8 @@ class ModelRunner:
         cos, sin = base.rotary_emb(x, pos)
         residual = None
         for li, layer in enumerate(base.layers):
-            q, k, v, residual = self._qkv(layer, x, residual, cos, sin)
+            q, residual = self._qkv(layer, li, x, residual, cos, sin, slot_mapping)
             kc, vc = self.k_cache[li], self.v_cache[li]
-            _write(kc, vc, k, v, slot_mapping)
             out = torch.empty_like(q)
             for i, (seq, n) in enumerate(batch):
                 if n > 1:
@@ -203,10 +201,9 @@ class ModelRunner:
         cos, sin = base.rotary_emb(x, pos[None])
         residual = None
         for li, layer in enumerate(base.layers):
-            q, k, v, residual = self._qkv(layer, x, residual, cos, sin)
-            kc, vc = self.k_cache[li], self.v_cache[li]
-            _write(kc, vc, k, v, slots)
-            out = paged_decode(q, kc, vc, tables, lens, self.scale, backend=self.backend, check=False)
+            q, residual = self._qkv(layer, li, x, residual, cos, sin, slots)
+            out = paged_decode(q, self.k_cache[li], self.v_cache[li], tables, lens, self.scale, backend=self.backend,
+                               check=False)
             x, residual = self._rest(layer, out, residual)
         return self.model.lm_head(self._norm(base.norm, x[0], residual[0])[0]).float()
 
@@ -342,9 +339,3 @@ class ModelRunner:
             return self._decode_step(*args, tokens, logprobs, self._graph_step)
         return self._forward_decode(*args)
 
-
-def _write(k_cache, v_cache, k, v, slots) -> None:
-    """Store new keys and values at their cache slots (all valid: no masking, no host sync)."""
-    _, _, Hk, D = k_cache.shape
-    k_cache.view(-1, Hk, D).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, Hk, D).index_copy_(0, slots, v.to(v_cache.dtype))

@@ -80,6 +80,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     {token: logprob} dicts or None). Log-probabilities are of the model's distribution (before
     temperature and filtering), as vLLM reports them by default."""
     logits = logits.float()
+    if all(p.greedy and not p.logprobs for p in params):
+        # the common case in one pass and one transfer: on a GPU each .cpu() is a wait for the device
+        tokens = logits.argmax(-1)
+        chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
+        both = torch.stack([tokens.double(), chosen.double()]).cpu()   # token ids are exact in float64
+        return both[0].long(), both[1].float(), [None] * len(params)
     logprobs = torch.log_softmax(logits, -1)
     tokens = torch.empty(len(params), dtype=torch.long)
     greedy = logits.argmax(-1).cpu()

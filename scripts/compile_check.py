@@ -1,0 +1,101 @@
+"""Compile every Triton kernel of llmopt for an H100/H200 (sm_90), on a machine with no GPU.
+
+The CPU tests run the kernels in Triton's interpreter, which accepts some programs the compiler
+rejects (a type the GPU cannot hold, a layout it cannot convert, a constexpr used as a tensor).
+A GPU is lent to this project now and then, for minutes; a kernel that fails to compile there
+wastes them. `triton.compile` with a `GPUTarget` runs the whole pipeline, ptxas included, without
+a GPU, so this script catches those errors here. Each kernel is compiled with the constexprs its
+wrapper passes on a GPU, for the shapes of a 7B-class or TinyLlama-class layer.
+
+    python scripts/compile_check.py            # prints one line per kernel; exit status 1 if any fails
+
+Tested with Triton 3.9 (`ASTSource`'s arguments change between versions). `tests/test_kernels_compile.py`
+runs it.
+"""
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "0"   # compiled kernels, not the interpreter's
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # fused multiply-adds, as on a GPU launch
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+FLOATS = ("eps", "scale")   # the scalar arguments that are floats; every other scalar is an int32
+
+
+def compile_sm90(kernel, pointers: dict, consts: dict, num_warps: int = 4, divisible=(), default_ptr="*bf16"):
+    """`triton.compile` for sm_90. pointers: dtype of each `*_ptr` argument (default `default_ptr`);
+    consts: the constexprs, and scalars specialised as constants (unit strides); divisible: integer
+    arguments marked divisible by 16, as Triton's launcher marks them for such shapes on a GPU."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, default_ptr)
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+        if name in divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def cases():
+    """(name, kernel, pointer dtypes, constexprs, num_warps): each kernel with what its wrapper passes."""
+    import llmopt.kernels  # noqa: F401 - loads the kernel modules; `llmopt.kernels.rope` etc. are functions there
+    from llmopt.moe import triton_moe
+    from llmopt.serving import attention
+
+    rms, swi, sm, rope, w4a16, w8a16 = (sys.modules[f"llmopt.kernels.{m}"]
+                                        for m in ("rmsnorm", "swiglu", "softmax", "rope", "w4a16", "w8a16"))
+    quant = {"qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8"}
+    gemv = dict(HAS_ZEROS=True, HAS_BIAS=False, stride_xk=1, stride_on=1)
+    grouped = w4a16.GEMV_CONFIGS[-1]
+    paged = {"tables_ptr": "*i64", "lens_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
+    moe = {"token_ptr": "*i32", "block_expert_ptr": "*i32", "weight_ptr": "*fp32"}
+    yield "rmsnorm + residual", rms._rmsnorm_kernel, {}, dict(HAS_RESIDUAL=True, BLOCK=4096), 8
+    yield "swiglu", swi._swiglu_kernel, {}, dict(BLOCK=1024), 4
+    yield "softmax", sm._softmax_kernel, {}, dict(BLOCK=4096), 8
+    yield "rope", rope._rope_kernel, {}, dict(BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=32), 4
+    yield "w4a16 gemv", w4a16._w4a16_gemv_kernel, quant, dict(
+        gemv, ONE_GROUP=False, LATE_SUM=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64), 4
+    yield "w4a16 grouped gemv", w4a16._w4a16_gemv_grouped_kernel, quant, dict(
+        gemv, LATE_SUM=True, PREFETCH=True, ALIGNED=True, BLOCK_M=1, BLOCK_N=grouped["BLOCK_N"], GROUPS=4, LANES=4,
+        VEC=16, GROUP_BYTES=64), grouped["num_warps"]
+    for grouped_gemm in (False, True):
+        yield f"w4a16 gemm{' grouped' if grouped_gemm else ''}", w4a16._w4a16_gemm_kernel, quant, dict(
+            HAS_ZEROS=True, HAS_BIAS=True, PRECISION="tf32", GROUPED=grouped_gemm, BLOCK_M=64, BLOCK_N=128,
+            BLOCK_K=64), 4
+    yield "w8a16 gemv", w8a16._w8a16_gemv_kernel, {**quant, "qw_ptr": "*i8"}, dict(
+        gemv, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64), 4
+    yield "moe gate/up", triton_moe._gate_up_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64,
+                                                              PRECISION="tf32"), 4
+    yield "moe down", triton_moe._down_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, PRECISION="tf32"), 4
+    for split in (False, True):
+        yield f"paged decode{' split' if split else ''}", attention._paged_decode_kernel, paged, dict(
+            BLOCK_SIZE=16, GROUP_P=8, D_P=64, SPLIT=split), 4
+    yield "paged decode merge", attention._paged_decode_reduce_kernel, paged, dict(
+        BLOCK_SIZE=16, SPLITS_P=64, D_P=64), 4
+    yield "rope + cache write", attention._rope_write_kernel, {"slots_ptr": "*i64"}, dict(
+        BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=32, D_P=64), 4
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, pointers, consts, warps in cases():
+        t = time.perf_counter()
+        try:
+            compile_sm90(kernel, pointers, consts, warps)
+            print(f"ok    {name} ({time.perf_counter() - t:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+            failed += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
