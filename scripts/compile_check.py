@@ -80,6 +80,11 @@ def cases():
             BLOCK_SIZE=16, GROUP_P=8, D_P=64, SPLIT=split), 4
     yield "paged decode merge", attention._paged_decode_reduce_kernel, paged, dict(
         BLOCK_SIZE=16, SPLITS_P=64, D_P=64), 4
+    from llmopt.serving import multistep
+
+    ints = {n: "*i64" for n in ("ids_ptr", "pos_ptr", "slots_ptr", "lens_ptr", "tables_ptr", "tokens_ptr", "step_ptr")}
+    floats = {"logits_ptr": "*fp32", "logprobs_ptr": "*fp32"}
+    yield "greedy advance", multistep._greedy_advance_kernel, {**ints, **floats}, dict(KV_BLOCK=16, BLOCK_V=4096), 4
     yield "rope + cache write", attention._rope_write_kernel, {"slots_ptr": "*i64"}, dict(
         BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=32, D_P=64), 4
 

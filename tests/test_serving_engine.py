@@ -432,11 +432,13 @@ def test_multi_step_decoding_streams_each_run_at_once(model_tok):
 
 
 def test_engine_on_the_triton_kernels_in_the_interpreter(model_tok):
-    """The GPU's path through the runner on a CPU: rotary + cache writes in one kernel and the
-    split-context decode attention, in Triton's interpreter; the tokens equal HF generate."""
+    """The GPU's path through the runner on a CPU: rotary + cache writes in one kernel, the
+    split-context decode attention and multi-step decoding's greedy pick, in Triton's interpreter;
+    the tokens equal HF generate."""
     model, tok = model_tok
     reqs = [([5, 6, 7], 6), (list(range(10, 30)), 5), ([3], 4)]
-    engine = LLMEngine(model, tok, block_size=4, num_kv_blocks=40, max_num_seqs=4, backend="triton")
+    engine = LLMEngine(model, tok, block_size=4, num_kv_blocks=40, max_num_seqs=4, backend="triton",
+                       num_scheduler_steps=3)
     for (prompt, n), out in zip(reqs, run_engine(engine, reqs)):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..kernels.fuse import FusedRMSNorm
 from .attention import paged_decode, paged_prefill_reference, rope_write_kv
+from .multistep import greedy_advance
 from .sequence import Sequence
 
 
@@ -213,19 +214,8 @@ class ModelRunner:
         inputs move on to that token (its id, position + 1, its slot from the block table, context + 1),
         so the next call runs it with no word from the host. Returns the logits."""
         logits = self._forward_decode(ids, pos, slots, lens, tables)
-        tok = logits.argmax(-1)
-        at = step % tokens.shape[0]
-        tokens.index_copy_(0, at, tok[None])
-        logprobs.index_copy_(0, at, (logits.gather(1, tok[:, None])[:, 0] - logits.logsumexp(-1))[None])
-        bs = self.block_size
-        ids.copy_(tok)
-        pos.add_(1)
-        lens.add_(1)
-        # after the last step the token's position may lie past the reserved blocks: that slot is
-        # never used (the host loads new inputs first), the clamp only keeps the lookup in the table
-        block = (pos // bs).clamp_(max=tables.shape[1] - 1)
-        slots.copy_(tables.gather(1, block[:, None])[:, 0] * bs + pos % bs)
-        step.add_(1)
+        greedy_advance(logits, ids, pos, slots, lens, tables, tokens, logprobs, step, self.block_size,
+                       backend=self.backend)
         return logits
 
     def decode_inputs(self, seqs: list[Sequence], size: int | None = None, width: int | None = None):
