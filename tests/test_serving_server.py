@@ -1,6 +1,7 @@
 """`llmopt serve`: the official `openai` client against the server, streaming, every fault with its
 status and OpenAI-style error body, a disconnect freeing its blocks, and the HTTP bench's checks;
-each with the engine in a thread of the server and in a process of its own."""
+each with the engine in a thread of the server and in a process of its own (that one with multi-step
+decoding: streams get several tokens a step, the texts stay the same)."""
 import json
 import time
 
@@ -25,8 +26,8 @@ def server(request, bundled):
     engine_kw = {"num_kv_blocks": 256, "max_num_seqs": 8}
     if request.param == "engine-thread":
         engine = LLMEngine(model, tok, **engine_kw)
-    else:   # the bundled model loaded again in the engine's process: the same weights
-        engine = EngineProcess(NAME, max_queue=4, **engine_kw)
+    else:   # the bundled model loaded again in the engine's process: the same weights; multi-step decoding
+        engine = EngineProcess(NAME, max_queue=4, num_scheduler_steps=4, **engine_kw)
     app = build_app(engine, NAME, max_queue=4, request_timeout=60)
     with BackgroundServer(app) as s:
         s.app = app
