@@ -66,10 +66,10 @@ def cases():
     yield "w4a16 grouped gemv", w4a16._w4a16_gemv_grouped_kernel, quant, dict(
         gemv, LATE_SUM=True, PREFETCH=True, ALIGNED=True, BLOCK_M=1, BLOCK_N=grouped["BLOCK_N"], GROUPS=4, LANES=4,
         VEC=16, GROUP_BYTES=64), grouped["num_warps"]
-    for grouped_gemm in (False, True):
-        yield f"w4a16 gemm{' grouped' if grouped_gemm else ''}", w4a16._w4a16_gemm_kernel, quant, dict(
-            HAS_ZEROS=True, HAS_BIAS=True, PRECISION="tf32", GROUPED=grouped_gemm, BLOCK_M=64, BLOCK_N=128,
-            BLOCK_K=64), 4
+    for grouped_gemm, block_m, block_k in ((False, 64, 64), (True, 64, 64), (True, 16, 256)):
+        yield f"w4a16 gemm{' grouped' if grouped_gemm else ''} {block_m}x128x{block_k}", w4a16._w4a16_gemm_kernel, \
+            quant, dict(HAS_ZEROS=True, HAS_BIAS=True, PRECISION="tf32", GROUPED=grouped_gemm, BLOCK_M=block_m,
+                        BLOCK_N=128, BLOCK_K=block_k), 4
     yield "w8a16 gemv", w8a16._w8a16_gemv_kernel, {**quant, "qw_ptr": "*i8"}, dict(
         gemv, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64), 4
     yield "moe gate/up", triton_moe._gate_up_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64,

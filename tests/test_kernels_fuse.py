@@ -159,10 +159,11 @@ def test_gemv_config_sweep_runs_every_candidate_correctly():
     from llmopt.kernels import w4a16
 
     result = kbench.sweep_gemv("cpu", shapes=((20, 256),), ms=(1, 3), repeats=1)
-    assert len(result["rows"]) == 2 * len(w4a16.GEMV_CONFIGS)
+    assert len(result["rows"]) == len(w4a16.GEMV_CONFIGS) + len(w4a16.SMALL_BATCH_CONFIGS)
+    assert sum(r.get("KERNEL") == "gemm" for r in result["rows"]) == 4    # 3 rows: the 16-row GEMM tiles too
     assert all(r["max_abs_err"] < 1e-4 and r["us"] > 0 for r in result["rows"])
-    text = kbench.format_sweep(result, top=2)
-    assert "M=1 256->20" in text and "M=3 256->20" in text
+    text = kbench.format_sweep(result, top=40)
+    assert "M=1 256->20" in text and "M=3 256->20" in text and "'KERNEL': 'gemm', 'BLOCK_M': 16" in text
 
 
 def test_cli_bench_kernels_on_cpu(tmp_path, capsys):

@@ -132,7 +132,8 @@ def test_every_candidate_config(path, group):
     mod, fn, configs = {"w4 gemv": (w4a16, w4a16.w4a16_gemv, w4a16.GEMV_CONFIGS),
                         "w4 gemm": (w4a16, w4a16.w4a16_gemm, w4a16.GEMM_CONFIGS),
                         "w8 gemv": (w8a16, w8a16.w8a16_gemv, w8a16.GEMV_CONFIGS)}[path]
-    for M in [20] if path.endswith("gemm") else [1, 5]:   # one row: the grouped GEMV's LATE_SUM path
+    # one row: the grouped GEMV's LATE_SUM path; 3 rows in a GEMM tile of 16 or more: a decode batch
+    for M in [3, 20] if path.endswith("gemm") else [1, 5]:
         x = rand(M, K)
         want = (w4a16.w4a16_reference if bits == 4 else w8a16.w8a16_reference)(x, *qargs(q), q.bias)
         for config in configs:
@@ -206,6 +207,25 @@ def test_triton_backend_runs_the_kernels(monkeypatch, M):
     if M <= w8a16.GEMV_MAX_M:  # W8 prefill is the reference by design
         _forbid(monkeypatch, w8a16, "w8a16_reference")
         assert_close(w8a16.w8a16_linear(x, *qargs(q8), q8.bias, backend="triton"), want8)
+
+
+def test_small_batches_choose_between_the_gemv_and_a_gemm_tile(monkeypatch):
+    """2-8 rows: pick_config is offered both kinds (here it takes the first GEMM one, as a GPU might);
+    1 row: only GEMVs."""
+    from llmopt.kernels import common
+
+    offered = {}
+
+    def pick(key, candidates, launch):
+        offered[key[2]] = [c.get("KERNEL", "gemv") for c in candidates]
+        return next((c for c in candidates if c.get("KERNEL") == "gemm"), candidates[0])
+    monkeypatch.setattr(w4a16, "pick_config", pick)
+    monkeypatch.setattr(common, "pick_config", pick)
+    q = make(37, 256, 128, False, True)
+    for M in (1, 6):
+        x = rand(M, 256)
+        assert_close(w4a16.w4a16_linear(x, *qargs(q), q.bias, backend="triton"), q(x))
+    assert set(offered[1]) == {"gemv"} and set(offered[6]) == {"gemv", "gemm"}
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])

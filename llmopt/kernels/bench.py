@@ -190,11 +190,12 @@ def time_cases(device="cuda", warmup: int = 10, repeats: int = 100, compile: boo
 
 def sweep_gemv(device="cuda", shapes=((11008, 4096), (4096, 11008)), ms=(1, 8), repeats: int = 50,
                configs=None) -> dict:
-    """Every candidate of `w4a16.GEMV_CONFIGS` on each (N, K) layer and batch M, timed as `time_cases`
-    times the kernels (CUDA graph, copies past the L2), beside the dense bf16 `F.linear`: which config
-    wins where, and by how much, on this GPU. `pick_config` makes the same choice inside a model.
-    `configs`: another list of candidates (default: all of GEMV_CONFIGS)."""
-    from .w4a16 import GEMV_CONFIGS, w4a16_gemv, w4a16_reference
+    """Every candidate config on each (N, K) layer and batch M, timed as `time_cases` times the
+    kernels (CUDA graph, copies past the L2), beside the dense bf16 `F.linear`: which config wins
+    where, and by how much, on this GPU. `pick_config` makes the same choice inside a model. The
+    candidates are `w4a16.GEMV_CONFIGS` for one row and `SMALL_BATCH_CONFIGS` (GEMVs and 16-row GEMM
+    tiles) for 2-8, as `w4a16_linear` offers them; `configs`: another list."""
+    from .w4a16 import GEMV_CONFIGS, SMALL_BATCH_CONFIGS, w4a16_gemm, w4a16_gemv, w4a16_reference
 
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # the interpreter: no bf16
@@ -211,10 +212,12 @@ def sweep_gemv(device="cuda", shapes=((11008, 4096), (4096, 11008)), ms=(1, 8), 
             dense = bench.time_graph(lambda x=x, layer=layer: F.linear(x, layer()[3]), device=device,
                                      repeats=repeats).median
             nbytes = packed + (M * K + M * N) * x.element_size()
-            for i, c in enumerate(GEMV_CONFIGS if configs is None else configs):
+            for i, c in enumerate(configs or (GEMV_CONFIGS if M == 1 else SMALL_BATCH_CONFIGS)):
+                fn = w4a16_gemm if c.get("KERNEL") == "gemm" else w4a16_gemv
+                kw = {k: v for k, v in c.items() if k != "KERNEL"}
                 try:
-                    err = float((w4a16_gemv(x, *layer.sets[0][:3], 128, **c).float() - want.float()).abs().max())
-                    t = bench.time_graph(lambda c=c, x=x, layer=layer: w4a16_gemv(x, *layer()[:3], 128, **c),
+                    err = float((fn(x, *layer.sets[0][:3], 128, **kw).float() - want.float()).abs().max())
+                    t = bench.time_graph(lambda fn=fn, kw=kw, x=x, layer=layer: fn(x, *layer()[:3], 128, **kw),
                                          device=device, repeats=repeats).median
                 except Exception as e:  # noqa: BLE001 - a config this GPU cannot run: say so, go on
                     out["rows"].append({"N": N, "K": K, "M": M, "config": i, **c, "error": f"{type(e).__name__}: {e}"})
@@ -240,8 +243,8 @@ def format_sweep(result: dict, top: int = 6) -> str:
             continue
         lines.append(f"M={M} {K}->{N}: dense bf16 {rows[0]['dense_us']:.1f} us; slowest config {rows[-1]['us']:.1f} us")
         for r in rows[:top]:
-            cfg = {k: r[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "LATE_SUM", "SPLIT_K", "GROUPED",
-                                     "PREFETCH", "num_stages") if k in r}
+            cfg = {k: r[k] for k in ("KERNEL", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "LATE_SUM", "SPLIT_K",
+                                     "GROUPED", "PREFETCH", "num_stages") if k in r}
             lines.append(f"  {r['us']:7.1f} us  {r['GBps']:6.0f} GB/s  {r['fraction_of_copy_bw']:.2f} of copy  "
                          f"{r['speedup_vs_dense_linear']:.2f}x dense  err {r['max_abs_err']:.2g}  {cfg}")
     return "\n".join(lines)

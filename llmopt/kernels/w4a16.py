@@ -21,7 +21,8 @@ Two kernels:
   line, and the grouped one, which spends fewer instructions per weight byte (see its comments);
   `pick_config` times both;
 - `w4a16_gemm` (prefill): tiles with tl.dot on the tensor cores, weights dequantized to x's dtype.
-`w4a16_linear` picks one; `w4a16_reference` is the spec both are tested against.
+`w4a16_linear` picks one (for 2-8 rows it times both on a GPU); `w4a16_reference` is the spec both are
+tested against.
 
 Under the interpreter (no CUDA), triton.language's own jit helpers (tl.sum, tl.zeros, tl.sigmoid)
 work only if TRITON_INTERPRET=1 was set before `triton` was first imported: `triton.jit` picks the
@@ -81,7 +82,18 @@ GEMM_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, GROUPED=True),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, GROUPED=True),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, GROUPED=True),
+    # one tile of 16 rows: decode batches of 2-8 (see SMALL_BATCH_CONFIGS)
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, GROUPED=True),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, GROUPED=True),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4),
 ]
+
+# Decode batches of 2-8 rows: the GEMV does 2-8 multiply-adds per weight on the CUDA cores, the GEMM
+# pads the rows to one tile of 16 and hands them to the tensor cores. Which is faster depends on the
+# GPU and the layer (on an H200, 2026-11-27, the GEMV took 78 us at 8 rows where bf16 took 25), so on
+# a GPU `pick_config` times both kinds; on CPU the first (a GEMV) runs.
+SMALL_BATCH_CONFIGS = ([dict(c, KERNEL="gemv") for c in GEMV_CONFIGS]
+                       + [dict(c, KERNEL="gemm") for c in GEMM_CONFIGS if c["BLOCK_M"] == 16])
 
 
 # --------------------------------------------------------------------------- reference (the spec)
@@ -463,6 +475,10 @@ def _gemm(x, qweight, scales, zeros, group_size, bias, out, BLOCK_M, BLOCK_N, BL
                    num_warps=num_warps)
 
 
+def _small_batch(*args, KERNEL: str, **config):
+    return (_gemv if KERNEL == "gemv" else _gemm)(*args, **config)
+
+
 def w4a16_gemv(x, qweight, scales, zeros, group_size, bias=None, out=None, **config) -> torch.Tensor:
     """Decode path: x (M, K) with M <= 8 -> (M, N) in x's dtype. `config`: BLOCK_N, BLOCK_K, num_warps
     (default: the first of GEMV_CONFIGS); `out`: an (M, N) tensor to write into."""
@@ -486,8 +502,9 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size, bias=None, out=None, **con
 
 
 def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None, backend: str = "auto") -> torch.Tensor:
-    """y = x @ dequant(W).T + bias for x (..., K): the GEMV for up to 8 rows, else the GEMM; the
-    reference where `use_triton(x, backend)` says no (backend "torch", or "auto" off a GPU)."""
+    """y = x @ dequant(W).T + bias for x (..., K): the GEMV for one row, the faster of the GEMV and a
+    16-row GEMM tile for 2-8 rows, the GEMM above; the reference where `use_triton(x, backend)` says
+    no (backend "torch", or "auto" off a GPU)."""
     kernel = use_triton(x, backend)  # validates backend first
     N, K = _check_args(x, qweight, scales, zeros, group_size, bias, bits=4)
     if not kernel:
@@ -499,8 +516,10 @@ def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None, backend: str 
     if M == 0:
         return out.reshape(*lead, N)
     args = (x2, qweight, scales, zeros, group_size, bias, out)
-    if M <= GEMV_MAX_M:
+    if M == 1:
         run, candidates, m_key = _gemv, GEMV_CONFIGS, M
+    elif M <= GEMV_MAX_M:
+        run, candidates, m_key = _small_batch, SMALL_BATCH_CONFIGS, M
     else:  # prompt lengths vary: one tuning per power of two of M
         run, candidates, m_key = _gemm, GEMM_CONFIGS, next_power_of_2(M)
     key = (run.__name__, "w4a16", m_key, N, K, group_size, zeros is None, bias is None, x.dtype)
