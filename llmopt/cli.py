@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "not in a process of its own")
     t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
     t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
-                   choices=["single", "static", "engine", "engine-no-prefix-cache"], help="serve: which servers to run")
+                   choices=["single", "static", "engine", "engine-no-prefix-cache", "engine-multistep"],
+                   help="serve: which servers to run (engine-multistep: num_scheduler_steps=8)")
     t.add_argument("--block-size", type=int, default=16, help="serve: KV block size of the engine")
     t.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 32], help="decode: batch sizes")
     t.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per sequence")

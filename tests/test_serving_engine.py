@@ -608,3 +608,7 @@ def test_serve_benchmark_runs_each_system_repeatedly_and_keeps_the_median():
     single, static, engine = r["results"]
     assert engine["kv_waste"] < static["kv_waste"] and single["kv_waste"] == 0
     assert "median of 3 runs" in format_results(r)
+    m = serve_benchmark("tinypy", n=6, batch_size=3, prompt_range=(16, 40), output_range=(4, 12), block_size=4,
+                        systems=("engine", "engine-multistep"))["results"]
+    assert m[1]["system"].endswith("8 steps a sync") and m[0]["generated_tokens"] == m[1]["generated_tokens"]
+    assert m[1]["steps"] >= m[0]["steps"] - 1 and m[1]["computed_tokens"] >= m[0]["computed_tokens"]

@@ -168,14 +168,17 @@ def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: in
                "output_tokens": [r.output_len for r in reqs], "shared_prefix": shared_prefix, "seed": seed},
            "repeats": repeats, "results": []}
 
-    def no_prefix_cache():
-        r = run_engine(model, tok, reqs, **{**engine_kw, "enable_prefix_caching": False})
-        r["system"] += ", no prefix caching"
-        return r
+    def variant(label, **kw):
+        def run():
+            r = run_engine(model, tok, reqs, **{**engine_kw, **kw})
+            r["system"] += label
+            return r
+        return run
 
     runners = {"single": lambda: run_hf_single(model, reqs), "static": lambda: run_hf_static(model, reqs, batch_size),
                "engine": lambda: run_engine(model, tok, reqs, **engine_kw),
-               "engine-no-prefix-cache": no_prefix_cache}
+               "engine-no-prefix-cache": variant(", no prefix caching", enable_prefix_caching=False),
+               "engine-multistep": variant(", 8 steps a sync", num_scheduler_steps=8)}
     runs = {name: [] for name in systems if name in runners}
     for _ in range(repeats):
         for name, rs in runs.items():
