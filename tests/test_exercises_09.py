@@ -80,13 +80,29 @@ def test_paged_attention(capsys):
     assert "one position too many" in capsys.readouterr().out
 
 
+def merge(parts, rescale=True):
+    M = torch.stack([m for m, _, _ in parts]).max(0).values
+    w = [torch.exp(m - M) if rescale else torch.ones_like(m) for m, _, _ in parts]
+    return sum(a * wi[:, None] for (_, _, a), wi in zip(parts, w)) / sum(ll * wi for (_, ll, _), wi in
+                                                                          zip(parts, w))[:, None]
+
+
+def test_merge_partials(capsys):
+    assert exercises.check_merge_partials(merge)
+    assert not exercises.check_merge_partials(lambda parts: merge(parts, rescale=False))
+    assert "rescale l and acc" in capsys.readouterr().out
+    assert not exercises.check_merge_partials(lambda parts: merge(parts) * float("nan"))
+    assert "empty piece" in capsys.readouterr().out
+
+
 def test_scheduler_step(capsys):
     assert exercises.check_scheduler_step(schedule)
     assert not exercises.check_scheduler_step(lambda *a: schedule(*a, chunk=False))
     assert "expected" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("check", [exercises.check_paged_attention, exercises.check_scheduler_step])
+@pytest.mark.parametrize("check", [exercises.check_paged_attention, exercises.check_merge_partials,
+                                   exercises.check_scheduler_step])
 def test_stubs_say_not_attempted(check, capsys):
     assert not check(stub)
     assert "not attempted yet" in capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""Lessons 09-10: block allocation with reference counts, attention through a block table, and one
-continuous-batching scheduler step."""
+"""Lessons 09-10: block allocation with reference counts, attention through a block table, merging the
+pieces of a split attention, and one continuous-batching scheduler step."""
 from __future__ import annotations
 
 import torch
@@ -82,6 +82,57 @@ def check_paged_attention(fn) -> bool:
                                     "(GQA: query head h reads kv head h // (Hq // Hk))")
     return _result(name, True, "keys and values scattered over blocks read in the table's order: attention "
                                "needs no contiguous KV buffer")
+
+
+def _partials(q, k, v, pieces):
+    """Flash-Decoding's partials of one query's attention (q (H, D), k and v (n, H, D)) over `pieces`
+    (lists of key positions): per piece (m, l, acc) with m the largest score, l = sum exp(s - m) and
+    acc = sum exp(s - m) v; an empty piece is (-inf, 0, 0)."""
+    H, D = q.shape
+    scores = torch.einsum("hd,nhd->hn", q, k) / D ** 0.5
+    out = []
+    for keys in pieces:
+        if not keys:
+            out.append((torch.full((H,), float("-inf")), torch.zeros(H), torch.zeros(H, D)))
+            continue
+        s = scores[:, keys]
+        m = s.max(-1).values
+        p = torch.exp(s - m[:, None])
+        out.append((m, p.sum(-1), torch.einsum("hn,nhd->hd", p, v[keys])))
+    return out
+
+
+def check_merge_partials(fn) -> bool:
+    """Exercise 9.3: fn(parts) -> (H, D), parts a list of (m (H,), l (H,), acc (H, D)) per piece of one
+    query's context (Flash-Decoding): m the piece's largest score per head, l = sum exp(score - m),
+    acc = sum exp(score - m) * v. The merged output is softmax attention over all the pieces' keys."""
+    name = "Exercise 9.3 (merging split attention)"
+    g = torch.Generator().manual_seed(3)
+    for H, D, n, cuts in ((2, 8, 12, [0, 5, 12]), (4, 16, 30, [0, 1, 17, 30]), (2, 8, 9, [0, 9, 9])):
+        q, k, v = torch.randn(H, D, generator=g) * 3, torch.randn(n, H, D, generator=g), torch.randn(n, H, D,
+                                                                                                  generator=g)
+        k[-1] *= 4          # a late key with a large score: its piece's max is far above the others'
+        pieces = [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
+        parts = _partials(q, k, v, pieces)
+        want = torch.einsum("hn,nhd->hd", (torch.einsum("hd,nhd->hn", q, k) / D ** 0.5).softmax(-1), v)
+        what = f"{len(pieces)} pieces of sizes {[len(p) for p in pieces]}"
+        ok, got = _call(name, fn, [tuple(t.clone() for t in p) for p in parts])
+        if not ok:
+            return _result(name, False, got)
+        if not isinstance(got, torch.Tensor) or got.shape != (H, D):
+            return _result(name, False, f"expected an ({H}, {D}) tensor for {what}")
+        if torch.allclose(got, want, atol=1e-5):
+            continue
+        if not torch.isfinite(got).all():
+            return _result(name, False, f"NaN or inf for {what}: an empty piece has m = -inf and l = 0; weigh "
+                                        "each piece by exp(m - M) with M the largest m, which is finite")
+        plain = sum(a for _, _, a in parts) / sum(ll for _, ll, _ in parts)[:, None]
+        if torch.allclose(got, plain, atol=1e-5):
+            return _result(name, False, f"each piece's sums are relative to its own max: rescale l and acc by "
+                                        f"exp(m - M) before adding them ({what})")
+        return _result(name, False, f"max |error| {(got - want).abs().max().item():.3g} for {what}")
+    return _result(name, True, "partial softmaxes merge exactly: pieces of one context can run on different "
+                               "programs, which is how Flash-Decoding fills a GPU at batch 1")
 
 
 def check_scheduler_step(fn) -> bool:
