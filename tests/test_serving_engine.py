@@ -145,6 +145,27 @@ def test_decode_profile_and_time_split_account_for_a_step(model_tok):
     assert t["ms_per_step"] == pytest.approx(t["forward_ms"] + t["rest_ms"]) and t["forward_ms"] > 0
 
 
+def test_rotary_table_rows_equal_the_models_rotary_embedding(model_tok):
+    """The runner's cos/sin table gives, bit for bit, what the model's rotary module computes per step;
+    a rotary type whose frequencies depend on the context length keeps the module."""
+    from llmopt.serving.runner import ModelRunner
+
+    model, _ = model_tok
+    runner = ModelRunner(model, num_blocks=4, block_size=4, max_model_len=300)
+    assert runner._rope_table is not None and runner._rope_table[0].shape == (300, runner.head_dim)
+    x = torch.zeros(1, 1, dtype=torch.float32)
+    pos = torch.tensor([[0, 7, 123, 299, 5]])
+    for got, want in zip(runner._rotary(x, pos), model.model.rotary_emb(x, pos)):
+        assert torch.equal(got, want)
+    rot = model.model.rotary_emb
+    old = rot.rope_type
+    try:
+        rot.rope_type = "dynamic"
+        assert ModelRunner(model, num_blocks=4, block_size=4, max_model_len=300)._rope_table is None
+    finally:
+        rot.rope_type = old
+
+
 def test_greedy_batches_take_the_one_transfer_path_with_the_same_answer():
     from llmopt.serving.sampling import sample
 

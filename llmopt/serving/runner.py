@@ -91,9 +91,33 @@ class ModelRunner:
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
         # multi-step decoding: how many decode steps may run on the device before the host looks
         self.num_scheduler_steps = num_scheduler_steps
+        self._rope_table = self._rotary_table()
         self.graphs: dict[int, tuple] = {}      # batch size -> (CUDA graph, logits, tokens, logprobs)
         if self.device.type == "cuda" and not enforce_eager:
             self.capture_cuda_graphs(max_num_seqs)
+
+    # rotary types whose frequencies do not depend on the context length: one table serves every step
+    STATIC_ROPE = ("default", "linear", "llama3")
+
+    def _rotary_table(self):
+        """(cos, sin) for every position, (max_model_len, head_dim), made once by the model's own rotary
+        embedding: a step then takes its rows with two gathers instead of the module's ~8 elementwise
+        kernels, with the same values (the module's math is per position). None for the rotary types
+        whose frequencies change with the context length ("dynamic", "yarn", ...)."""
+        rot = self.model.model.rotary_emb
+        if getattr(rot, "rope_type", "default") not in self.STATIC_ROPE:
+            return None
+        with torch.inference_mode():
+            x = torch.empty(1, dtype=self.dtype, device=self.device)
+            cos, sin = rot(x, torch.arange(self.max_model_len, device=self.device)[None])
+        return cos[0], sin[0]
+
+    def _rotary(self, x, pos):
+        """cos, sin (1, T, head_dim) for positions pos (1, T)."""
+        if self._rope_table is None:
+            return self.model.model.rotary_emb(x, pos)
+        cos, sin = self._rope_table
+        return cos[pos], sin[pos]
 
     @property
     def cache_bytes(self) -> int:
@@ -171,7 +195,7 @@ class ModelRunner:
             rows = torch.tensor([segments[i][0] for i in decode], device=dev)
         base = self.model.model
         x = base.embed_tokens(ids)
-        cos, sin = base.rotary_emb(x, pos)
+        cos, sin = self._rotary(x, pos)
         residual = None
         for li, layer in enumerate(base.layers):
             q, residual = self._qkv(layer, li, x, residual, cos, sin, slot_mapping)
@@ -199,7 +223,7 @@ class ModelRunner:
         block tables (B, width). No host syncs and no data-dependent shapes, so it can be captured."""
         base = self.model.model
         x = base.embed_tokens(ids[None])
-        cos, sin = base.rotary_emb(x, pos[None])
+        cos, sin = self._rotary(x, pos[None])
         residual = None
         for li, layer in enumerate(base.layers):
             q, residual = self._qkv(layer, li, x, residual, cos, sin, slots)
