@@ -380,15 +380,17 @@ def decode_profile(model, tokenizer, batch: int = 1, context: int = 96, steps: i
     bench.sync(dev)
     engine_ms = (time.perf_counter() - t) / steps * 1e3
     seqs = list(engine.scheduler.running)
-    flat, tables = runner.decode_inputs(seqs)
-    flat, tables = flat.to(dev), tables.to(dev)
+    size = next((s for s in runner.graphs if s >= len(seqs)), None)
+    if size is not None:   # the graph's own input tensors, so the eager forward below runs what it replays
+        runner._load_graph_inputs(seqs, size)
+        flat, tables = runner._graph_inputs[:4 * size], runner._graph_tables[:size]
+    else:
+        flat, tables = (t.to(dev) for t in runner.decode_inputs(seqs))
 
     def forward():
         with torch.inference_mode():
-            runner._forward_decode(*flat.view(4, len(seqs)), tables)
-    size = next((s for s in runner.graphs if s >= len(seqs)), None)
+            runner._forward_decode(*flat.view(4, -1), tables)
     if size is not None:
-        runner._load_graph_inputs(seqs, size)
         graph = runner.graphs[size][0]
         step = lambda: graph.replay()   # noqa: E731
     else:
