@@ -7,7 +7,8 @@ wastes them. `triton.compile` with a `GPUTarget` runs the whole pipeline, ptxas 
 a GPU, so this script catches those errors here. Each kernel is compiled with the constexprs its
 wrapper passes on a GPU, for the shapes of a 7B-class or TinyLlama-class layer.
 
-    python scripts/compile_check.py            # prints one line per kernel; exit status 1 if any fails
+    python scripts/compile_check.py            # prints one line per kernel; exit status 1 if any fails,
+                                               # 2 if this Triton's offline-compile API is another one
 
 Tested with Triton 3.9 (`ASTSource`'s arguments change between versions). `tests/test_kernels_compile.py`
 runs it.
@@ -19,8 +20,14 @@ import time
 os.environ["TRITON_INTERPRET"] = "0"   # compiled kernels, not the interpreter's
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # fused multiply-adds, as on a GPU launch
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:   # another Triton: its offline-compile API lives elsewhere
+    GPUTarget = ASTSource = None
+
+API_MISMATCH = 2      # exit status when this Triton's offline-compile API is not the one used here
 
 FLOATS = ("eps", "scale")   # the scalar arguments that are floats; every other scalar is an int32
 
@@ -39,9 +46,16 @@ def compile_sm90(kernel, pointers: dict, consts: dict, num_warps: int = 4, divis
             sig[name] = "fp32" if name in FLOATS else "i32"
         if name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    try:
+        src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                        constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    except TypeError as e:   # ASTSource's arguments change between Triton versions
+        raise ApiMismatch(str(e)) from e
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+class ApiMismatch(RuntimeError):
+    """This Triton's `ASTSource` takes other arguments than the ones written here (Triton 3.9's)."""
 
 
 def cases():
@@ -90,12 +104,18 @@ def cases():
 
 
 def main() -> int:
+    if ASTSource is None:
+        print(f"triton {triton.__version__}: no triton.compiler.ASTSource / GPUTarget here; nothing checked")
+        return API_MISMATCH
     failed = 0
     for name, kernel, pointers, consts, warps in cases():
         t = time.perf_counter()
         try:
             compile_sm90(kernel, pointers, consts, warps)
             print(f"ok    {name} ({time.perf_counter() - t:.1f} s)", flush=True)
+        except ApiMismatch as e:
+            print(f"triton {triton.__version__}: ASTSource takes other arguments ({e}); nothing checked")
+            return API_MISMATCH
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
             print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
