@@ -50,20 +50,26 @@ def _rotate(x_ptr, o_ptr, stride_h, stride_oh, H, HALF, cos1, cos2, sin1, sin2,
 
 
 @triton.jit
+def _angles(cos_at, sin_at, HALF, BLOCK_D: tl.constexpr):
+    """One token's cos and sin (pointers to its rows), each as two halves in float32."""
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < HALF
+    cos1 = tl.load(cos_at + cols, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_at + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_at + cols, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_at + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+    return cos1, cos2, sin1, sin2
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, T, HQ, HK, HALF,
                  sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sc_b, sc_t, ss_b, ss_t,
                  sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t,
                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b, t = pid // T, pid % T
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < HALF
     # this token's angles, loaded once and shared by every head of q and k
-    cos_at, sin_at = cos_ptr + b * sc_b + t * sc_t + cols, sin_ptr + b * ss_b + t * ss_t + cols
-    cos1 = tl.load(cos_at, mask=mask, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_at + HALF, mask=mask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_at, mask=mask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_at + HALF, mask=mask, other=0.0).to(tl.float32)
+    cos1, cos2, sin1, sin2 = _angles(cos_ptr + b * sc_b + t * sc_t, sin_ptr + b * ss_b + t * ss_t, HALF, BLOCK_D)
     _rotate(q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, sq_h, sqo_h, HQ, HALF,
             cos1, cos2, sin1, sin2, BLOCK_HQ, BLOCK_D)
     _rotate(k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, sk_h, sko_h, HK, HALF,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.common import next_power_of_2, tl, triton, use_triton
-from ..kernels.rope import _rotate, rope_reference
+from ..kernels.rope import _angles, _rotate, rope_reference
 
 # scaled_dot_product_attention took enable_gqa in torch 2.5; before that the kv heads are repeated by hand
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -111,12 +111,7 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc
     """One program per token: its q heads rotated to qo, its k heads rotated straight into the key
     cache at the token's slot, its v heads copied into the value cache there."""
     t = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < HALF
-    cos1 = tl.load(cos_ptr + t * sc_t + cols, mask=mask, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + t * sc_t + HALF + cols, mask=mask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + t * ss_t + cols, mask=mask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + t * ss_t + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+    cos1, cos2, sin1, sin2 = _angles(cos_ptr + t * sc_t, sin_ptr + t * ss_t, HALF, BLOCK_D)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     _rotate(q_ptr + t * sq_t, qo_ptr + t * sqo_t, sq_h, sqo_h, HQ, HALF, cos1, cos2, sin1, sin2, BLOCK_HQ, BLOCK_D)
     _rotate(k_ptr + t * sk_t, kc_ptr + slot * s_slot, sk_h, s_head, HK, HALF, cos1, cos2, sin1, sin2,
