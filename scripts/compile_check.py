@@ -80,6 +80,10 @@ def cases():
     yield "w4a16 grouped gemv", w4a16._w4a16_gemv_grouped_kernel, quant, dict(
         gemv, LATE_SUM=True, PREFETCH=True, ALIGNED=True, BLOCK_M=1, BLOCK_N=grouped["BLOCK_N"], GROUPS=4, LANES=4,
         VEC=16, GROUP_BYTES=64), grouped["num_warps"]
+    for rows in (1, 4):
+        yield f"w4a16 words gemv, {rows} row(s)", w4a16._w4a16_gemv_words_kernel, {**quant, "qw_ptr": "*i32"}, dict(
+            gemv, PREFETCH=rows == 1, ALIGNED=True, EXACT=False, BLOCK_M=rows, BLOCK_N=32, GROUPS=4, LANES=4, VEC=4,
+            GROUP_WORDS=16), 4
     for grouped_gemm, block_m, block_k in ((False, 64, 64), (True, 64, 64), (True, 16, 256)):
         yield f"w4a16 gemm{' grouped' if grouped_gemm else ''} {block_m}x128x{block_k}", w4a16._w4a16_gemm_kernel, \
             quant, dict(HAS_ZEROS=True, HAS_BIAS=True, PRECISION="tf32", GROUPED=grouped_gemm, BLOCK_M=block_m,

@@ -1,13 +1,19 @@
-"""Count the machine instructions of the grouped W4A16 GEMV's inner loop, on a machine with no GPU.
+"""Count the machine instructions of the W4A16 GEMVs' inner loops, on a machine with no GPU.
 
 Triton can compile for a GPU it does not have: `triton.compile` with a `GPUTarget` runs its whole
 pipeline down to a cubin (its pip wheel carries ptxas), and the `cuobjdump` beside ptxas prints the
 SASS. Dividing the loop's instructions by the packed bytes each thread handles per iteration gives
 instructions per weight byte: the number that decides whether a decode GEMV can keep up with memory.
 
-    python scripts/sass_count.py                       # the default config
+    python scripts/sass_count.py                       # the grouped GEMV, its default config
     python scripts/sass_count.py '{"BLOCK_N": 16, "GROUPS": 8, "LANES": 4, "VEC": 16, "num_warps": 8}'
+    python scripts/sass_count.py words                 # the words GEMV (VEC counts 32-bit words)
+    python scripts/sass_count.py words '{"BLOCK_N": 32, "num_warps": 4}'
     python scripts/sass_count.py gemm                  # the plain and the grouped GEMM, one 64x128x64 tile
+
+Besides the count it prints the registers per thread (`cuobjdump -res-usage`), how many programs
+fit on one SM with them (65536 registers, 64 warps, 32 programs at most), and the packed bytes
+those programs load per iteration: a memory-bound kernel needs tens of KB in flight per SM.
 
 Tested with Triton 3.9 (`ASTSource`'s arguments change between versions). Integer arguments are
 marked divisible by 16, as Triton's launcher marks them on a GPU for these shapes (K = 4096, 11008).
@@ -26,20 +32,37 @@ from llmopt.kernels import w4a16  # noqa: E402
 
 POINTERS = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*bf16",
             "out_ptr": "*bf16"}
-DEFAULT = dict(BLOCK_N=32, GROUPS=4, LANES=4, VEC=16, num_warps=8, LATE_SUM=True, PREFETCH=False)
+# kernel, bytes per element of qweight as it reads it, default config, constexprs the wrapper adds
+KERNELS = {
+    "grouped": (w4a16._w4a16_gemv_grouped_kernel, 1,
+                dict(BLOCK_N=32, GROUPS=4, LANES=4, VEC=16, num_warps=8, LATE_SUM=True, PREFETCH=False),
+                dict(GROUP_BYTES=64)),
+    "words": (w4a16._w4a16_gemv_words_kernel, 4,
+              dict(BLOCK_N=64, GROUPS=4, LANES=4, VEC=4, num_warps=8, PREFETCH=False),
+              dict(GROUP_WORDS=16, EXACT=False)),
+}
 
 
-def compile_sm90(kernel, consts: dict, num_warps: int):
+def compile_sm90(kernel, consts: dict, num_warps: int, pointers=POINTERS):
     consts = dict(consts, stride_xk=1, stride_on=1)   # unit strides are specialised as constants
-    aligned = [n for n in kernel.arg_names if n not in consts and n != "M"]   # pointers and sizes: multiples of 16
-    return compile_for(kernel, POINTERS, consts, num_warps, divisible=aligned)
+    # pointers and sizes: multiples of 16 (not M, nor the words GEMV's masks)
+    aligned = [n for n in kernel.arg_names if n not in consts and n not in ("M", "mask_lo", "mask_hi")]
+    return compile_for(kernel, pointers, consts, num_warps, divisible=aligned)
 
 
-def sass(cubin: bytes, path="/tmp/llmopt_gemv.cubin") -> str:
+def cuobjdump(cubin: bytes, flag: str, path="/tmp/llmopt_gemv.cubin") -> str:
     with open(path, "wb") as f:
         f.write(cubin)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def sass(cubin: bytes) -> str:
+    return cuobjdump(cubin, "-sass")
+
+
+def registers(cubin: bytes) -> int:
+    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
 
 
 def loop_body(text: str) -> list[str]:
@@ -69,20 +92,30 @@ def gemm():
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
 
 
-def main(config: dict):
-    config = {**DEFAULT, **config}
+def main(kind: str, config: dict):
+    kernel, elem_bytes, default, extra = KERNELS[kind]
+    config = {**default, **config}
     warps = config.pop("num_warps")
-    consts = dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=1, ALIGNED=True, GROUP_BYTES=64, **config)
-    body = loop_body(sass(compile_sm90(w4a16._w4a16_gemv_grouped_kernel, consts, warps).asm["cubin"]))
+    consts = dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=1, ALIGNED=True, **extra, **config)
+    pointers = dict(POINTERS, qw_ptr="*i32") if elem_bytes == 4 else POINTERS
+    cubin = compile_sm90(kernel, consts, warps, pointers).asm["cubin"]
+    body = loop_body(sass(cubin))
     ops = count(body)
-    per_thread = config["BLOCK_N"] * config["GROUPS"] * config["LANES"] * config["VEC"] / (32 * warps)
-    print(f"{config}, {warps} warps: loop of {len(body)} instructions for {per_thread:.0f} packed bytes per "
-          f"thread = {len(body) / per_thread:.1f} per byte")
+    tile = config["BLOCK_N"] * config["GROUPS"] * config["LANES"] * config["VEC"] * elem_bytes   # packed bytes
+    per_thread = tile / (32 * warps)
+    print(f"{kind} GEMV {config}, {warps} warps: loop of {len(body)} instructions for {per_thread:.0f} packed "
+          f"bytes per thread = {len(body) / per_thread:.1f} per byte")
     print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
+    regs = registers(cubin)
+    programs = min(65536 // (regs * 32 * warps), 64 // warps, 32)
+    print(f"  {regs} registers per thread: {programs} programs per SM, {programs * tile / 1024:.0f} KB of packed "
+          f"weights loaded per iteration per SM")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["gemm"]:
+    args = sys.argv[1:]
+    if args == ["gemm"]:
         gemm()
     else:
-        main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
+        kind = args.pop(0) if args and args[0] in KERNELS else "grouped"
+        main(kind, json.loads(args[0]) if args else {})

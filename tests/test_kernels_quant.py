@@ -7,10 +7,12 @@ Tolerances are max |kernel - reference| over max |reference| (the output's scale
 - float16: each side rounds its result to fp16 once (half an ulp, ~2.5e-4 relative) and the CPU
   reference may round on the way; about 7e-4 has been seen, 5e-3 leaves room for other BLAS;
 - bfloat16 (GPU only): 8 bits of mantissa, one rounding is ~2e-3: 2e-2.
+The words GEMV's path for 16-bit x adds ~3e-5 of its own (`test_words_gemv_fast_path_error`).
 Every kernel writes into an output poisoned with nan, so an element it never stores fails.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # llmopt.kernels first: without CUDA it sets TRITON_INTERPRET=1, and that must happen before triton is
@@ -140,7 +142,7 @@ def test_every_candidate_config(path, group):
             assert_close(fn(x, *qargs(q), q.bias, out=poisoned(M, N, x.dtype), **config), want)
 
 
-@pytest.mark.parametrize("grouped", [{}, dict(GROUPED=True, PREFETCH=True)])
+@pytest.mark.parametrize("grouped", [{}, dict(GROUPED=True, PREFETCH=True), dict(WORDS=True)])
 @pytest.mark.parametrize("K, split, splits", [(1024, 4, 4), (384, 4, 3), (640, 2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_k_gemv_adds_its_partial_sums(monkeypatch, K, split, splits, dtype, grouped):
@@ -268,6 +270,54 @@ def test_grouped_gemv_tiles_whole_group_runs_or_falls_back():
         got = w4a16.w4a16_gemv(x, *qargs(q), q.bias, out=poisoned(1, case[0], x.dtype), BLOCK_N=16, BLOCK_K=256,
                                GROUPED=True, LATE_SUM=True)
         assert_close(got, w4a16.w4a16_reference(x, *qargs(q), q.bias))
+
+
+def test_words_gemv_tiles_whole_group_runs_or_falls_back():
+    # (runs per tile, 32-bit words per run); None: K or the group size do not split into such runs
+    assert w4a16._word_runs(128, 4096, 512) == (4, 16)
+    assert w4a16._word_runs(128, 4096, 64) == (1, 8)       # tiles smaller than a group
+    assert w4a16._word_runs(None, 4096, 256) == (1, 32)    # per channel: one group of K
+    assert w4a16._word_runs(None, 11008, 512) is None      # 1376 words do not split into 64s
+    assert w4a16._word_runs(24, 96, 256) is None            # 3 words per group
+    assert w4a16._word_runs(32, 100, 64) is None            # K not a whole number of words
+
+
+WORDS_CASES = [(100, 192, 64, True, True), (37, 96, 32, False, False), (48, 128, None, False, True),
+               (70, 1024, 128, False, True), (20, 96, 24, False, True)]   # the last: the grouped GEMV's fallback
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", (1, 3))
+@pytest.mark.parametrize("case", WORDS_CASES)
+def test_words_gemv(case, M, dtype):
+    q = make(*case)
+    x = rand(M, case[1], dtype=dtype)
+    want = w4a16.w4a16_reference(x, *qargs(q), q.bias)
+    for config in (dict(BLOCK_N=16, BLOCK_K=256), dict(BLOCK_N=8, BLOCK_K=64, PREFETCH=True),
+                   dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2)):
+        assert_close(w4a16.w4a16_gemv(x, *qargs(q), q.bias, out=poisoned(M, case[0], dtype), WORDS=True, **config),
+                     want)
+
+
+def test_words_gemv_fast_path_error(monkeypatch):
+    """For 16-bit x the words GEMV skips the subtraction of 1 per code, and its sums keep 13-17 bits
+    (see the kernel): here that path runs on float32 x, where the output's rounding does not hide
+    it, against a float64 reference. ~3e-5 is seen; 2e-4 is well under fp16's (5e-4) and bf16's
+    (4e-3) rounding of the output, and well over what the exact path shows (~2e-7)."""
+    real = w4a16._launch
+    seen = []
+
+    def fast(*args, **meta):
+        seen.append(meta.pop("EXACT"))
+        return real(*args, EXACT=False, **meta)
+    monkeypatch.setattr(w4a16, "_launch", fast)
+    q = make(64, 1024, 128, False, True)
+    x = rand(2, 1024)
+    want = F.linear(x.double(), w4a16.dequantize_int4(*qargs(q)).double(), q.bias.double())
+    got = w4a16.w4a16_gemv(x, *qargs(q), q.bias, out=poisoned(2, 64, x.dtype), BLOCK_N=16, BLOCK_K=256, WORDS=True)
+    assert seen == [True]   # float32 x would have taken the exact path
+    err = (got.double() - want).abs().max() / want.abs().max()
+    assert 1e-6 < err < 2e-4, err   # above 1e-6: the fast path did run
 
 
 def test_pick_config_skips_a_candidate_that_fails(monkeypatch):

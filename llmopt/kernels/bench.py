@@ -244,7 +244,7 @@ def format_sweep(result: dict, top: int = 6) -> str:
         lines.append(f"M={M} {K}->{N}: dense bf16 {rows[0]['dense_us']:.1f} us; slowest config {rows[-1]['us']:.1f} us")
         for r in rows[:top]:
             cfg = {k: r[k] for k in ("KERNEL", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "LATE_SUM", "SPLIT_K",
-                                     "GROUPED", "PREFETCH", "num_stages") if k in r}
+                                     "GROUPED", "WORDS", "PREFETCH", "num_stages") if k in r}
             lines.append(f"  {r['us']:7.1f} us  {r['GBps']:6.0f} GB/s  {r['fraction_of_copy_bw']:.2f} of copy  "
                          f"{r['speedup_vs_dense_linear']:.2f}x dense  err {r['max_abs_err']:.2g}  {cfg}")
     return "\n".join(lines)

@@ -17,9 +17,9 @@ The storage format is `llmopt.quant.QuantLinear`'s, read as it is (no repacking)
 
 Two kernels:
 - `w4a16_gemv` (decode, M <= 8 rows): tl.dot needs at least 16 rows, so it multiplies and sums with
-  broadcasting, float32 throughout. Two versions: the plain one, which a learner can follow line by
-  line, and the grouped one, which spends fewer instructions per weight byte (see its comments);
-  `pick_config` times both;
+  broadcasting, float32 throughout. Three versions: the plain one, which a learner can follow line by
+  line; the grouped one, which spends fewer instructions per weight byte (see its comments); and the
+  words one, which reads 8 codes per 32-bit word and spends fewer again; `pick_config` times them all;
 - `w4a16_gemm` (prefill): tiles with tl.dot on the tensor cores, weights dequantized to x's dtype.
 `w4a16_linear` picks one (for 2-8 rows it times both on a GPU); `w4a16_reference` is the spec both are
 tested against.
@@ -67,6 +67,23 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, GROUPED=True, LATE_SUM=True, PREFETCH=True),
     dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8, GROUPED=True, LATE_SUM=True, PREFETCH=True),
     dict(BLOCK_N=32, BLOCK_K=512, num_warps=8, GROUPED=True, SPLIT_K=2),
+    # the words GEMV (2026-11-27; tested under the interpreter, not yet timed on a GPU): the configs whose
+    # loops compiled for sm_90 to under 8 instructions per packed byte (`scripts/sass_count.py words`),
+    # from 73 to 128 registers, plus smaller tiles and split K for layers with few columns (11008 -> 4096)
+    dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, WORDS=True),
+    dict(BLOCK_N=32, BLOCK_K=256, num_warps=2, WORDS=True),
+    dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, WORDS=True),
+    dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, WORDS=True),
+    dict(BLOCK_N=32, BLOCK_K=512, num_warps=4, WORDS=True),
+    dict(BLOCK_N=16, BLOCK_K=1024, num_warps=4, WORDS=True),
+    dict(BLOCK_N=32, BLOCK_K=1024, num_warps=8, WORDS=True),
+    dict(BLOCK_N=64, BLOCK_K=512, num_warps=8, WORDS=True),
+    dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, WORDS=True),
+    dict(BLOCK_N=8, BLOCK_K=512, num_warps=2, WORDS=True),
+    dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, WORDS=True, PREFETCH=True),
+    dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, WORDS=True, PREFETCH=True),
+    dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, WORDS=True, SPLIT_K=2),
+    dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, WORDS=True, SPLIT_K=4),
 ]
 # GEMM: BLOCK_M >= 16 and BLOCK_K // 2 >= 16 (tl.dot's smallest tile).
 GEMM_CONFIGS = [
@@ -216,7 +233,8 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
 
 @triton.jit
 def _byte_columns(j0, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """(GROUPS, LANES, VEC) byte columns of qweight from j0 on: GROUPS runs of LANES * VEC bytes."""
+    """(GROUPS, LANES, VEC) columns of qweight from j0 on: GROUPS runs of LANES * VEC elements (bytes, or
+    32-bit words for the words GEMV)."""
     g = tl.arange(0, GROUPS)[:, None, None] * (LANES * VEC)
     return j0 + g + tl.arange(0, LANES)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
 
@@ -224,7 +242,7 @@ def _byte_columns(j0, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constex
 @triton.jit
 def _packed_runs(qw_ptr, cols, col_ok, j0, j_end, stride_qn, GROUPS: tl.constexpr, LANES: tl.constexpr,
                  VEC: tl.constexpr):
-    """The (BLOCK_N, GROUPS, LANES, VEC) bytes of qweight from byte column j0 on; zeros from j_end on."""
+    """The (BLOCK_N, GROUPS, LANES, VEC) elements of qweight from column j0 on; zeros from j_end on."""
     j = _byte_columns(j0, GROUPS, LANES, VEC)
     return tl.load(qw_ptr + cols[:, None, None, None] * stride_qn + j[None, :, :, :],
                    mask=col_ok[:, None, None, None] & (j < j_end)[None, :, :, :], other=0)
@@ -306,6 +324,119 @@ def _w4a16_gemv_grouped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + split * stride_os + row[:, None] * stride_om + cols[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=(row < M)[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _mantissa_floats(v, mask_lo, mask_hi, EXACT: tl.constexpr):
+    """Two float32 tensors from uint32 words: 1 + c / 2048 for the nibble c at bits 12-15 and 1 + c / 128
+    for the one at bits 16-19 (c - 0 exactly where EXACT)."""
+    lo = ((v & mask_lo) | 0x3F800000).to(tl.float32, bitcast=True)
+    hi = ((v & mask_hi) | 0x3F800000).to(tl.float32, bitcast=True)
+    if EXACT:
+        lo = lo - 1.0
+        hi = hi - 1.0
+    return lo, hi
+
+
+@triton.jit
+def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
+                             stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on, stride_os, K_SPLIT,
+                             mask_lo, mask_hi,
+                             HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr,
+                             PREFETCH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+                             GROUP_WORDS: tl.constexpr):
+    # The grouped GEMV with fewer instructions per code, reading qweight as 32-bit words (8 codes each,
+    # code p of the word at bits 4p..4p+3). Its tiles are the grouped kernel's, counted in words.
+    # - No subtraction per code. A nibble OR-ed into the mantissa of 1.0 at bits 16-19 is the float
+    #   1 + c / 128 (at bits 12-15, 1 + c / 2048): one LOP3, and x * (1 + c / 128) sums to
+    #   sum(x) + sum(x * c) / 128. The sums of x are the same for every column, so each tile takes them
+    #   once and subtracts them (with the zero's share, z * sum(x)) from each column's sum.
+    # - Two codes per word sit at bits 12-15 and 16-19 as loaded; three shifts bring the other six
+    #   there (w >> 8, w << 8, and w rotated by 16): four instructions per 2 codes fewer than unpacking bytes.
+    # - Precision: the code lands 7 or 11 bits below the leading 1, so the sums keep about 17 and 13 of
+    #   float32's 24 bits: a relative error near 1e-4, under a 16-bit output's rounding (5e-4 to 4e-3).
+    #   For float32 x (EXACT) each float has 1 subtracted first: exact, one FADD per code more.
+    # - The masks come in as arguments: as literals the compiler re-creates them before every use
+    #   (one more instruction per code, seen in the SASS).
+    # Compiled for sm_90 (scripts/sass_count.py words): 7.7 instructions per packed byte and thread in
+    # the loop at BLOCK_N 64 x 4 runs of 16 words, against 11.8 for the grouped kernel.
+    pid, split = tl.program_id(0), tl.program_id(1)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    row = tl.arange(0, BLOCK_M)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc3 = tl.full((BLOCK_N, GROUPS, LANES), 0.0, tl.float32)   # one row: the pieces' sums, added up at the end
+    w_begin = split * K_SPLIT // 8
+    w_end = tl.minimum(split * K_SPLIT + K_SPLIT, K) // 8   # this split's words: [w_begin, w_end)
+    if ALIGNED:   # K a multiple of 32: 16-byte loads
+        w_begin = tl.multiple_of(w_begin, 4)
+        w_end = tl.multiple_of(w_end, 4)
+    SUB: tl.constexpr = LANES * VEC
+    STEP: tl.constexpr = GROUPS * SUB
+    if PREFETCH:
+        nxt = _packed_runs(qw_ptr, cols, col_ok, w_begin, w_end, stride_qn, GROUPS, LANES, VEC)
+    for w0 in range(w_begin, w_end, STEP):
+        if ALIGNED:
+            w0 = tl.multiple_of(w0, 4)
+        if PREFETCH:
+            words = nxt
+            nxt = _packed_runs(qw_ptr, cols, col_ok, w0 + STEP, w_end, stride_qn, GROUPS, LANES, VEC)
+        else:
+            words = _packed_runs(qw_ptr, cols, col_ok, w0, w_end, stride_qn, GROUPS, LANES, VEC)
+        words = words.to(tl.uint32, bitcast=True)   # logical shifts
+        f3, f4 = _mantissa_floats(words, mask_lo, mask_hi, EXACT)
+        f5, f6 = _mantissa_floats(words >> 8, mask_lo, mask_hi, EXACT)
+        f1, f2 = _mantissa_floats(words << 8, mask_lo, mask_hi, EXACT)
+        f7, f0 = _mantissa_floats((words >> 16) | (words << 16), mask_lo, mask_hi, EXACT)
+        start = w0 + tl.arange(0, GROUPS) * SUB                 # first word of each run
+        g = start // GROUP_WORDS
+        g_mask = col_ok[:, None] & (start < w_end)[None, :]
+        s = tl.load(s_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N, GROUPS), 8.0, tl.float32)
+        w = _byte_columns(w0, GROUPS, LANES, VEC)   # the words' indices
+        for m in tl.static_range(BLOCK_M):
+            x_ok = (w < w_end) & (tl.full((GROUPS, LANES, VEC), m, tl.int32) < M)
+            xm = tl.load(x_ptr + m * stride_xm + (8 * w[:, :, :, None] + tl.arange(0, 8)) * stride_xk,
+                         mask=x_ok[:, :, :, None], other=0.0).to(tl.float32)   # k = 8w + p
+            x0, x1, x2, x3, x4, x5, x6, x7 = _eight(xm, GROUPS, LANES, VEC)
+            s_even = tl.sum(f0 * x0[None] + f2 * x2[None] + f4 * x4[None] + f6 * x6[None], axis=3)
+            s_odd = tl.sum(f1 * x1[None] + f3 * x3[None] + f5 * x5[None] + f7 * x7[None], axis=3)
+            x_even = tl.sum(x0 + x2 + x4 + x6, axis=2)   # (GROUPS, LANES): the same for every column
+            x_odd = tl.sum(x1 + x3 + x5 + x7, axis=2)
+            # per column and piece: 128 * (s_even + 16 s_odd - corr) = sum x * (c - z)
+            corr = z[:, :, None] * ((x_even + x_odd) * 0.0078125)[None]
+            if not EXACT:
+                corr += (x_even + 16.0 * x_odd)[None]
+            piece = (s_even + 16.0 * s_odd - corr) * s[:, :, None]   # (BLOCK_N, GROUPS, LANES)
+            if BLOCK_M == 1:
+                acc3 += piece
+            else:
+                y = tl.sum(tl.sum(piece, axis=2), axis=1)
+                acc += tl.where(row[:, None] == m, y[None, :], 0.0)
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+    acc = acc * 128.0
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + split * stride_os + row[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=(row < M)[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _eight(xm, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """The 8 slices of xm (GROUPS, LANES, VEC, 8) along its last axis: x[..., p] for p = 0..7."""
+    e, o = tl.split(tl.reshape(xm, (GROUPS, LANES, VEC, 4, 2)))   # p = 2a, 2a + 1
+    e04, e26 = tl.split(tl.reshape(e, (GROUPS, LANES, VEC, 2, 2)))
+    o15, o37 = tl.split(tl.reshape(o, (GROUPS, LANES, VEC, 2, 2)))
+    x0, x4 = tl.split(e04)
+    x2, x6 = tl.split(e26)
+    x1, x5 = tl.split(o15)
+    x3, x7 = tl.split(o37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -434,8 +565,18 @@ def _grouped_runs(group_size, K, BLOCK_K):
     return BLOCK_K // (2 * sub), sub
 
 
+def _word_runs(group_size, K, BLOCK_K):
+    """(GROUPS, SUB) for the words GEMV: runs of SUB 32-bit words (8 codes each) inside one group, GROUPS
+    of them per BLOCK_K; None where K or the group size do not split so (use the grouped GEMV)."""
+    group = K if group_size is None else group_size
+    run = min(BLOCK_K, group)
+    if K % 8 or run % 8 or run // 8 != next_power_of_2(run // 8) or group % run or BLOCK_K % run:
+        return None
+    return BLOCK_K // run, run // 8
+
+
 def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, num_warps=4, LATE_SUM=False,
-          SPLIT_K=1, GROUPED=False, PREFETCH=False, num_stages=None):
+          SPLIT_K=1, GROUPED=False, PREFETCH=False, WORDS=False, num_stages=None):
     K = x.shape[1]
     k_split = triton.cdiv(triton.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K   # whole tiles per split
     splits = triton.cdiv(K, k_split)
@@ -443,8 +584,17 @@ def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, nu
     meta = dict(BLOCK_M=next_power_of_2(x.shape[0]), BLOCK_N=BLOCK_N, num_warps=num_warps, K_SPLIT=k_split)
     if num_stages is not None:
         meta["num_stages"] = num_stages
-    runs = _grouped_runs(group_size, K, BLOCK_K) if GROUPED else None
-    if runs is not None:
+    words = _word_runs(group_size, K, BLOCK_K) if WORDS else None
+    runs = _grouped_runs(group_size, K, BLOCK_K) if GROUPED or (WORDS and words is None) else None
+    if words is not None:
+        kernel = _w4a16_gemv_words_kernel
+        qweight = qweight.contiguous().view(torch.int32)   # 4 bytes, 8 codes, per element
+        vec = min(4, words[1])   # words per thread and load
+        meta.update(GROUPS=words[0], LANES=words[1] // vec, VEC=vec, PREFETCH=PREFETCH,
+                    GROUP_WORDS=(group_size or K) // 8, EXACT=x.dtype == torch.float32,
+                    ALIGNED=K % 32 == 0 and k_split % 32 == 0 and vec == 4,
+                    mask_lo=0xF000, mask_hi=0xF0000)
+    elif runs is not None:
         kernel = _w4a16_gemv_grouped_kernel
         vec = min(16, runs[1])   # bytes per thread and load
         meta.update(GROUPS=runs[0], LANES=runs[1] // vec, VEC=vec, PREFETCH=PREFETCH,
