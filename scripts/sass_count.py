@@ -96,7 +96,7 @@ def main(kind: str, config: dict):
     kernel, elem_bytes, default, extra = KERNELS[kind]
     config = {**default, **config}
     warps = config.pop("num_warps")
-    consts = dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=1, ALIGNED=True, **extra, **config)
+    consts = {**dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=1, ALIGNED=True), **extra, **config}   # BLOCK_M: rows
     pointers = dict(POINTERS, qw_ptr="*i32") if elem_bytes == 4 else POINTERS
     cubin = compile_sm90(kernel, consts, warps, pointers).asm["cubin"]
     body = loop_body(sass(cubin))

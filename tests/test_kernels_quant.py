@@ -279,6 +279,7 @@ def test_words_gemv_tiles_whole_group_runs_or_falls_back():
     assert w4a16._word_runs(None, 4096, 256) == (1, 32)    # per channel: one group of K
     assert w4a16._word_runs(None, 11008, 512) is None      # 1376 words do not split into 64s
     assert w4a16._word_runs(24, 96, 256) is None            # 3 words per group
+    assert w4a16._word_runs(16, 96, 256) is None            # 2 words: less than one 16-byte load
     assert w4a16._word_runs(32, 100, 64) is None            # K not a whole number of words
 
 

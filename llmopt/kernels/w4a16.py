@@ -67,23 +67,24 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, GROUPED=True, LATE_SUM=True, PREFETCH=True),
     dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8, GROUPED=True, LATE_SUM=True, PREFETCH=True),
     dict(BLOCK_N=32, BLOCK_K=512, num_warps=8, GROUPED=True, SPLIT_K=2),
-    # the words GEMV (2026-11-27; tested under the interpreter, not yet timed on a GPU): the configs whose
-    # loops compiled for sm_90 to under 8 instructions per packed byte (`scripts/sass_count.py words`),
-    # from 73 to 128 registers, plus smaller tiles and split K for layers with few columns (11008 -> 4096)
+    # the words GEMV (2026-11-27; tested under the interpreter, not yet timed on a GPU): configs whose
+    # loops compile for sm_90 to 6.2-7.7 instructions per packed byte (`scripts/sass_count.py words`),
+    # 96-168 registers, no spills; small tiles and split K for layers with few columns (11008 -> 4096)
     dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, WORDS=True),
     dict(BLOCK_N=32, BLOCK_K=256, num_warps=2, WORDS=True),
-    dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, WORDS=True),
-    dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, WORDS=True),
     dict(BLOCK_N=32, BLOCK_K=512, num_warps=4, WORDS=True),
     dict(BLOCK_N=16, BLOCK_K=1024, num_warps=4, WORDS=True),
-    dict(BLOCK_N=32, BLOCK_K=1024, num_warps=8, WORDS=True),
+    dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, WORDS=True),
     dict(BLOCK_N=64, BLOCK_K=512, num_warps=8, WORDS=True),
-    dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, WORDS=True),
-    dict(BLOCK_N=8, BLOCK_K=512, num_warps=2, WORDS=True),
+    dict(BLOCK_N=128, BLOCK_K=256, num_warps=8, WORDS=True),
+    dict(BLOCK_N=32, BLOCK_K=1024, num_warps=8, WORDS=True),
+    dict(BLOCK_N=32, BLOCK_K=512, num_warps=2, WORDS=True),
+    dict(BLOCK_N=64, BLOCK_K=512, num_warps=4, WORDS=True),
+    dict(BLOCK_N=8, BLOCK_K=1024, num_warps=2, WORDS=True),
     dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, WORDS=True, PREFETCH=True),
-    dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, WORDS=True, PREFETCH=True),
+    dict(BLOCK_N=32, BLOCK_K=256, num_warps=2, WORDS=True, PREFETCH=True),
     dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, WORDS=True, SPLIT_K=2),
-    dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, WORDS=True, SPLIT_K=4),
+    dict(BLOCK_N=32, BLOCK_K=256, num_warps=2, WORDS=True, SPLIT_K=4),
 ]
 # GEMM: BLOCK_M >= 16 and BLOCK_K // 2 >= 16 (tl.dot's smallest tile).
 GEMM_CONFIGS = [
@@ -346,6 +347,7 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
                              PREFETCH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
                              GROUP_WORDS: tl.constexpr):
+    # VEC must be 4 (one 16-byte load of 4 words per thread).
     # The grouped GEMV with fewer instructions per code, reading qweight as 32-bit words (8 codes each,
     # code p of the word at bits 4p..4p+3). Its tiles are the grouped kernel's, counted in words.
     # - No subtraction per code. A nibble OR-ed into the mantissa of 1.0 at bits 16-19 is the float
@@ -359,8 +361,11 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
     #   For float32 x (EXACT) each float has 1 subtracted first: exact, one FADD per code more.
     # - The masks come in as arguments: as literals the compiler re-creates them before every use
     #   (one more instruction per code, seen in the SASS).
-    # Compiled for sm_90 (scripts/sass_count.py words): 7.7 instructions per packed byte and thread in
-    # the loop at BLOCK_N 64 x 4 runs of 16 words, against 11.8 for the grouped kernel.
+    # - Each thread's 4 words are taken one at a time (_four), so the products make one chain of
+    #   multiply-adds per parity, with no separate products to add up afterwards.
+    # Compiled for sm_90 (scripts/sass_count.py words): 6.6 instructions per packed byte and thread in
+    # the loop at BLOCK_N 64 x 4 runs of 16 words, against 11.8 for the grouped kernel: 2 per byte turn
+    # codes into floats, 2 multiply-add, 0.75 shift, the rest is x, addresses and masks.
     pid, split = tl.program_id(0), tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -385,10 +390,6 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
         else:
             words = _packed_runs(qw_ptr, cols, col_ok, w0, w_end, stride_qn, GROUPS, LANES, VEC)
         words = words.to(tl.uint32, bitcast=True)   # logical shifts
-        f3, f4 = _mantissa_floats(words, mask_lo, mask_hi, EXACT)
-        f5, f6 = _mantissa_floats(words >> 8, mask_lo, mask_hi, EXACT)
-        f1, f2 = _mantissa_floats(words << 8, mask_lo, mask_hi, EXACT)
-        f7, f0 = _mantissa_floats((words >> 16) | (words << 16), mask_lo, mask_hi, EXACT)
         start = w0 + tl.arange(0, GROUPS) * SUB                 # first word of each run
         g = start // GROUP_WORDS
         g_mask = col_ok[:, None] & (start < w_end)[None, :]
@@ -398,15 +399,22 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
         else:
             z = tl.full((BLOCK_N, GROUPS), 8.0, tl.float32)
         w = _byte_columns(w0, GROUPS, LANES, VEC)   # the words' indices
+        wa, wb, wc, wd = _four(words, BLOCK_N, GROUPS, LANES)   # each thread's 4 words, one tensor each
         for m in tl.static_range(BLOCK_M):
             x_ok = (w < w_end) & (tl.full((GROUPS, LANES, VEC), m, tl.int32) < M)
             xm = tl.load(x_ptr + m * stride_xm + (8 * w[:, :, :, None] + tl.arange(0, 8)) * stride_xk,
                          mask=x_ok[:, :, :, None], other=0.0).to(tl.float32)   # k = 8w + p
-            x0, x1, x2, x3, x4, x5, x6, x7 = _eight(xm, GROUPS, LANES, VEC)
-            s_even = tl.sum(f0 * x0[None] + f2 * x2[None] + f4 * x4[None] + f6 * x6[None], axis=3)
-            s_odd = tl.sum(f1 * x1[None] + f3 * x3[None] + f5 * x5[None] + f7 * x7[None], axis=3)
-            x_even = tl.sum(x0 + x2 + x4 + x6, axis=2)   # (GROUPS, LANES): the same for every column
-            x_odd = tl.sum(x1 + x3 + x5 + x7, axis=2)
+            xa, xb, xc, xd = _four(tl.permute(xm, (0, 1, 3, 2)), GROUPS, LANES, 8)   # (GROUPS, LANES, 8) each
+            # one chain of multiply-adds per parity over the thread's 4 words (no separate products to add up)
+            s_even = tl.zeros((BLOCK_N, GROUPS, LANES), tl.float32)
+            s_odd = tl.zeros((BLOCK_N, GROUPS, LANES), tl.float32)
+            s_even, s_odd = _word_dot(wa, xa, s_even, s_odd, mask_lo, mask_hi, GROUPS, LANES, EXACT)
+            s_even, s_odd = _word_dot(wb, xb, s_even, s_odd, mask_lo, mask_hi, GROUPS, LANES, EXACT)
+            s_even, s_odd = _word_dot(wc, xc, s_even, s_odd, mask_lo, mask_hi, GROUPS, LANES, EXACT)
+            s_even, s_odd = _word_dot(wd, xd, s_even, s_odd, mask_lo, mask_hi, GROUPS, LANES, EXACT)
+            xe, xo = tl.split(tl.reshape(xm, (GROUPS, LANES, VEC, 4, 2)))   # k = 8w + 2a, 8w + 2a + 1
+            x_even = tl.sum(tl.sum(xe, axis=3), axis=2)   # (GROUPS, LANES): the same for every column
+            x_odd = tl.sum(tl.sum(xo, axis=3), axis=2)
             # per column and piece: 128 * (s_even + 16 s_odd - corr) = sum x * (c - z)
             corr = z[:, :, None] * ((x_even + x_odd) * 0.0078125)[None]
             if not EXACT:
@@ -427,11 +435,35 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
 
 
 @triton.jit
-def _eight(xm, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """The 8 slices of xm (GROUPS, LANES, VEC, 8) along its last axis: x[..., p] for p = 0..7."""
-    e, o = tl.split(tl.reshape(xm, (GROUPS, LANES, VEC, 4, 2)))   # p = 2a, 2a + 1
-    e04, e26 = tl.split(tl.reshape(e, (GROUPS, LANES, VEC, 2, 2)))
-    o15, o37 = tl.split(tl.reshape(o, (GROUPS, LANES, VEC, 2, 2)))
+def _four(t, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
+    """The 4 slices of t (A, B, C, 4) along its last axis."""
+    t02, t13 = tl.split(tl.reshape(t, (A, B, C, 2, 2)))
+    t0, t2 = tl.split(t02)
+    t1, t3 = tl.split(t13)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _word_dot(v, x8, s_even, s_odd, mask_lo, mask_hi, GROUPS: tl.constexpr, LANES: tl.constexpr,
+              EXACT: tl.constexpr):
+    """s_even, s_odd plus one word's 8 codes times x8 (GROUPS, LANES, 8): even codes as 1 + c / 128,
+    odd ones as 1 + c / 2048 (see _mantissa_floats)."""
+    f3, f4 = _mantissa_floats(v, mask_lo, mask_hi, EXACT)
+    f5, f6 = _mantissa_floats(v >> 8, mask_lo, mask_hi, EXACT)
+    f1, f2 = _mantissa_floats(v << 8, mask_lo, mask_hi, EXACT)
+    f7, f0 = _mantissa_floats((v >> 16) | (v << 16), mask_lo, mask_hi, EXACT)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x8, GROUPS, LANES)
+    s_even = s_even + f0 * x0[None] + f2 * x2[None] + f4 * x4[None] + f6 * x6[None]
+    s_odd = s_odd + f1 * x1[None] + f3 * x3[None] + f5 * x5[None] + f7 * x7[None]
+    return s_even, s_odd
+
+
+@triton.jit
+def _eight(x8, GROUPS: tl.constexpr, LANES: tl.constexpr):
+    """The 8 slices of x8 (GROUPS, LANES, 8) along its last axis: x[..., p] for p = 0..7."""
+    e, o = tl.split(tl.reshape(x8, (GROUPS, LANES, 4, 2)))   # p = 2a, 2a + 1
+    e04, e26 = tl.split(tl.reshape(e, (GROUPS, LANES, 2, 2)))
+    o15, o37 = tl.split(tl.reshape(o, (GROUPS, LANES, 2, 2)))
     x0, x4 = tl.split(e04)
     x2, x6 = tl.split(e26)
     x1, x5 = tl.split(o15)
@@ -566,11 +598,12 @@ def _grouped_runs(group_size, K, BLOCK_K):
 
 
 def _word_runs(group_size, K, BLOCK_K):
-    """(GROUPS, SUB) for the words GEMV: runs of SUB 32-bit words (8 codes each) inside one group, GROUPS
-    of them per BLOCK_K; None where K or the group size do not split so (use the grouped GEMV)."""
+    """(GROUPS, SUB) for the words GEMV: runs of SUB 32-bit words (8 codes each, at least 4 words: one
+    16-byte load per thread) inside one group, GROUPS of them per BLOCK_K; None where K or the group
+    size do not split so (use the grouped GEMV)."""
     group = K if group_size is None else group_size
     run = min(BLOCK_K, group)
-    if K % 8 or run % 8 or run // 8 != next_power_of_2(run // 8) or group % run or BLOCK_K % run:
+    if K % 8 or run % 32 or run // 8 != next_power_of_2(run // 8) or group % run or BLOCK_K % run:
         return None
     return BLOCK_K // run, run // 8
 
@@ -589,10 +622,9 @@ def _gemv(x, qweight, scales, zeros, group_size, bias, out, BLOCK_N, BLOCK_K, nu
     if words is not None:
         kernel = _w4a16_gemv_words_kernel
         qweight = qweight.contiguous().view(torch.int32)   # 4 bytes, 8 codes, per element
-        vec = min(4, words[1])   # words per thread and load
-        meta.update(GROUPS=words[0], LANES=words[1] // vec, VEC=vec, PREFETCH=PREFETCH,
+        meta.update(GROUPS=words[0], LANES=words[1] // 4, VEC=4, PREFETCH=PREFETCH,   # 4 words per thread and load
                     GROUP_WORDS=(group_size or K) // 8, EXACT=x.dtype == torch.float32,
-                    ALIGNED=K % 32 == 0 and k_split % 32 == 0 and vec == 4,
+                    ALIGNED=K % 32 == 0 and k_split % 32 == 0,
                     mask_lo=0xF000, mask_hi=0xF0000)
     elif runs is not None:
         kernel = _w4a16_gemv_grouped_kernel
