@@ -68,8 +68,8 @@ GEMV_CONFIGS = [
     dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8, GROUPED=True, LATE_SUM=True, PREFETCH=True),
     dict(BLOCK_N=32, BLOCK_K=512, num_warps=8, GROUPED=True, SPLIT_K=2),
     # the words GEMV (2026-11-27; tested under the interpreter, not yet timed on a GPU): configs whose
-    # loops compile for sm_90 to 6.2-7.7 instructions per packed byte (`scripts/sass_count.py words`),
-    # 96-168 registers, no spills; small tiles and split K for layers with few columns (11008 -> 4096)
+    # loops compile for sm_90 to 6.2-7.5 instructions per packed byte (`scripts/sass_count.py words`),
+    # 80-168 registers, no spills; small tiles and split K for layers with few columns (11008 -> 4096)
     dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, WORDS=True),
     dict(BLOCK_N=32, BLOCK_K=256, num_warps=2, WORDS=True),
     dict(BLOCK_N=32, BLOCK_K=512, num_warps=4, WORDS=True),
@@ -363,7 +363,9 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
     #   (one more instruction per code, seen in the SASS).
     # - Each thread's 4 words are taken one at a time (_four), so the products make one chain of
     #   multiply-adds per parity, with no separate products to add up afterwards.
-    # Compiled for sm_90 (scripts/sass_count.py words): 6.6 instructions per packed byte and thread in
+    # - The sums of x come from the same per-thread slices as the products: each thread adds its own,
+    #   where sums over the tile as loaded would reach the threads through shared memory and barriers.
+    # Compiled for sm_90 (scripts/sass_count.py words): 6.7 instructions per packed byte and thread in
     # the loop at BLOCK_N 64 x 4 runs of 16 words, against 11.8 for the grouped kernel: 2 per byte turn
     # codes into floats, 2 multiply-add, 0.75 shift, the rest is x, addresses and masks.
     pid, split = tl.program_id(0), tl.program_id(1)
@@ -406,15 +408,19 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
                          mask=x_ok[:, :, :, None], other=0.0).to(tl.float32)   # k = 8w + p
             xa, xb, xc, xd = _four(tl.permute(xm, (0, 1, 3, 2)), GROUPS, LANES, 8)   # (GROUPS, LANES, 8) each
             # one chain of multiply-adds per parity over the thread's 4 words (no separate products to add up)
+            # and the sums of x over each piece's even and odd k, the same for every column
             s_even = tl.zeros((BLOCK_N, GROUPS, LANES), tl.float32)
             s_odd = tl.zeros((BLOCK_N, GROUPS, LANES), tl.float32)
-            s_even, s_odd = _word_dot(wa, xa, s_even, s_odd, mask_lo, mask_hi, GROUPS, LANES, EXACT)
-            s_even, s_odd = _word_dot(wb, xb, s_even, s_odd, mask_lo, mask_hi, GROUPS, LANES, EXACT)
-            s_even, s_odd = _word_dot(wc, xc, s_even, s_odd, mask_lo, mask_hi, GROUPS, LANES, EXACT)
-            s_even, s_odd = _word_dot(wd, xd, s_even, s_odd, mask_lo, mask_hi, GROUPS, LANES, EXACT)
-            xe, xo = tl.split(tl.reshape(xm, (GROUPS, LANES, VEC, 4, 2)))   # k = 8w + 2a, 8w + 2a + 1
-            x_even = tl.sum(tl.sum(xe, axis=3), axis=2)   # (GROUPS, LANES): the same for every column
-            x_odd = tl.sum(tl.sum(xo, axis=3), axis=2)
+            x_even = tl.zeros((GROUPS, LANES), tl.float32)
+            x_odd = tl.zeros((GROUPS, LANES), tl.float32)
+            s_even, s_odd, x_even, x_odd = _word_dot(wa, xa, s_even, s_odd, x_even, x_odd, mask_lo, mask_hi, GROUPS,
+                                                     LANES, EXACT)
+            s_even, s_odd, x_even, x_odd = _word_dot(wb, xb, s_even, s_odd, x_even, x_odd, mask_lo, mask_hi, GROUPS,
+                                                     LANES, EXACT)
+            s_even, s_odd, x_even, x_odd = _word_dot(wc, xc, s_even, s_odd, x_even, x_odd, mask_lo, mask_hi, GROUPS,
+                                                     LANES, EXACT)
+            s_even, s_odd, x_even, x_odd = _word_dot(wd, xd, s_even, s_odd, x_even, x_odd, mask_lo, mask_hi, GROUPS,
+                                                     LANES, EXACT)
             # per column and piece: 128 * (s_even + 16 s_odd - corr) = sum x * (c - z)
             corr = z[:, :, None] * ((x_even + x_odd) * 0.0078125)[None]
             if not EXACT:
@@ -444,10 +450,10 @@ def _four(t, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _word_dot(v, x8, s_even, s_odd, mask_lo, mask_hi, GROUPS: tl.constexpr, LANES: tl.constexpr,
+def _word_dot(v, x8, s_even, s_odd, x_even, x_odd, mask_lo, mask_hi, GROUPS: tl.constexpr, LANES: tl.constexpr,
               EXACT: tl.constexpr):
     """s_even, s_odd plus one word's 8 codes times x8 (GROUPS, LANES, 8): even codes as 1 + c / 128,
-    odd ones as 1 + c / 2048 (see _mantissa_floats)."""
+    odd ones as 1 + c / 2048 (see _mantissa_floats); x_even, x_odd plus the sums of x8's even and odd k."""
     f3, f4 = _mantissa_floats(v, mask_lo, mask_hi, EXACT)
     f5, f6 = _mantissa_floats(v >> 8, mask_lo, mask_hi, EXACT)
     f1, f2 = _mantissa_floats(v << 8, mask_lo, mask_hi, EXACT)
@@ -455,7 +461,7 @@ def _word_dot(v, x8, s_even, s_odd, mask_lo, mask_hi, GROUPS: tl.constexpr, LANE
     x0, x1, x2, x3, x4, x5, x6, x7 = _eight(x8, GROUPS, LANES)
     s_even = s_even + f0 * x0[None] + f2 * x2[None] + f4 * x4[None] + f6 * x6[None]
     s_odd = s_odd + f1 * x1[None] + f3 * x3[None] + f5 * x5[None] + f7 * x7[None]
-    return s_even, s_odd
+    return s_even, s_odd, x_even + x0 + x2 + x4 + x6, x_odd + x1 + x3 + x5 + x7
 
 
 @triton.jit
