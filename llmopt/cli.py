@@ -39,7 +39,7 @@ def _bench(args):
         from .kernels.bench import main
 
         main(args.device, args.json, compile=not args.no_compile, only=tuple(args.only), repeats=args.repeats or 100,
-             e2e=args.e2e, model=args.model, configs=args.configs)
+             e2e=args.e2e, model=args.model, configs=args.configs, config_rows=tuple(args.config_rows))
     elif args.what == "decode":
         from .serving.bench import decode_main
 
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--e2e", action="store_true", help="also decode with the fused and W4-fused model")
     t.add_argument("--configs", action="store_true", help="kernels, on a GPU: also time every W4A16 GEMV "
                    "candidate config on the 7B-class layers")
+    t.add_argument("--config-rows", type=int, nargs="*", default=[1, 8], help="kernels --configs: the batch "
+                   "sizes (rows) to sweep (default: 1 8)")
     t.add_argument("--model", default=None, help="model for --e2e and serve (default: the bundled one; "
                    "tinyllama-1.1b-random for a 1.1B-shaped random model)")
     t.add_argument("--requests", type=int, default=64, help="serve: number of requests")

@@ -24,7 +24,7 @@ for part in $PARTS; do
   kernels)  # lesson 08: every kernel vs eager and torch.compile at 7B sizes, and the W4A16/W8A16 GEMV/GEMM vs bf16
     timeout ${KERNELS_TIMEOUT:-200} $PY -m llmopt.cli bench kernels --repeats 50 --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" ;;
   quant)  # lesson 08's quantized matmuls only, and every W4A16 GEMV candidate config, timed one by one
-    timeout ${QUANT_TIMEOUT:-300} $PY -m llmopt.cli bench kernels --only w4a16 w8a16 --configs --repeats 50 \
+    timeout ${QUANT_TIMEOUT:-300} $PY -m llmopt.cli bench kernels --only w4a16 w8a16 --configs --config-rows ${CONFIG_ROWS:-1 8} --repeats 50 \
         --json "$OUT/quant.json" 2>&1 | tee "$OUT/quant.txt" ;;
   tests)  # the GPU-marked tests (CUDA graphs vs eager vs HF, the kernels in bf16 on the GPU, ...)
     timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors ${TESTS:-tests} 2>&1 | tail -n 25 | tee "$OUT/pytest.txt" ;;

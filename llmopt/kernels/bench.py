@@ -264,7 +264,7 @@ def format_rows(result: dict) -> str:
 
 
 def main(device=None, json_path=None, compile: bool = True, only: tuple = (), repeats: int = 100,
-         e2e: bool = False, model=None, configs: bool = False) -> dict:
+         e2e: bool = False, model=None, configs: bool = False, config_rows: tuple = (1, 8)) -> dict:
     """What `llmopt bench kernels` runs; returns the JSON-able result."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {}
@@ -278,7 +278,7 @@ def main(device=None, json_path=None, compile: bool = True, only: tuple = (), re
                              repeats=min(repeats, 25) if device.type == "cpu" else repeats, compile=compile, only=only))
     print(format_rows(result))
     if configs and device.type == "cuda":
-        result["gemv_configs"] = sweep_gemv(device, repeats=repeats)
+        result["gemv_configs"] = sweep_gemv(device, ms=config_rows, repeats=repeats)
         print(format_sweep(result["gemv_configs"]))
     if e2e:
         result["end_to_end"] = end_to_end(model, device)
