@@ -330,7 +330,7 @@ def _w4a16_gemv_grouped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N
 @triton.jit
 def _mantissa_floats(v, mask_lo, mask_hi, EXACT: tl.constexpr):
     """Two float32 tensors from uint32 words: 1 + c / 2048 for the nibble c at bits 12-15 and 1 + c / 128
-    for the one at bits 16-19 (c - 0 exactly where EXACT)."""
+    for the one at bits 16-19; where EXACT, with the 1 subtracted (c / 2048 and c / 128, exactly)."""
     lo = ((v & mask_lo) | 0x3F800000).to(tl.float32, bitcast=True)
     hi = ((v & mask_hi) | 0x3F800000).to(tl.float32, bitcast=True)
     if EXACT:
@@ -347,15 +347,16 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
                              PREFETCH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
                              GROUP_WORDS: tl.constexpr):
-    # VEC must be 4 (one 16-byte load of 4 words per thread).
     # The grouped GEMV with fewer instructions per code, reading qweight as 32-bit words (8 codes each,
-    # code p of the word at bits 4p..4p+3). Its tiles are the grouped kernel's, counted in words.
+    # code p of the word at bits 4p..4p+3). Its tiles are the grouped kernel's, counted in words; VEC
+    # must be 4 (one 16-byte load of 4 words per thread).
     # - No subtraction per code. A nibble OR-ed into the mantissa of 1.0 at bits 16-19 is the float
     #   1 + c / 128 (at bits 12-15, 1 + c / 2048): one LOP3, and x * (1 + c / 128) sums to
     #   sum(x) + sum(x * c) / 128. The sums of x are the same for every column, so each tile takes them
     #   once and subtracts them (with the zero's share, z * sum(x)) from each column's sum.
     # - Two codes per word sit at bits 12-15 and 16-19 as loaded; three shifts bring the other six
-    #   there (w >> 8, w << 8, and w rotated by 16): four instructions per 2 codes fewer than unpacking bytes.
+    #   there (w >> 8, w << 8, and w rotated by 16): 3 instructions per 8 codes, where unpacking bytes
+    #   takes one per byte and then a shift for its high nibble.
     # - Precision: the code lands 7 or 11 bits below the leading 1, so the sums keep about 17 and 13 of
     #   float32's 24 bits: a relative error near 1e-4, under a 16-bit output's rounding (5e-4 to 4e-3).
     #   For float32 x (EXACT) each float has 1 subtracted first: exact, one FADD per code more.
