@@ -355,8 +355,8 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
     #   sum(x) + sum(x * c) / 128. The sums of x are the same for every column, so each tile takes them
     #   once and subtracts them (with the zero's share, z * sum(x)) from each column's sum.
     # - Two codes per word sit at bits 12-15 and 16-19 as loaded; three shifts bring the other six
-    #   there (w >> 8, w << 8, and w rotated by 16): 3 instructions per 8 codes, where unpacking bytes
-    #   takes one per byte and then a shift for its high nibble.
+    #   there (w >> 8, w << 8, and w rotated by 16): 3 instructions per 8 codes, where the grouped
+    #   kernel's byte unpacking (PRMT) takes 4.
     # - Precision: the code lands 7 or 11 bits below the leading 1, so the sums keep about 17 and 13 of
     #   float32's 24 bits: a relative error near 1e-4, under a 16-bit output's rounding (5e-4 to 4e-3).
     #   For float32 x (EXACT) each float has 1 subtracted first: exact, one FADD per code more.
