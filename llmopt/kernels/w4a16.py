@@ -250,6 +250,22 @@ def _packed_runs(qw_ptr, cols, col_ok, j0, j_end, stride_qn, GROUPS: tl.constexp
 
 
 @triton.jit
+def _run_scales(s_ptr, z_ptr, cols, col_ok, j0, j_end, stride_sn, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                GROUPS: tl.constexpr, SUB: tl.constexpr, PER_GROUP: tl.constexpr):
+    """float32 scales and zeros (BLOCK_N, GROUPS) of the GROUPS runs of SUB elements from column j0 on,
+    PER_GROUP elements (bytes or words) to a quantization group; zero scales for runs from j_end on."""
+    start = j0 + tl.arange(0, GROUPS) * SUB   # first element of each run
+    g = start // PER_GROUP                    # each run's group (a constant divisor: a shift, not a division)
+    g_mask = col_ok[:, None] & (start < j_end)[None, :]
+    s = tl.load(s_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0).to(tl.float32)
+    else:
+        z = tl.full((BLOCK_N, GROUPS), 8.0, tl.float32)
+    return s, z
+
+
+@triton.jit
 def _w4a16_gemv_grouped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, G,
                                stride_xm, stride_xk, stride_qn, stride_sn, stride_om, stride_on, stride_os, K_SPLIT,
                                HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, LATE_SUM: tl.constexpr,
@@ -296,14 +312,8 @@ def _w4a16_gemv_grouped_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N
         packed = packed.to(tl.int32)
         low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)     # 2^23 + code
         high = ((packed & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True)   # 2^23 + 16 * code
-        start = j0 + tl.arange(0, GROUPS) * SUB                 # first byte of each run
-        g = start // GROUP_BYTES           # each run's group (a constant divisor: a shift, not a division)
-        g_mask = col_ok[:, None] & (start < j_end)[None, :]
-        s = tl.load(s_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0).to(tl.float32)
-        else:
-            z = tl.full((BLOCK_N, GROUPS), 8.0, tl.float32)
+        s, z = _run_scales(s_ptr, z_ptr, cols, col_ok, j0, j_end, stride_sn, HAS_ZEROS, BLOCK_N, GROUPS, SUB,
+                           GROUP_BYTES)
         low = low - (8388608.0 + z)[:, :, None, None]           # code - zero, exactly
         high = high - (8388608.0 + 16.0 * z)[:, :, None, None]  # 16 * (code - zero), exactly
         j = _byte_columns(j0, GROUPS, LANES, VEC)
@@ -393,14 +403,8 @@ def _w4a16_gemv_words_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, 
         else:
             words = _packed_runs(qw_ptr, cols, col_ok, w0, w_end, stride_qn, GROUPS, LANES, VEC)
         words = words.to(tl.uint32, bitcast=True)   # logical shifts
-        start = w0 + tl.arange(0, GROUPS) * SUB                 # first word of each run
-        g = start // GROUP_WORDS
-        g_mask = col_ok[:, None] & (start < w_end)[None, :]
-        s = tl.load(s_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + cols[:, None] * stride_sn + g[None, :], mask=g_mask, other=0).to(tl.float32)
-        else:
-            z = tl.full((BLOCK_N, GROUPS), 8.0, tl.float32)
+        s, z = _run_scales(s_ptr, z_ptr, cols, col_ok, w0, w_end, stride_sn, HAS_ZEROS, BLOCK_N, GROUPS, SUB,
+                           GROUP_WORDS)
         w = _byte_columns(w0, GROUPS, LANES, VEC)   # the words' indices
         wa, wb, wc, wd = _four(words, BLOCK_N, GROUPS, LANES)   # each thread's 4 words, one tensor each
         for m in tl.static_range(BLOCK_M):
