@@ -426,3 +426,18 @@ def test_gpu_kernels(path, dtype):
     assert_close(fn(x, *qargs(q), q.bias, out=poisoned(M, N, dtype)), want)
     linear = w4a16.w4a16_linear if bits == 4 else w8a16.w8a16_linear
     assert_close(linear(x, *qargs(q), q.bias, backend="auto"), want)  # autotuned config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_every_gemv_config(dtype):
+    """Compiled, every W4A16 GEMV candidate (the words GEMV's 16-bit path included, which the
+    interpreter only runs in fp16) equals the reference at 1 and 3 rows, bf16 and fp16."""
+    N, K = 1000, 4096
+    for symmetric in (True, False):
+        q = make(N, K, 128, symmetric, True, device="cuda")
+        for M in (1, 3):
+            x = rand(M, K, dtype=dtype)
+            want = w4a16.w4a16_reference(x, *qargs(q), q.bias)
+            for config in w4a16.GEMV_CONFIGS:
+                assert_close(w4a16.w4a16_gemv(x, *qargs(q), q.bias, out=poisoned(M, N, dtype), **config), want)
