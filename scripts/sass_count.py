@@ -10,12 +10,14 @@ instructions per weight byte: the number that decides whether a decode GEMV can 
     python scripts/sass_count.py words                 # the words GEMV (VEC counts 32-bit words)
     python scripts/sass_count.py words '{"BLOCK_N": 32, "num_warps": 4}'
     python scripts/sass_count.py gemm                  # the plain and the grouped GEMM, one 64x128x64 tile
+    python scripts/sass_count.py words --json          # one line of JSON (lesson 08 reads it)
 
 Besides the count it prints the registers per thread (`cuobjdump -res-usage`), how many programs
 fit on one SM with them (65536 registers, 64 warps, 32 programs at most), and the packed bytes
 those programs load per iteration: a memory-bound kernel needs tens of KB in flight per SM.
 
-Tested with Triton 3.9 (`ASTSource`'s arguments change between versions). Integer arguments are
+Tested with Triton 3.9 (`ASTSource`'s arguments change between versions; exit status 2 where this
+Triton has no such API or other arguments, as `compile_check.py`). Integer arguments are
 marked divisible by 16, as Triton's launcher marks them on a GPU for these shapes (K = 4096, 11008).
 """
 import json
@@ -92,7 +94,7 @@ def gemm():
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
 
 
-def main(kind: str, config: dict):
+def main(kind: str, config: dict, as_json: bool = False) -> dict:
     kernel, elem_bytes, default, extra = KERNELS[kind]
     config = {**default, **config}
     warps = config.pop("num_warps")
@@ -103,19 +105,37 @@ def main(kind: str, config: dict):
     ops = count(body)
     tile = config["BLOCK_N"] * config["GROUPS"] * config["LANES"] * config["VEC"] * elem_bytes   # packed bytes
     per_thread = tile / (32 * warps)
+    regs = registers(cubin)
+    programs = min(65536 // (regs * 32 * warps), 64 // warps, 32)
+    result = dict(kind=kind, config=config, num_warps=warps, instructions=len(body), bytes_per_thread=per_thread,
+                  per_byte=len(body) / per_thread, ops=dict(ops.most_common()), registers=regs,
+                  programs_per_sm=programs)
+    if as_json:
+        print(json.dumps(result))
+        return result
     print(f"{kind} GEMV {config}, {warps} warps: loop of {len(body)} instructions for {per_thread:.0f} packed "
           f"bytes per thread = {len(body) / per_thread:.1f} per byte")
     print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
-    regs = registers(cubin)
-    programs = min(65536 // (regs * 32 * warps), 64 // warps, 32)
     print(f"  {regs} registers per thread: {programs} programs per SM, {programs * tile / 1024:.0f} KB of packed "
           f"weights loaded per iteration per SM")
+    return result
 
 
 if __name__ == "__main__":
+    import compile_check
+
+    if compile_check.ASTSource is None:   # another Triton: its offline-compile API lives elsewhere
+        print(f"triton {triton.__version__}: no triton.compiler.ASTSource / GPUTarget here; nothing counted")
+        sys.exit(compile_check.API_MISMATCH)
     args = sys.argv[1:]
-    if args == ["gemm"]:
-        gemm()
-    else:
-        kind = args.pop(0) if args and args[0] in KERNELS else "grouped"
-        main(kind, json.loads(args[0]) if args else {})
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    try:
+        if args == ["gemm"]:
+            gemm()
+        else:
+            kind = args.pop(0) if args and args[0] in KERNELS else "grouped"
+            main(kind, json.loads(args[0]) if args else {}, as_json)
+    except compile_check.ApiMismatch as e:
+        print(f"triton {triton.__version__}: ASTSource takes other arguments ({e}); nothing counted")
+        sys.exit(compile_check.API_MISMATCH)
