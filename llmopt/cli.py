@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 32], help="decode: batch sizes")
     t.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per sequence")
     t.add_argument("--variants", nargs="*", default=["hf", "eager", "graphs", "fused", "w4-fused"],
-                   choices=["hf", "eager", "graphs", "graphs-multistep", "fused", "merged", "multistep", "w4-fused",
-                            "w4-merged", "w4-multistep"],
+                   choices=["hf", "eager", "graphs", "graphs-multistep", "fused", "merged", "multistep", "gemv",
+                            "gemv-multistep", "w4-fused", "w4-merged", "w4-multistep"],
                    help="decode: what to run (merged: fuse(merge=True), q/k/v and gate/up as one matmul each; "
+                   "gemv: fuse(gemv=True), the norms and the SwiGLU inside the decode matmuls; "
                    "*multistep: also multi-step decoding, --scheduler-steps tokens per host sync)")
     t.add_argument("--scheduler-steps", type=int, default=8, help="decode: num_scheduler_steps of the multistep "
                    "variants")

@@ -19,6 +19,7 @@ VARIANTS = {
     "as loaded": lambda m: m,
     "fused": lambda m: fuse(copy.deepcopy(m)),
     "fused + merged": lambda m: fuse(copy.deepcopy(m), merge=True),
+    "fused + norm/SwiGLU in the GEMVs": lambda m: fuse(copy.deepcopy(m), gemv=True),
     "W4 + fused + merged": lambda m: fuse(quantize(copy.deepcopy(m), QuantConfig(bits=4, group_size=128)), merge=True),
 }
 

@@ -17,14 +17,14 @@ for part in $PARTS; do
   decode)  # lessons 09-10 and 08 end to end: TinyLlama-1.1B-shaped, random init, bf16; batch 1 and 32:
            # HF generate, the engine eager / CUDA graphs / fused kernels / W4 + fused, vs the bandwidth floor
     timeout ${DECODE_TIMEOUT:-420} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes ${BATCHES:-1 32} \
-        --variants ${VARIANTS:-hf graphs fused merged multistep graphs-multistep w4-merged w4-multistep} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
+        --variants ${VARIANTS:-hf graphs fused merged multistep gemv gemv-multistep graphs-multistep w4-merged w4-multistep} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
   profile)  # lessons 08-10: where a batch-1 decode step's time goes (engine step, graph replay, kernel by kernel)
     timeout ${PROFILE_TIMEOUT:-240} $PY scripts/decode_profile.py --model tinyllama-1.1b-random --json "$OUT/profile.json" \
         2>&1 | grep -v Warning | tee "$OUT/profile.txt" ;;
   kernels)  # lesson 08: every kernel vs eager and torch.compile at 7B sizes, and the W4A16/W8A16 GEMV/GEMM vs bf16
     timeout ${KERNELS_TIMEOUT:-200} $PY -m llmopt.cli bench kernels --repeats 50 --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" ;;
-  quant)  # lesson 08's quantized matmuls only, and every W4A16 GEMV candidate config, timed one by one
-    timeout ${QUANT_TIMEOUT:-300} $PY -m llmopt.cli bench kernels --only w4a16 w8a16 --configs --config-rows ${CONFIG_ROWS:-1 8} --repeats 50 \
+  quant)  # lesson 08's quantized matmuls and the decode GEMVs only, and every W4A16 GEMV candidate config, timed one by one
+    timeout ${QUANT_TIMEOUT:-300} $PY -m llmopt.cli bench kernels --only w4a16 w8a16 gemv --configs --config-rows ${CONFIG_ROWS:-1 8} --repeats 50 \
         --json "$OUT/quant.json" 2>&1 | tee "$OUT/quant.txt" ;;
   tests)  # the GPU-marked tests (CUDA graphs vs eager vs HF, the kernels in bf16 on the GPU, ...)
     timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors ${TESTS:-tests} 2>&1 | tail -n 25 | tee "$OUT/pytest.txt" ;;

@@ -1,4 +1,4 @@
-"""Count the machine instructions of the W4A16 GEMVs' inner loops, on a machine with no GPU.
+"""Count the machine instructions of the decode GEMVs' inner loops, on a machine with no GPU.
 
 Triton can compile for a GPU it does not have: `triton.compile` with a `GPUTarget` runs its whole
 pipeline down to a cubin (its pip wheel carries ptxas), and the `cuobjdump` beside ptxas prints the
@@ -10,6 +10,7 @@ instructions per weight byte: the number that decides whether a decode GEMV can 
     python scripts/sass_count.py words                 # the words GEMV (VEC counts 32-bit words)
     python scripts/sass_count.py words '{"BLOCK_N": 32, "num_warps": 4}'
     python scripts/sass_count.py gemm                  # the plain and the grouped GEMM, one 64x128x64 tile
+    python scripts/sass_count.py dense '{"PROLOGUE": 1}'   # the bf16 GEMV with the RMSNorm prologue (gemv.py)
     python scripts/sass_count.py words --json          # one line of JSON (lesson 08 reads it)
 
 Besides the count it prints the registers per thread (`cuobjdump -res-usage`), how many programs
@@ -30,11 +31,11 @@ from collections import Counter
 from compile_check import compile_sm90 as compile_for  # it sets TRITON_INTERPRET=0, then imports triton
 from compile_check import triton
 
-from llmopt.kernels import w4a16  # noqa: E402
+from llmopt.kernels import gemv, w4a16  # noqa: E402
 
 POINTERS = {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*bf16",
             "out_ptr": "*bf16"}
-# kernel, bytes per element of qweight as it reads it, default config, constexprs the wrapper adds
+# kernel, bytes per element of the weight as it reads it, default config, constexprs the wrapper adds
 KERNELS = {
     "grouped": (w4a16._w4a16_gemv_grouped_kernel, 1,
                 dict(BLOCK_N=32, GROUPS=4, LANES=4, VEC=16, num_warps=8, LATE_SUM=True, PREFETCH=False),
@@ -42,7 +43,16 @@ KERNELS = {
     "words": (w4a16._w4a16_gemv_words_kernel, 4,
               dict(BLOCK_N=64, GROUPS=4, LANES=4, VEC=4, num_warps=8, PREFETCH=False),
               dict(GROUP_WORDS=16, EXACT=False)),
+    # the bf16 GEMV of gemv.py: PROLOGUE 0 (none), 1 (residual add + RMSNorm), 2 (SwiGLU)
+    "dense": (gemv._gemv_kernel, 2, dict(gemv.GEMV_CONFIGS[0], PROLOGUE=gemv.NORM), dict(HAS_RESIDUAL=True)),
 }
+
+
+def tile_bytes(kind: str, config: dict) -> int:
+    """Weight bytes one program loads per loop iteration."""
+    if kind == "dense":
+        return config["BLOCK_N"] * config["BLOCK_K"] * KERNELS[kind][1]
+    return config["BLOCK_N"] * config["GROUPS"] * config["LANES"] * config["VEC"] * KERNELS[kind][1]
 
 
 def compile_sm90(kernel, consts: dict, num_warps: int, pointers=POINTERS):
@@ -98,12 +108,18 @@ def main(kind: str, config: dict, as_json: bool = False) -> dict:
     kernel, elem_bytes, default, extra = KERNELS[kind]
     config = {**default, **config}
     warps = config.pop("num_warps")
-    consts = {**dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=1, ALIGNED=True), **extra, **config}   # BLOCK_M: rows
-    pointers = dict(POINTERS, qw_ptr="*i32") if elem_bytes == 4 else POINTERS
-    cubin = compile_sm90(kernel, consts, warps, pointers).asm["cubin"]
+    if kind == "dense":
+        consts = {**dict(HAS_BIAS=False, BLOCK_M=1), **extra, **config}
+        consts["HAS_RESIDUAL"] = consts["HAS_RESIDUAL"] and consts["PROLOGUE"] == gemv.NORM
+        aligned = [n for n in kernel.arg_names if n not in consts and n not in ("M", "eps")]
+        cubin = compile_for(kernel, {}, consts, warps, divisible=aligned).asm["cubin"]
+    else:
+        consts = {**dict(HAS_ZEROS=False, HAS_BIAS=False, BLOCK_M=1, ALIGNED=True), **extra, **config}   # BLOCK_M: rows
+        pointers = dict(POINTERS, qw_ptr="*i32") if elem_bytes == 4 else POINTERS
+        cubin = compile_sm90(kernel, consts, warps, pointers).asm["cubin"]
     body = loop_body(sass(cubin))
     ops = count(body)
-    tile = config["BLOCK_N"] * config["GROUPS"] * config["LANES"] * config["VEC"] * elem_bytes   # packed bytes
+    tile = tile_bytes(kind, config)   # weight bytes per program and iteration
     per_thread = tile / (32 * warps)
     regs = registers(cubin)
     programs = min(65536 // (regs * 32 * warps), 64 // warps, 32)
@@ -113,10 +129,10 @@ def main(kind: str, config: dict, as_json: bool = False) -> dict:
     if as_json:
         print(json.dumps(result))
         return result
-    print(f"{kind} GEMV {config}, {warps} warps: loop of {len(body)} instructions for {per_thread:.0f} packed "
+    print(f"{kind} GEMV {config}, {warps} warps: loop of {len(body)} instructions for {per_thread:.0f} weight "
           f"bytes per thread = {len(body) / per_thread:.1f} per byte")
     print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
-    print(f"  {regs} registers per thread: {programs} programs per SM, {programs * tile / 1024:.0f} KB of packed "
+    print(f"  {regs} registers per thread: {programs} programs per SM, {programs * tile / 1024:.0f} KB of "
           f"weights loaded per iteration per SM")
     return result
 

@@ -85,12 +85,12 @@ def test_bench_serve_small_workload(tmp_path):
 def test_bench_decode_rows_and_floor(tmp_path):
     out = tmp_path / "decode.json"
     r = llmopt("bench", "decode", "--batch-sizes", "1", "2", "--new-tokens", "4", "--repeats", "1",
-               "--variants", "hf", "eager", "w4-fused", "--json", str(out))
+               "--variants", "hf", "eager", "w4-fused", "gemv", "--json", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     rows = {(x["system"], x["batch"]): x for x in res["rows"]}
-    assert set(rows) == {(s, b) for s in ("HF generate", "llmopt engine, eager", "llmopt engine, W4 + fused kernels")
-                         for b in (1, 2)}
+    assert set(rows) == {(s, b) for s in ("HF generate", "llmopt engine, eager", "llmopt engine, W4 + fused kernels",
+                                          "llmopt engine, fused kernels, norm + SwiGLU in the GEMVs") for b in (1, 2)}
     b1 = rows[("llmopt engine, eager", 1)]
     assert 0 < b1["fraction_of_floor"] < 1 and b1["floor_tok_s"] > b1["tok_s"] > 0
     w4 = rows[("llmopt engine, W4 + fused kernels", 1)]

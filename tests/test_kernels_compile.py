@@ -39,3 +39,21 @@ def test_words_gemv_spends_fewer_instructions_per_byte():
     assert counts["words"]["per_byte"] < 8.0 < counts["grouped"]["per_byte"], counts
     # the words GEMV turns a code into a float with one LOP3: two per packed byte
     assert counts["words"]["ops"]["LOP3"] / counts["words"]["bytes_per_thread"] <= 2.25, counts["words"]["ops"]
+
+
+def test_dense_gemv_prologues_stay_cheap_per_weight_byte():
+    """The bf16 decode GEMV of `kernels.gemv`, compiled for sm_90: its prologues (residual add +
+    RMSNorm, SwiGLU) are per k, not per weight, so the loop stays near the plain GEMV's count per
+    weight byte (2.2 plain, 3.0 norm, 3.2 SwiGLU when written) and far under the W4 GEMVs'."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    per_byte = {}
+    for prologue in (0, 1, 2):
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_count.py"), "dense",
+                              json.dumps({"PROLOGUE": prologue}), "--json"],
+                             capture_output=True, text=True, env=env, timeout=600)
+        if run.returncode == 2:
+            pytest.skip(run.stdout.strip())
+        assert run.returncode == 0, run.stderr[-3000:]
+        per_byte[prologue] = json.loads(run.stdout.strip().splitlines()[-1])["per_byte"]
+    assert per_byte[0] < 3.0 and per_byte[1] < 4.0 and per_byte[2] < 4.0, per_byte

@@ -72,6 +72,17 @@ def test_merged_projections_keep_logits_and_generation(tiny, cfg):
         assert torch.equal(merged.generate(IDS, max_new_tokens=6, do_sample=False, pad_token_id=0), want)
 
 
+def test_fuse_gemv_merges_and_marks_the_layers(tiny):
+    """`gemv=True` merges as `merge=True` does and marks the layers for llmopt.serving's decode GEMVs;
+    HF generate (which does not use the mark) runs as with `merge=True`."""
+    model, _ = tiny
+    g = kernels.fuse(copy.deepcopy(model), backend="torch", gemv=True)
+    m = kernels.fuse(copy.deepcopy(model), backend="torch", merge=True)
+    assert all(layer.gemv for layer in g.model.layers) and not any(layer.gemv for layer in m.model.layers)
+    assert hasattr(g.model.layers[0].self_attn, "qkv_proj") and hasattr(g.model.layers[0].mlp, "gate_up_proj")
+    torch.testing.assert_close(logits(g), logits(m), rtol=0, atol=0)
+
+
 def test_merge_linears_stacks_outputs_or_refuses():
     from llmopt.kernels.fuse import merge_linears
     from llmopt.kernels.qlinear import KernelQuantLinear
@@ -130,7 +141,7 @@ def test_bench_checks_every_kernel_on_cpu():
     rows = kbench.check("cpu")
     names = {r["kernel"] for r in rows}
     assert {"rmsnorm", "rmsnorm+residual", "swiglu", "softmax", "rope q+k", "w4a16 gemv", "w4a16 gemm",
-            "w8a16 gemv"} <= names
+            "w8a16 gemv", "gemv", "gemv+norm", "gemv+swiglu"} <= names
     for r in rows:
         assert r["max_abs_err"] < 1e-4, r
 
@@ -142,6 +153,8 @@ def test_bench_bytes_and_flops_are_the_minimum_traffic():
     c = by_name[("w4a16 gemv", "M=1 192->100")]
     packed = 100 * 192 // 2 + 100 * (192 // 64) * 2        # nibbles + fp16 group scales
     assert c.nbytes == packed + (192 + 100) * 4 and c.flops == 2 * 100 * 192
+    c = by_name[("gemv+norm", "M=1 130->45")]
+    assert c.nbytes == (45 * 130 + 4 * 130 + 45) * 4      # W, x, residual, norm weight; write h and y
 
 
 def test_rotation_hands_out_distinct_copies_in_turn():

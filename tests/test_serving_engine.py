@@ -464,6 +464,34 @@ def test_engine_on_the_triton_kernels_in_the_interpreter(model_tok):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
 
 
+def test_gemv_fused_model_on_the_triton_kernels_in_the_interpreter(model_tok, monkeypatch):
+    """`fuse(gemv=True)`: at decode the runner folds each norm into the merged projection after it,
+    the SwiGLU into the down projection and the final norm into the LM head (`kernels.gemv`), the
+    kernels run in the interpreter; a prefill (more than 8 rows) takes the separate ops. The tokens
+    equal HF generate on the unfused model."""
+    from collections import Counter
+
+    from llmopt import kernels
+    from llmopt.kernels import gemv
+
+    model, tok = model_tok
+    fused = kernels.fuse(copy.deepcopy(model), backend="triton", gemv=True)
+    assert all(layer.gemv for layer in fused.model.layers)
+    calls, real = Counter(), gemv.gemv_triton
+
+    def spy(*args, **kw):
+        calls[kw.get("prologue", gemv.PLAIN)] += 1
+        return real(*args, **kw)
+    monkeypatch.setattr(gemv, "gemv_triton", spy)
+    reqs = [([5, 6, 7], 5), (list(range(10, 30)), 4)]
+    engine = LLMEngine(fused, tok, block_size=4, num_kv_blocks=40, max_num_seqs=4, backend="triton",
+                       num_scheduler_steps=2)
+    for (prompt, n), out in zip(reqs, run_engine(engine, reqs)):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
+    layers = model.config.num_hidden_layers
+    assert calls[gemv.NORM] >= 3 * (2 * layers + 1) and calls[gemv.SWIGLU] >= 3 * layers, calls
+
+
 class _StandInGraph:
     """A CUDA graph's contract on a CPU: `replay()` reruns the recorded step on the tensors it was
     recorded with, and its output lands in the tensor the recording returned."""

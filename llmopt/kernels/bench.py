@@ -9,7 +9,11 @@ eager reference and over `torch.compile(reference)`; for the quantized GEMV/GEMM
 (50-60 MB on an H100/H200) holds a whole 4-bit 7B-class layer, so timing one layer call after call
 would read it from the cache; a model's decode reads every layer from memory once per token. So each
 quantized case cycles through copies of its layer (and of the dense weight) that together fill three
-times the L2, one copy per call, in all of its columns. On a CPU
+times the L2, one copy per call, in all of its columns. The decode GEMVs with a prologue
+(`kernels.gemv`, at TinyLlama-1.1B's layer sizes, one row: "gemv+norm" is residual add + RMSNorm +
+matmul, "gemv+swiglu" SwiGLU + matmul) are timed the same way; their
+"dense_linear" column is the separate ops they replace: the norm or SwiGLU kernel, then `F.linear`
+(plain `gemv`: `F.linear` alone). On a CPU
 there is nothing to time the kernels with (the
 interpreter measures numpy), so it checks each kernel against its reference at small sizes and
 measures what `torch.compile` fusion gives the references on this CPU instead.
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import bench
 from .common import use_triton
+from .gemv import gemv, norm_linear, swiglu_linear
 from .rmsnorm import rmsnorm
 from .rope import rope
 from .softmax import softmax
@@ -75,15 +80,20 @@ def _qlinear(N, K, bits, group_size, device, dtype):
     return q, lin.weight.detach().to(dtype)
 
 
-# the sizes per scale: "gpu" (a 7B-class layer: hidden 4096, MLP 11008), "cpu" (64 MB float32 tensors:
+# the sizes per scale: "gpu" (a 7B-class layer: hidden 4096, MLP 11008; the decode GEMVs at TinyLlama's
+# qkv, gate_up, LM head, down and o sizes), "cpu" (64 MB float32 tensors:
 # past the caches, timed in seconds), "small" (the interpreter's correctness checks: odd sizes, tails)
 SIZES = {
     "gpu": dict(norm=[(4096, 4096), (8192, 8192)], swiglu=[(4096, 4096), (4096, 11008)],
                 softmax=[(4096, 4096), (32 * 1024, 1024)], rope=(1, 4096, 32, 8, 128),
+                gemv=dict(plain=[(2048, 2048), (11008, 4096)], norm=[(2560, 2048), (11264, 2048), (32000, 2048)],
+                          swiglu=[(2048, 5632)]),
                 linear=[(11008, 4096), (4096, 11008)], group=128, m4=[1, 8, 512], m8=[1, 8]),
     "cpu": dict(norm=[(4096, 4096)], swiglu=[(4096, 4096)], softmax=[(4096, 4096)], rope=(4, 2048, 16, 4, 64),
+                gemv=dict(plain=[(2048, 2048)], norm=[(2560, 2048)], swiglu=[(2048, 5632)]),
                 linear=[(4096, 4096)], group=128, m4=[1, 256], m8=[1]),
     "small": dict(norm=[(37, 300)], swiglu=[(37, 300)], softmax=[(37, 300)], rope=(2, 5, 4, 2, 16),
+                  gemv=dict(plain=[(37, 100)], norm=[(45, 130)], swiglu=[(19, 140)]),
                   linear=[(100, 192)], group=64, m4=[1, 17], m8=[1, 3]),
 }
 
@@ -131,6 +141,32 @@ def cases(device="cuda", dtype=torch.bfloat16, scale: str = "gpu") -> list[Case]
                                 lambda b, qw, sc, z, w, x=x, fn=fn, gsz=gsz: fn(x, qw, sc, z, gsz, backend=b),
                                 packed + (M * K + M * N) * e, 2 * M * N * K,
                                 baseline=lambda qw, sc, z, w, x=x: F.linear(x, w), inputs=layer))
+    out += _gemv_cases(S["gemv"], device, rand, e)
+    return out
+
+
+def _gemv_cases(sizes: dict, device, rand, e: int) -> list[Case]:
+    """The decode GEMVs at one row, each layer cycled past the L2 like the quantized ones."""
+    out = []
+    for kind, shapes in sizes.items():
+        for N, K in shapes:
+            w, nw = rand(N, K) * K ** -0.5, 1 + 0.1 * rand(K)
+            layer = Rotation((w, nw), copies_past_l2(N * K * e, device))
+            x, r = rand(1, K), rand(1, K)
+            nbytes = (N * K + 2 * K + N) * e      # the weight, x (and up or residual), y
+            if kind == "plain":
+                case = Case("gemv", f"M=1 {K}->{N}", lambda b, w, nw, x=x: gemv(x, w, backend=b),
+                            (N * K + K + N) * e, 2 * N * K, baseline=lambda w, nw, x=x: F.linear(x, w), inputs=layer)
+            elif kind == "norm":
+                case = Case("gemv+norm", f"M=1 {K}->{N}",
+                            lambda b, w, nw, x=x, r=r: norm_linear(x, nw, 1e-5, w, None, r, backend=b),
+                            nbytes + 2 * K * e, 2 * N * K + 5 * K,
+                            baseline=lambda w, nw, x=x, r=r: F.linear(rmsnorm(x, nw, 1e-5, r)[0], w), inputs=layer)
+            else:
+                case = Case("gemv+swiglu", f"M=1 {K}->{N}",
+                            lambda b, w, nw, x=x, r=r: swiglu_linear(x, r, w, backend=b), nbytes, 2 * N * K + 5 * K,
+                            baseline=lambda w, nw, x=x, r=r: F.linear(swiglu(x, r), w), inputs=layer)
+            out.append(case)
     return out
 
 

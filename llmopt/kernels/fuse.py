@@ -17,6 +17,13 @@ a few MB, so fewer, larger calls waste less. The merged weights are the original
 INT4/INT8 codes and scales stack the same way), so the state-dict keys change to the merged names:
 save the model before fusing with `merge=True`.
 
+`gemv=True` (implies `merge`) goes one step further for `llmopt.serving`'s decode steps: each norm
+runs inside the merged projection after it and the SwiGLU inside the down projection
+(`kernels.gemv`: `norm_linear`, `swiglu_linear`), three kernels fewer per layer for up to 8 rows.
+It marks the layers (`layer.gemv`); the serving runner does the rest, and only with dense weights
+(a quantized model keeps its W4A16 / W8A16 kernels and the separate norms). HF `generate` on the
+model runs as with `merge=True`.
+
 `backend` says where the ops run ("auto": the kernels on a GPU and the PyTorch references on
 a CPU; "triton": the kernels everywhere, under the interpreter on a CPU - slow, for tests;
 "torch": the references). `FusedAttention.forward` mirrors transformers' `LlamaAttention`
@@ -134,6 +141,7 @@ class FusedDecoderLayer(nn.Module):
         self.post_attention_layernorm = _fused_norm(layer.post_attention_layernorm, backend)
         if hasattr(layer, "attention_type"):  # models with sliding-window layers pick masks by it
             self.attention_type = layer.attention_type
+        self.gemv = False   # fuse(gemv=True): llmopt.serving runs norm + matmul as one kernel at decode
 
     def forward(self, hidden_states, *args, **kwargs):
         h = self.input_layernorm(hidden_states)
@@ -204,9 +212,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True, merge: bool = False) -> nn.Module:
+def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True, merge: bool = False,
+         gemv: bool = False) -> nn.Module:
     """Swap in the fused modules, in place; returns `model` (it still generates and saves). `merge`:
-    also merge q/k/v and gate/up into one projection each, where their types and settings match."""
+    also merge q/k/v and gate/up into one projection each, where their types and settings match.
+    `gemv`: merge, and let `llmopt.serving` fold the norms and the SwiGLU into the decode matmuls."""
     from .qlinear import KernelQuantLinear, has_kernel
 
     check_backend(backend)
@@ -225,10 +235,11 @@ def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True, merge:
             if has_kernel(module):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, KernelQuantLinear.from_quant_linear(module, backend))
-    if merge:
+    if merge or gemv:
         for layer in layers:
             layer.self_attn.merge()
             layer.mlp.merge()
+            layer.gemv = gemv
     return model
 
 

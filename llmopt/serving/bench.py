@@ -258,8 +258,10 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
     rows): HF `generate`; the engine without and with CUDA graphs; the engine serving the model with
     lesson 08's fused kernels (same weights; "merged": also q/k/v and gate/up merged into one
     projection each); and serving it quantized to W4 (RTN, groups of `group_size`) with the fused and
-    W4A16 kernels ("w4-fused", "w4-merged"); "graphs-multistep", "multistep" (fused and merged) and
-    "w4-multistep" (W4, fused and merged) add multi-step decoding (`num_scheduler_steps=scheduler_steps`).
+    W4A16 kernels ("w4-fused", "w4-merged"); "gemv": fused and merged, with the norms and the SwiGLU
+    inside the decode matmuls (`fuse(gemv=True)`); "graphs-multistep", "multistep" (fused and merged),
+    "gemv-multistep" and "w4-multistep" (W4, fused and merged) add multi-step decoding
+    (`num_scheduler_steps=scheduler_steps`).
     CUDA graphs wherever there is a GPU.
     Batch-1 rows also carry the share of the decode floor (weight bytes / measured bandwidth)."""
     import copy
@@ -296,6 +298,10 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
         if variant in systems:
             runs.append(("llmopt engine, fused kernels, merged qkv / gate-up" + graphs + (steps if kw else ""),
                          fuse(copy.deepcopy(model), merge=True), kw))
+    for variant, kw in (("gemv", {}), ("gemv-multistep", multi)):
+        if variant in systems:
+            runs.append(("llmopt engine, fused kernels, norm + SwiGLU in the GEMVs" + graphs + (steps if kw else ""),
+                         fuse(copy.deepcopy(model), gemv=True), kw))
     for variant, merge, kw in (("w4-fused", False, {}), ("w4-merged", True, {}), ("w4-multistep", True, multi)):
         if variant in systems:
             from ..quant import QuantConfig, quantize

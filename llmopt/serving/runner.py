@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..kernels.fuse import FusedRMSNorm
+from ..kernels.gemv import norm_linear, swiglu_linear
 from .attention import paged_decode, paged_prefill_reference, rope_write_kv
 from .multistep import greedy_advance
 from .sequence import Sequence
@@ -145,14 +146,33 @@ class ModelRunner:
         h = x + residual
         return norm(h), h
 
+    @staticmethod
+    def _gemv(layer, norm, *linears) -> bool:
+        """True where lesson 08's `fuse(gemv=True)` asked for a norm (or SwiGLU) inside the next matmul
+        and the modules allow it: a fused norm, dense projections."""
+        return (getattr(layer, "gemv", False) and isinstance(norm, FusedRMSNorm)
+                and all(type(m) is nn.Linear for m in linears))
+
+    @staticmethod
+    def _norm_linear(norm, proj, x, residual):
+        """(proj(norm(x + residual)), x + residual): one kernel at decode (`kernels.gemv.norm_linear`)."""
+        if residual is None:
+            return norm_linear(x, norm.weight, norm.variance_epsilon, proj.weight, proj.bias, backend=norm.backend), x
+        return norm_linear(x, norm.weight, norm.variance_epsilon, proj.weight, proj.bias, residual,
+                           backend=norm.backend)
+
     def _qkv(self, layer, li, x, residual, cos, sin, slots):
         """(add) + norm -> q, k, v projections -> (q/k norms) -> rotary on q and k, with k and v written
         into layer li's cache at `slots` in the same kernel: returns q (T, Hq, D) and the residual stream."""
         attn, T, D = layer.self_attn, x.shape[1], self.head_dim
-        h, residual = self._norm(layer.input_layernorm, x, residual)
-        if hasattr(attn, "qkv_proj"):   # lesson 08's fuse(merge=True): one matmul, three views of its output
+        if self._gemv(layer, layer.input_layernorm, getattr(attn, "qkv_proj", None)):
+            qkv, residual = self._norm_linear(layer.input_layernorm, attn.qkv_proj, x, residual)
+            q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
+        elif hasattr(attn, "qkv_proj"):   # lesson 08's fuse(merge=True): one matmul, three views of its output
+            h, residual = self._norm(layer.input_layernorm, x, residual)
             q, k, v = attn.qkv(h)
         else:
+            h, residual = self._norm(layer.input_layernorm, x, residual)
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)
         if hasattr(attn, "q_norm"):   # Qwen3: RMSNorm per head before the rotation
@@ -163,8 +183,20 @@ class ModelRunner:
     def _rest(self, layer, out, residual):
         """o projection -> add + norm -> MLP; returns the MLP's output and the residual stream."""
         a = layer.self_attn.o_proj(out.reshape(1, out.shape[0], -1))
-        h, residual = self._norm(layer.post_attention_layernorm, a, residual)
-        return layer.mlp(h), residual
+        mlp, norm = layer.mlp, layer.post_attention_layernorm
+        if self._gemv(layer, norm, getattr(mlp, "gate_up_proj", None), mlp.down_proj):
+            gate_up, residual = self._norm_linear(norm, mlp.gate_up_proj, a, residual)
+            gate, up = gate_up.split(mlp.split, dim=-1)
+            return swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias, backend=mlp.backend), residual
+        h, residual = self._norm(norm, a, residual)
+        return mlp(h), residual
+
+    def _logits(self, x, residual):
+        """The final norm and the LM head (one kernel with `fuse(gemv=True)` at decode), as float32."""
+        base, head = self.model.model, self.model.lm_head
+        if self._gemv(base.layers[0], base.norm, head):
+            return self._norm_linear(base.norm, head, x, residual)[0].float()
+        return head(self._norm(base.norm, x, residual)[0]).float()
 
     # ------------------------------------------------------------------ any batch
 
@@ -213,8 +245,7 @@ class ModelRunner:
         last = [off + n - 1 for (off, _, n), need in zip(segments, need_logits) if need]
         if not last:
             return torch.empty(0, self.model.config.vocab_size)
-        h, _ = self._norm(base.norm, x[0, last], residual[0, last])
-        return self.model.lm_head(h).float()
+        return self._logits(x[0, last], residual[0, last])
 
     # ------------------------------------------------------------------ decode steps
 
@@ -230,7 +261,7 @@ class ModelRunner:
             out = paged_decode(q, self.k_cache[li], self.v_cache[li], tables, lens, self.scale, backend=self.backend,
                                check=False)
             x, residual = self._rest(layer, out, residual)
-        return self.model.lm_head(self._norm(base.norm, x[0], residual[0])[0]).float()
+        return self._logits(x[0], residual[0])
 
     def _decode_step(self, ids, pos, slots, lens, tables, tokens, logprobs, step) -> torch.Tensor:
         """`_forward_decode`, then multi-step decoding's part, also on the device: each row's greedy
