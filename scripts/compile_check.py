@@ -91,11 +91,12 @@ def cases():
     yield "w8a16 gemv", w8a16._w8a16_gemv_kernel, {**quant, "qw_ptr": "*i8"}, dict(
         gemv, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64), 4
     dense = sys.modules["llmopt.kernels.gemv"]
-    for prologue, rows, (bn, bk, warps) in ((dense.PLAIN, 1, (8, 512, 4)), (dense.NORM, 1, (8, 256, 4)),
-                                            (dense.SWIGLU, 1, (16, 256, 4)), (dense.NORM, 4, (4, 128, 4))):
+    for prologue, rows, (bn, bk, warps), prefetch in (
+            (dense.PLAIN, 1, (8, 512, 4), True), (dense.NORM, 1, (8, 256, 4), False),
+            (dense.SWIGLU, 1, (16, 256, 4), True), (dense.NORM, 4, (4, 128, 4), False)):
         yield f"dense gemv, prologue {prologue}, {rows} row(s)", dense._gemv_kernel, {}, dict(
             PROLOGUE=prologue, HAS_RESIDUAL=prologue == dense.NORM, HAS_BIAS=rows > 1, BLOCK_M=rows, BLOCK_N=bn,
-            BLOCK_K=bk), warps
+            BLOCK_K=bk, PREFETCH=prefetch), warps
     yield "moe gate/up", triton_moe._gate_up_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64,
                                                               PRECISION="tf32"), 4
     yield "moe down", triton_moe._down_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, PRECISION="tf32"), 4

@@ -44,7 +44,8 @@ KERNELS = {
               dict(BLOCK_N=64, GROUPS=4, LANES=4, VEC=4, num_warps=8, PREFETCH=False),
               dict(GROUP_WORDS=16, EXACT=False)),
     # the bf16 GEMV of gemv.py: PROLOGUE 0 (none), 1 (residual add + RMSNorm), 2 (SwiGLU)
-    "dense": (gemv._gemv_kernel, 2, dict(gemv.GEMV_CONFIGS[0], PROLOGUE=gemv.NORM), dict(HAS_RESIDUAL=True)),
+    "dense": (gemv._gemv_kernel, 2, dict(gemv.GEMV_CONFIGS[0], PROLOGUE=gemv.NORM),
+              dict(HAS_RESIDUAL=True, PREFETCH=False)),
 }
 
 
