@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None, help="bundled name, local directory (one written by "
                    "llmopt.quant.save_quantized too) or hub id")
     t.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    t.add_argument("--fuse", action="store_true", help="swap in the fused modules of lesson 08 (Triton kernels on "
-                   "a GPU, their PyTorch references on a CPU)")
+    t.add_argument("--fuse", nargs="?", const="plain", default=None, choices=["plain", "merge", "gemv"],
+                   help="swap in the fused modules of lesson 08 (Triton kernels on a GPU, their PyTorch references on "
+                   "a CPU); merge: also q/k/v and gate/up as one matmul each; gemv: merged, and the norms and the "
+                   "SwiGLU inside the decode matmuls")
     t.add_argument("--host", default="127.0.0.1")
     t.add_argument("--port", type=int, default=8000)
     t.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine runs at once")

@@ -274,3 +274,17 @@ def test_an_engine_thread_that_fails_answers_503(bundled):
         r = httpx.post(f"{s.url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2}, timeout=30)
         assert r.status_code == 503 and "a bug in the step" in r.json()["error"]["message"]
         assert httpx.get(f"{s.url}/health").json()["status"] == "engine stopped"
+
+
+def test_load_engine_fuse_modes():
+    """`llmopt serve --fuse [plain|merge|gemv]`: the engine's model is fused the way asked."""
+    from llmopt.serving.async_engine import load_engine
+
+    plain = load_engine(NAME, fuse=True, num_kv_blocks=8).model.model.layers[0]
+    assert type(plain).__name__ == "FusedDecoderLayer" and hasattr(plain.self_attn, "q_proj") and not plain.gemv
+    merged = load_engine(NAME, fuse="merge", num_kv_blocks=8).model.model.layers[0]
+    assert hasattr(merged.self_attn, "qkv_proj") and not merged.gemv
+    assert load_engine(NAME, fuse="gemv", num_kv_blocks=8).model.model.layers[0].gemv
+    assert type(load_engine(NAME, num_kv_blocks=8).model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+    with pytest.raises(ValueError, match="fuse must be one of"):
+        load_engine(NAME, fuse="fast")

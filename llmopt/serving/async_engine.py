@@ -190,7 +190,7 @@ class EngineProcess(_FrontEnd):
     modules, `engine_kw` go to `LLMEngine`, `threads` sets its PyTorch threads. A thread of this
     process receives the core's messages: per turn the items and the KV blocks in use."""
 
-    def __init__(self, model=None, max_queue: int = 256, threads: int | None = None, fuse: bool = False,
+    def __init__(self, model=None, max_queue: int = 256, threads: int | None = None, fuse: bool | str = False,
                  startup_timeout: float = 300, **engine_kw):
         from .. import models
 
@@ -244,20 +244,27 @@ class EngineProcess(_FrontEnd):
         self.conn.close()
 
 
-def load_engine(model=None, threads: int | None = None, fuse: bool = False, **engine_kw) -> LLMEngine:
+FUSE_MODES = {"plain": {}, "merge": {"merge": True}, "gemv": {"gemv": True}}
+
+
+def load_engine(model=None, threads: int | None = None, fuse: bool | str = False, **engine_kw) -> LLMEngine:
     """An `LLMEngine` on `llmopt.models.load(model)`: `threads` PyTorch threads for this process,
-    `fuse` for lesson 08's fused modules."""
+    `fuse` for lesson 08's fused modules: True or "plain" (`kernels.fuse`), "merge" (q/k/v and gate/up
+    merged) or "gemv" (merged, the norms and the SwiGLU inside the decode GEMVs)."""
     import torch
 
     from .. import models
 
+    mode = "plain" if fuse is True else fuse
+    if mode and mode not in FUSE_MODES:
+        raise ValueError(f"fuse must be one of {tuple(FUSE_MODES)} (or True/False), got {fuse!r}")
     if threads:
         torch.set_num_threads(threads)
     m, tok = models.load(model)
-    if fuse:
+    if mode:
         from ..kernels import fuse as fuse_model
 
-        fuse_model(m)
+        fuse_model(m, **FUSE_MODES[mode])
     return LLMEngine(m, tok, **engine_kw)
 
 

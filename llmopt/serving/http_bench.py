@@ -61,7 +61,7 @@ class SubprocessServer:
     """`llmopt serve` in its own process (its own interpreter, as in a deployment), on a free port."""
 
     def __init__(self, model: str, max_num_seqs: int, max_queue: int, threads: int | None = None,
-                 engine_thread: bool = False, fuse: bool = False, name: str | None = None):
+                 engine_thread: bool = False, fuse: bool | str = False, name: str | None = None):
         self.port = _free_port()
         self.args = [sys.executable, "-m", "llmopt.cli", "serve", "--model", model, "--port", str(self.port),
                      "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max_queue)]
@@ -69,7 +69,9 @@ class SubprocessServer:
             self.args += ["--served-model-name", name]
         if threads:
             self.args += ["--threads", str(threads)]
-        self.args += ["--engine-thread"] * engine_thread + ["--fuse"] * fuse
+        self.args += ["--engine-thread"] * engine_thread
+        if fuse:
+            self.args += ["--fuse"] if fuse is True else ["--fuse", fuse]
 
     @property
     def url(self) -> str:

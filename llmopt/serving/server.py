@@ -230,11 +230,11 @@ def _sse(obj: dict) -> str:
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256, request_timeout: float = 600,
-          threads: int | None = None, engine_process: bool = True, fuse: bool = False,
+          threads: int | None = None, engine_process: bool = True, fuse: bool | str = False,
           served_model_name: str | None = None, **engine_kw):
     """Load `model` and serve it until interrupted (what `llmopt serve` runs). `threads`: the engine's
     PyTorch threads (CPU math; default one per core). `engine_process`: the engine in a process of its
-    own (default), else in a thread of the server's. `fuse`: lesson 08's fused modules.
+    own (default), else in a thread of the server's. `fuse`: lesson 08's fused modules (`load_engine`).
     `served_model_name`: the name clients ask for (default: `model` as given)."""
     import uvicorn
 
