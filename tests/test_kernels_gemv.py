@@ -121,6 +121,31 @@ def test_wrappers_take_the_separate_ops_past_eight_rows(monkeypatch):
     assert not ran
 
 
+def test_the_separate_ops_are_a_candidate_and_run_where_they_win(monkeypatch):
+    """On a GPU `pick_config` times the fused tiles and the separate ops (norm or SwiGLU kernel, then
+    cuBLAS) together; where the separate ops win, the wrappers run them and the GEMV never launches."""
+    W, nw, b = layer(40, 64, torch.float32)
+    x, r = randn(1, 64, seed=3), randn(1, 64, seed=4)
+    seen = []
+
+    def separate_wins(key, candidates, launch):
+        seen.append(candidates)
+        return candidates[-1]
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the fused GEMV launched")
+    monkeypatch.setattr(G, "pick_config", separate_wins)
+    monkeypatch.setattr(G, "_gemv_kernel", NoLaunch())
+    y, h = G.norm_linear(x, nw, 1e-6, W, b, r, backend="triton")
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(y, G.norm_linear_reference(x, nw, 1e-6, W, b, r)[0], **TOL[torch.float32])
+    torch.testing.assert_close(G.swiglu_linear(x, r, W, backend="triton"), G.swiglu_linear_reference(x, r, W),
+                               **TOL[torch.float32])
+    torch.testing.assert_close(G.gemv(x, W, b, backend="triton"), torch.nn.functional.linear(x, W, b))
+    assert len(seen) == 3 and all(c[-1] == G.SEPARATE and c[:-1] == G.configs_for(1) for c in seen)
+
+
 def test_bad_input():
     W, nw, b = layer(8, 16, torch.float32)
     x = randn(2, 16)
@@ -159,3 +184,15 @@ def test_gpu_every_config_bf16(config, rows):
     Wd = randn(2048, 5632, dtype=torch.bfloat16, scale=5632 ** -0.5)
     got = G.gemv_triton(gate, Wd, None, prologue=G.SWIGLU, up=up, config=config)
     torch.testing.assert_close(got, G.swiglu_linear_reference(*f32(gate, up, Wd)).bfloat16(), **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_wrappers_pick_and_match_bf16():
+    """The wrappers time the tiles and the separate ops once per shape, then run the winner."""
+    W, nw, b = layer(2560, 2048, torch.bfloat16)
+    x, r = randn(1, 2048, dtype=torch.bfloat16, seed=3), randn(1, 2048, dtype=torch.bfloat16, seed=4)
+    for _ in range(2):   # the first call picks, the second reuses the pick
+        y, h = G.norm_linear(x, nw, 1e-6, W, b, r)
+        torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+        want = G.norm_linear_reference(*f32(x + r, nw), 1e-6, *f32(W, b)).bfloat16()
+        torch.testing.assert_close(y, want, **TOL[torch.bfloat16])

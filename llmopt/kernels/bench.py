@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import bench
 from .common import use_triton
-from .gemv import gemv, norm_linear, swiglu_linear
+from .gemv import NORM, SWIGLU, gemv, gemv_triton, norm_linear, swiglu_linear
 from .rmsnorm import rmsnorm
 from .rope import rope
 from .softmax import softmax
@@ -154,17 +154,22 @@ def _gemv_cases(sizes: dict, device, rand, e: int) -> list[Case]:
             layer = Rotation((w, nw), copies_past_l2(N * K * e, device))
             x, r = rand(1, K), rand(1, K)
             nbytes = (N * K + 2 * K + N) * e      # the weight, x (and up or residual), y
+            # "triton": the fused GEMV alone (its best tile; the wrappers would also weigh the separate ops)
             if kind == "plain":
-                case = Case("gemv", f"M=1 {K}->{N}", lambda b, w, nw, x=x: gemv(x, w, backend=b),
+                case = Case("gemv", f"M=1 {K}->{N}",
+                            lambda b, w, nw, x=x: gemv_triton(x, w) if b == "triton" else gemv(x, w, backend=b),
                             (N * K + K + N) * e, 2 * N * K, baseline=lambda w, nw, x=x: F.linear(x, w), inputs=layer)
             elif kind == "norm":
                 case = Case("gemv+norm", f"M=1 {K}->{N}",
-                            lambda b, w, nw, x=x, r=r: norm_linear(x, nw, 1e-5, w, None, r, backend=b),
+                            lambda b, w, nw, x=x, r=r: gemv_triton(x, w, prologue=NORM, norm_weight=nw, eps=1e-5,
+                                                                   residual=r) if b == "triton"
+                            else norm_linear(x, nw, 1e-5, w, None, r, backend=b),
                             nbytes + 2 * K * e, 2 * N * K + 5 * K,
                             baseline=lambda w, nw, x=x, r=r: F.linear(rmsnorm(x, nw, 1e-5, r)[0], w), inputs=layer)
             else:
                 case = Case("gemv+swiglu", f"M=1 {K}->{N}",
-                            lambda b, w, nw, x=x, r=r: swiglu_linear(x, r, w, backend=b), nbytes, 2 * N * K + 5 * K,
+                            lambda b, w, nw, x=x, r=r: gemv_triton(x, w, prologue=SWIGLU, up=r) if b == "triton"
+                            else swiglu_linear(x, r, w, backend=b), nbytes, 2 * N * K + 5 * K,
                             baseline=lambda w, nw, x=x, r=r: F.linear(swiglu(x, r), w), inputs=layer)
             out.append(case)
     return out

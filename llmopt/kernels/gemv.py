@@ -169,12 +169,18 @@ def configs_for(rows: int) -> list[dict]:
     return fitting_configs(rows)
 
 
+# A candidate beside the tiles: the separate ops (the norm or SwiGLU kernel, then cuBLAS). Timed with
+# them on a GPU, so a wrapper never runs the fused GEMV where it would lose.
+SEPARATE = dict(SEPARATE=True)
+
+
 def gemv_triton(x, weight, bias=None, *, prologue: int = PLAIN, up=None, norm_weight=None, eps: float = 1e-6,
-                residual=None, out=None, residual_out=None, config: dict | None = None):
+                residual=None, out=None, residual_out=None, config: dict | None = None, separate=None):
     """The kernel. x: (..., K) with at most MAX_ROWS rows; weight (N, K). `prologue`: PLAIN (y = x @ W.T),
     NORM (rmsnorm(x [+ residual]) @ W.T, needs `norm_weight`), SWIGLU (silu(x) * up @ W.T, x the
     gate). Returns y, and with a residual also h = x + residual. `config`: one of GEMV_CONFIGS
-    (default: `pick_config`'s)."""
+    (default: `pick_config`'s). `separate`: a function computing the same with the separate ops,
+    timed as one more candidate and returned from where it wins (its own tensors, not `out`)."""
     N, K = weight.shape
     x2 = _matrix(x, "x", K)
     M = x2.shape[0]
@@ -210,8 +216,12 @@ def gemv_triton(x, weight, bias=None, *, prologue: int = PLAIN, up=None, norm_we
             BLOCK_M=next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PREFETCH=PREFETCH, num_warps=num_warps)
 
     if config is None:
+        candidates = configs_for(M) + ([SEPARATE] if separate is not None else [])
         config = pick_config(("gemv", prologue, has_res, bias is not None, next_power_of_2(M), N, K, x.dtype,
-                              weight.dtype), configs_for(M), launch)
+                              weight.dtype, separate is not None), candidates,
+                             lambda SEPARATE=False, **c: separate() if SEPARATE else launch(**c))
+    if config.get("SEPARATE"):
+        return separate()
     launch(**config)
     return (out, residual_out) if has_res else out
 
@@ -224,26 +234,36 @@ def _gemv_ok(x, weight, backend: str) -> bool:
 # --------------------------------------------------------------------------- wrappers
 
 def gemv(x, weight, bias=None, backend: str = "auto"):
-    """x @ weight.T (+ bias): the kernel for up to MAX_ROWS rows, else (or on a CPU) `F.linear`."""
+    """x @ weight.T (+ bias): the kernel for up to MAX_ROWS rows where it beats `F.linear` (timed on a
+    GPU), else `F.linear`."""
     if _gemv_ok(x, weight, backend):
-        return gemv_triton(x, weight, bias)
+        return gemv_triton(x, weight, bias, separate=lambda: F.linear(x, weight, bias))
     return F.linear(x, weight, bias)
 
 
-def norm_linear(x, norm_weight, eps: float, weight, bias=None, residual=None, backend: str = "auto"):
-    """linear(rmsnorm(x [+ residual]), weight, bias) as one kernel for up to MAX_ROWS rows; more rows
-    (or a CPU) take `rmsnorm` (its kernel or reference) and `F.linear`. With `residual`, returns
-    (y, x + residual), like `rmsnorm`."""
-    if _gemv_ok(x, weight, backend):
-        return gemv_triton(x, weight, bias, prologue=NORM, norm_weight=norm_weight, eps=eps, residual=residual)
+def _norm_then_linear(x, norm_weight, eps, weight, bias, residual, backend):
     if residual is None:
         return F.linear(rmsnorm(x, norm_weight, eps, backend=backend), weight, bias)
     h, res = rmsnorm(x, norm_weight, eps, residual, backend=backend)
     return F.linear(h, weight, bias), res
 
 
+def norm_linear(x, norm_weight, eps: float, weight, bias=None, residual=None, backend: str = "auto"):
+    """linear(rmsnorm(x [+ residual]), weight, bias) as one kernel for up to MAX_ROWS rows (on a GPU,
+    where it beats the separate ops: both are timed once per shape); more rows, or a CPU, take
+    `rmsnorm` (its kernel or reference) and `F.linear`. With `residual`, returns (y, x + residual),
+    like `rmsnorm`."""
+    args = (x, norm_weight, eps, weight, bias, residual, backend)
+    if _gemv_ok(x, weight, backend):
+        return gemv_triton(x, weight, bias, prologue=NORM, norm_weight=norm_weight, eps=eps, residual=residual,
+                           separate=lambda: _norm_then_linear(*args))
+    return _norm_then_linear(*args)
+
+
 def swiglu_linear(gate, up, weight, bias=None, backend: str = "auto"):
-    """linear(silu(gate) * up, weight, bias) as one kernel for up to MAX_ROWS rows; else `swiglu`, `F.linear`."""
+    """linear(silu(gate) * up, weight, bias) as one kernel for up to MAX_ROWS rows (where it wins, as
+    `norm_linear`); else `swiglu` and `F.linear`."""
     if _gemv_ok(gate, weight, backend):
-        return gemv_triton(gate, weight, bias, prologue=SWIGLU, up=up)
+        return gemv_triton(gate, weight, bias, prologue=SWIGLU, up=up,
+                           separate=lambda: F.linear(swiglu(gate, up, backend=backend), weight, bias))
     return F.linear(swiglu(gate, up, backend=backend), weight, bias)
