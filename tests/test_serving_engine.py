@@ -466,7 +466,8 @@ def test_engine_on_the_triton_kernels_in_the_interpreter(model_tok):
 
 def test_gemv_fused_model_on_the_triton_kernels_in_the_interpreter(model_tok, monkeypatch):
     """`fuse(gemv=True)`: at decode the runner folds each norm into the merged projection after it,
-    the SwiGLU into the down projection and the final norm into the LM head (`kernels.gemv`), the
+    the SwiGLU into the down projection and the final norm into the LM head, and the o projection is
+    the plain GEMV (`kernels.gemv`), the
     kernels run in the interpreter; a prefill (more than 8 rows) takes the separate ops. The tokens
     equal HF generate on the unfused model."""
     from collections import Counter
@@ -490,6 +491,7 @@ def test_gemv_fused_model_on_the_triton_kernels_in_the_interpreter(model_tok, mo
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
     layers = model.config.num_hidden_layers
     assert calls[gemv.NORM] >= 3 * (2 * layers + 1) and calls[gemv.SWIGLU] >= 3 * layers, calls
+    assert calls[gemv.PLAIN] >= 3 * layers, calls     # the o projection
 
 
 class _StandInGraph:

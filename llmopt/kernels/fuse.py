@@ -19,7 +19,9 @@ save the model before fusing with `merge=True`.
 
 `gemv=True` (implies `merge`) goes one step further for `llmopt.serving`'s decode steps: each norm
 runs inside the merged projection after it and the SwiGLU inside the down projection
-(`kernels.gemv`: `norm_linear`, `swiglu_linear`), three kernels fewer per layer for up to 8 rows.
+(`kernels.gemv`: `norm_linear`, `swiglu_linear`), three kernels fewer per layer for up to 8 rows,
+and the o projection is the plain Triton GEMV. On a GPU each call takes the fused GEMV or the
+separate ops (cuBLAS), whichever was faster when timed once per shape.
 It marks the layers (`layer.gemv`); the serving runner does the rest, and only with dense weights
 (a quantized model keeps its W4A16 / W8A16 kernels and the separate norms). HF `generate` on the
 model runs as with `merge=True`.

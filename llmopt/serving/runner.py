@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..kernels.fuse import FusedRMSNorm
-from ..kernels.gemv import norm_linear, swiglu_linear
+from ..kernels.gemv import gemv, norm_linear, swiglu_linear
 from .attention import paged_decode, paged_prefill_reference, rope_write_kv
 from .multistep import greedy_advance
 from .sequence import Sequence
@@ -181,9 +181,15 @@ class ModelRunner:
         return q, residual
 
     def _rest(self, layer, out, residual):
-        """o projection -> add + norm -> MLP; returns the MLP's output and the residual stream."""
-        a = layer.self_attn.o_proj(out.reshape(1, out.shape[0], -1))
+        """o projection -> add + norm -> MLP; returns the MLP's output and the residual stream. With
+        `fuse(gemv=True)`, at decode: the GEMV for o, then add + norm + gate/up in one kernel and
+        SwiGLU + down in another (`kernels.gemv`)."""
+        o_proj, out = layer.self_attn.o_proj, out.reshape(1, out.shape[0], -1)
         mlp, norm = layer.mlp, layer.post_attention_layernorm
+        if self._gemv(layer, norm, o_proj):    # the plain GEMV, where it beats cuBLAS (timed once per shape)
+            a = gemv(out, o_proj.weight, o_proj.bias, backend=norm.backend)
+        else:
+            a = o_proj(out)
         if self._gemv(layer, norm, getattr(mlp, "gate_up_proj", None), mlp.down_proj):
             gate_up, residual = self._norm_linear(norm, mlp.gate_up_proj, a, residual)
             gate, up = gate_up.split(mlp.split, dim=-1)
