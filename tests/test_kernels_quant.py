@@ -340,6 +340,32 @@ def test_pick_config_skips_a_candidate_that_fails(monkeypatch):
         common.pick_config(("test-all-fail",), [dict(BLOCK=64)] * 2, launch)
 
 
+def test_pick_config_cold_times_each_call_after_a_scrub(monkeypatch):
+    """`cold=True`: every candidate is timed right after a read that evicts the L2, so the candidates
+    compare as they run on cold weights."""
+    from llmopt import bench
+    from llmopt.kernels import common
+
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    events = []
+    monkeypatch.setattr(common, "_l2_scrub", lambda: lambda: events.append("scrub"))
+
+    def time_graph(fn, **kw):
+        events.clear()
+        fn()
+        cost = {"scrub": 5.0, 64: 3.0, 32: 2.0}
+        return bench.Stats.of([sum(cost[e] for e in events)])
+    monkeypatch.setattr(bench, "time_graph", time_graph)
+    timed = []
+
+    def launch(BLOCK):
+        events.append(BLOCK)
+        timed.append(list(events))
+    assert common.pick_config(("test-cold",), [dict(BLOCK=64), dict(BLOCK=32)], launch, cold=True) == dict(BLOCK=32)
+    assert timed == [["scrub", 64], ["scrub", 32]]      # each candidate right after the scrub
+    common._best.pop(("test-cold",))
+
+
 def test_bad_shapes():
     q = make(37, 96, 32, False, True)
     qw, s, z, g = qargs(q)

@@ -219,7 +219,7 @@ def gemv_triton(x, weight, bias=None, *, prologue: int = PLAIN, up=None, norm_we
         candidates = configs_for(M) + ([SEPARATE] if separate is not None else [])
         config = pick_config(("gemv", prologue, has_res, bias is not None, next_power_of_2(M), N, K, x.dtype,
                               weight.dtype, separate is not None), candidates,
-                             lambda SEPARATE=False, **c: separate() if SEPARATE else launch(**c))
+                             lambda SEPARATE=False, **c: separate() if SEPARATE else launch(**c), cold=True)
     if config.get("SEPARATE"):
         return separate()
     launch(**config)

@@ -717,5 +717,5 @@ def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None, backend: str 
     else:  # prompt lengths vary: one tuning per power of two of M
         run, candidates, m_key = _gemm, GEMM_CONFIGS, next_power_of_2(M)
     key = (run.__name__, "w4a16", m_key, N, K, group_size, zeros is None, bias is None, x.dtype)
-    config = pick_config(key, candidates, lambda **c: run(*args, **c))
+    config = pick_config(key, candidates, lambda **c: run(*args, **c), cold=True)
     return run(*args, **config).reshape(*lead, N)

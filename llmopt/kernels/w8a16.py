@@ -98,5 +98,5 @@ def w8a16_linear(x, qweight, scales, zeros, group_size, bias=None, backend: str 
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     args = (x2, qweight, scales, zeros, group_size, bias, out)
     key = ("w8a16_gemv", M, N, K, group_size, zeros is None, bias is None, x.dtype)
-    config = pick_config(key, GEMV_CONFIGS, lambda **c: _gemv(*args, **c))
+    config = pick_config(key, GEMV_CONFIGS, lambda **c: _gemv(*args, **c), cold=True)
     return _gemv(*args, **config).reshape(*lead, N)
