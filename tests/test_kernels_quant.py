@@ -218,7 +218,7 @@ def test_small_batches_choose_between_the_gemv_and_a_gemm_tile(monkeypatch):
 
     offered = {}
 
-    def pick(key, candidates, launch):
+    def pick(key, candidates, launch, cold=False):
         offered[key[2]] = [c.get("KERNEL", "gemv") for c in candidates]
         return next((c for c in candidates if c.get("KERNEL") == "gemm"), candidates[0])
     monkeypatch.setattr(w4a16, "pick_config", pick)
