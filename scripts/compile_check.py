@@ -100,9 +100,10 @@ def cases():
     yield "moe gate/up", triton_moe._gate_up_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64,
                                                               PRECISION="tf32"), 4
     yield "moe down", triton_moe._down_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, PRECISION="tf32"), 4
-    for split in (False, True):
-        yield f"paged decode{' split' if split else ''}", attention._paged_decode_kernel, paged, dict(
-            BLOCK_SIZE=16, GROUP_P=8, D_P=64, SPLIT=split), 4
+    for split, rope in ((False, False), (True, False), (True, True)):
+        yield f"paged decode{' split' if split else ''}{' + rope + cache write' if rope else ''}", \
+            attention._paged_decode_kernel, {**paged, "slots_ptr": "*i64"}, dict(
+                BLOCK_SIZE=16, GROUP_P=8, D_P=64, SPLIT=split, ROPE=rope), 4
     yield "paged decode merge", attention._paged_decode_reduce_kernel, paged, dict(
         BLOCK_SIZE=16, SPLITS_P=64, D_P=64), 4
     from llmopt.serving import multistep

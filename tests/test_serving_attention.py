@@ -18,6 +18,7 @@ from llmopt.serving.attention import (  # noqa: E402
     gather_kv,
     paged_decode,
     paged_decode_reference,
+    paged_decode_rope,
     paged_decode_triton,
     paged_prefill_reference,
     rope_write_kv,
@@ -155,6 +156,36 @@ def test_rope_write_kv_kernel_matches_reference(T, Hq, Hk, D, dtype):
     torch.testing.assert_close(kc, want_kc, **TOL[dtype])
     assert torch.equal(vc, want_vc)                          # a copy: exact
     assert not torch.equal(kc, randn(nb, bs, Hk, D, dtype=dtype, seed=2))   # it did write
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [None, 1, 2, 3, 100])
+@pytest.mark.parametrize("bs,Hq,Hk,D", [(4, 4, 2, 16), (16, 6, 3, 24)])
+def test_decode_with_rope_and_cache_write_in_the_kernel(bs, Hq, Hk, D, splits, dtype):
+    """`paged_decode_rope`: the decode kernel rotates q and the new k and stores k and v itself; equals
+    rope_write_kv then paged_decode (the reference), whichever piece of the context the new token falls
+    in. The new token's slot holds nan before the call: the kernel's own row comes from registers, and
+    the store lands there; every other slot stays as it was."""
+    b = Batch(lengths_for(bs), bs, Hk, D, dtype=dtype, seed=bs + D)
+    B = len(b.lengths)
+    qkv = randn(B, (Hq + 2 * Hk) * D, dtype=dtype, seed=D)     # q, k, v: views of one merged projection
+    q, k, v = (t.view(B, -1, D) for t in qkv.split([Hq * D, Hk * D, Hk * D], dim=-1))
+    cos, sin = (t.to(dtype) for t in _rotary(B, D, seed=bs))
+    slots = torch.tensor([t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(b.tables, b.lengths)], device=DEVICE)
+    for cache in (b.k_cache, b.v_cache):
+        cache.view(-1, Hk, D)[slots] = float("nan")
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    kc2, vc2 = b.k_cache.clone(), b.v_cache.clone()
+    want = paged_decode_rope(q, k, v, cos, sin, slots, kc, vc, b.block_tables, b.context_lens, backend="torch")
+    out = torch.full_like(q, float("nan"))
+    got = paged_decode_triton(q, *b.args(), out=out, splits=splits, rope=(k, v, cos, sin, slots))
+    assert got is out
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(b.k_cache, kc, **TOL[dtype])
+    assert torch.equal(b.v_cache, vc)
+    q2 = rope_write_kv(q, k, v, cos, sin, kc2, vc2, slots, backend="triton")   # the two-kernel path
+    assert torch.equal(b.k_cache, kc2)
+    assert torch.equal(got, paged_decode_triton(q2, kc2, vc2, b.block_tables, b.context_lens, splits=splits))
 
 
 def test_rope_write_kv_reference_is_rope_then_write_kv():
@@ -364,6 +395,26 @@ def test_gpu_decode_bf16():
     one = paged_decode_triton(q, *b.args(), splits=1)     # the default cut the contexts in pieces here
     assert attention.num_splits(len(b.lengths), Hk, b.block_tables.shape[1], q.device) > 1
     torch.testing.assert_close(one, got, **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_decode_rope_bf16():
+    """TinyLlama's heads at batch 1 and 3: the fused rotary + cache write + attention against the two ops."""
+    bs, Hq, Hk, D = 16, 32, 4, 64
+    b = Batch([1, 97, 300], bs, Hk, D, dtype=torch.bfloat16)
+    B = len(b.lengths)
+    q, k, v = randn(B, Hq, D, dtype=torch.bfloat16), randn(B, Hk, D, dtype=torch.bfloat16, seed=2), \
+        randn(B, Hk, D, dtype=torch.bfloat16, seed=3)
+    cos, sin = (x.to(torch.bfloat16) for x in _rotary(B, D))
+    slots = torch.tensor([t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(b.tables, b.lengths)], device=DEVICE)
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    want = paged_decode_rope(q, k, v, cos, sin, slots, kc, vc, b.block_tables, b.context_lens, backend="torch")
+    for rows in (slice(0, 1), slice(0, B)):
+        got = paged_decode_rope(q[rows], k[rows], v[rows], cos[rows], sin[rows], slots[rows], b.k_cache, b.v_cache,
+                                b.block_tables[rows], b.context_lens[rows])   # auto: the kernel on a GPU
+        torch.testing.assert_close(got, want[rows], **TOL[torch.bfloat16])
+    torch.testing.assert_close(b.k_cache, kc, **TOL[torch.bfloat16])
+    assert torch.equal(b.v_cache, vc)
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ instead of from one slice; everything else is ordinary attention.
   whole context, the step that dominates generation. The kernel reads each K/V block once per kv head.
   Where (sequence, kv head) pairs are too few to fill the GPU (batch 1: a handful), it also cuts each
   context into pieces that run side by side and merges their partial softmaxes (Flash-Decoding).
+  `paged_decode_rope` also rotates q and the new k and stores the new k and v, in the same kernel.
 
 GQA: with Hq query heads and Hk kv heads (Hq a multiple of Hk), query head h reads kv head h // (Hq // Hk);
 the Hq // Hk query heads sharing a kv head are its group (MHA: groups of 1; MQA: Hk = 1, one group).
@@ -276,12 +277,18 @@ def paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale: f
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
+                         kn_ptr, vn_ptr, cos_ptr, sin_ptr, slots_ptr,
                          scale, GROUP, D, blocks_per_split, num_splits,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                         stride_ob, stride_oh, stride_tb,
-                         BLOCK_SIZE: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr, SPLIT: tl.constexpr):
+                         stride_ob, stride_oh, stride_tb, stride_knb, stride_knh, stride_vnb, stride_vnh,
+                         stride_cos, stride_sin,
+                         BLOCK_SIZE: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr, SPLIT: tl.constexpr,
+                         ROPE: tl.constexpr):
     """One (sequence, kv head) over its context; with SPLIT, over the `blocks_per_split` blocks of
-    split number program_id(2), leaving the unnormalised (max, sum, weighted values) for the reduction."""
+    split number program_id(2), leaving the unnormalised (max, sum, weighted values) for the reduction.
+    ROPE: q arrives unrotated and the new token's k and v (kn, vn) not yet cached: the program rotates
+    q and k (cos/sin rows of each sequence's position), the one whose piece holds the new position
+    stores k and v at the sequence's slot, and the new token's row is taken from registers."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -294,6 +301,28 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, m_p
     q_mask = (g < GROUP)[:, None] & (d < D)[None, :]
     # the whole group's queries at once: every K/V block loaded below serves all of them
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
+    pos = context_len - 1                                  # the new token's position
+    if ROPE:   # x * cos + rotate_half(x) * sin, rotate_half(x)[d] = -x[d + D/2] (first half), x[d - D/2]
+        half = D // 2
+        partner = tl.where(d < half, d + half, d - half)
+        sign = tl.where(d < half, -1.0, 1.0)
+        cs = tl.load(cos_ptr + seq * stride_cos + d, mask=d < D, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + seq * stride_sin + d, mask=d < D, other=0.0).to(tl.float32)
+        qp = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + partner[None, :], mask=q_mask, other=0.0)
+        # rounded to q's dtype, as the rotary kernel's output would be
+        q = (q.to(tl.float32) * cs[None, :] + sign[None, :] * qp.to(tl.float32) * sn[None, :]).to(q.dtype)
+        kn_at = kn_ptr + seq * stride_knb + kv_head * stride_knh
+        kn = tl.load(kn_at + d, mask=d < D, other=0.0).to(tl.float32)
+        kp = tl.load(kn_at + partner, mask=d < D, other=0.0).to(tl.float32)
+        k_new = (kn * cs + sign * kp * sn).to(k_ptr.dtype.element_ty)
+        v_new = tl.load(vn_ptr + seq * stride_vnb + kv_head * stride_vnh + d, mask=d < D, other=0.0)
+        v_new = v_new.to(v_ptr.dtype.element_ty)
+        if (pos // BLOCK_SIZE) // blocks_per_split == split:   # the piece that holds the new token stores it
+            slot = tl.load(slots_ptr + seq).to(tl.int64)
+            at = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+            tl.store(k_ptr + at + d, k_new, mask=d < D)
+            at = (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs + kv_head * stride_vh
+            tl.store(v_ptr + at + d, v_new, mask=d < D)
     q = q.to(tl.float32) * scale
 
     m = tl.full((GROUP_P,), float("-inf"), tl.float32)  # running max of the scores seen so far
@@ -306,6 +335,9 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, m_p
         kv_mask = valid[:, None] & (d < D)[None, :]
         k = tl.load(k_ptr + block * stride_kb + offs[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK_SIZE, D_P)
+        if ROPE:   # the new token's row from registers: its store above need not be visible yet
+            new_row = (i * BLOCK_SIZE + offs == pos)[:, None]
+            k = tl.where(new_row, k_new.to(tl.float32)[None, :], k)
         # (GROUP_P, BLOCK_SIZE): a broadcast product, not tl.dot, which needs every dim >= 16 on a GPU
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -317,6 +349,8 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, m_p
         l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
         v = tl.load(v_ptr + block * stride_vb + offs[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)
+        if ROPE:
+            v = tl.where(new_row, v_new.to(tl.float32)[None, :], v)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
     if SPLIT:   # partials of shape (B, Hq, num_splits[, D]); the reduction skips splits past the context
@@ -371,15 +405,18 @@ def _multiprocessors(index: int) -> int:
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, out=None,
-                        check: bool = True, splits: int | None = None):
+                        check: bool = True, splits: int | None = None, rope=None):
     """The kernel, one program per (sequence, kv head) and piece of context; same contract as
     `paged_decode_reference`. `splits`: how many pieces the table's blocks are cut into (default:
     `num_splits`, which depends only on shapes, so a CUDA graph can hold it); over 1, a second kernel
-    merges the pieces.
+    merges the pieces. `rope`: (k, v, cos, sin, slots) of `paged_decode_rope`, whose contract the call
+    then has (q unrotated).
 
     The block size must be a power of 2. `out` (B, Hq, D) in q's dtype may be given pre-allocated.
     `check=False` skips the checks of the tables' values (see `_check_decode`)."""
     group = _check_decode(q, k_cache, v_cache, block_tables, context_lens, check)
+    if rope is not None:
+        rope = _check_rope(q, k_cache, v_cache, *rope)
     B, Hq, D = q.shape
     block_size, Hk = k_cache.shape[1], k_cache.shape[2]
     if block_size != next_power_of_2(block_size):
@@ -406,16 +443,50 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
         m_part = torch.empty(B, Hq, n, dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty(B, Hq, n, D, dtype=torch.float32, device=q.device)
+    kn, vn, cos, sin, slots = rope if rope is not None else (q, q, q, q, lens)   # unused without ROPE
     _paged_decode_kernel[(B, Hk, n)](
-        q, k_cache, v_cache, out, tables, lens, m_part, l_part, acc_part, float(scale), group, D, per_split, n,
+        q, k_cache, v_cache, out, tables, lens, m_part, l_part, acc_part, kn, vn, cos, sin, slots,
+        float(scale), group, D, per_split, n,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
-        BLOCK_SIZE=block_size, GROUP_P=next_power_of_2(group), D_P=next_power_of_2(D), SPLIT=n > 1)
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0), sin.stride(0),
+        BLOCK_SIZE=block_size, GROUP_P=next_power_of_2(group), D_P=next_power_of_2(D), SPLIT=n > 1,
+        ROPE=rope is not None)
     if n > 1:
         _paged_decode_reduce_kernel[(B, Hq)](
             m_part, l_part, acc_part, out, lens, per_split, n, D, out.stride(0), out.stride(1),
             BLOCK_SIZE=block_size, SPLITS_P=next_power_of_2(n), D_P=next_power_of_2(D))
     return out
+
+
+def _check_rope(q, k_cache, v_cache, k, v, cos, sin, slots):
+    """The new tokens' k, v (B, Hk, D; views with a contiguous last dim), cos, sin (B, D) and cache slots (B,)."""
+    B, _, D = q.shape
+    Hk = k_cache.shape[2]
+    if k.shape != (B, Hk, D) or v.shape != (B, Hk, D):
+        raise ValueError(f"k and v must have shape ({B}, {Hk}, {D}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if cos.shape != (B, D) or sin.shape != (B, D) or slots.shape != (B,):
+        raise ValueError(f"cos and sin must be ({B}, {D}) and slots ({B},), got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}, {tuple(slots.shape)}")
+    if D % 2:
+        raise ValueError(f"head_dim must be even for the rotary embedding, got {D}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the kernel writes into contiguous k_cache and v_cache")
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, cos, sin, slots))
+
+
+def paged_decode_rope(q, k, v, cos, sin, slots, k_cache, v_cache, block_tables, context_lens,
+                      scale: float | None = None, backend: str = "auto", check: bool = True):
+    """A decode step's attention with the rotary embedding and the cache write folded in (one kernel
+    where `rope_write_kv` then `paged_decode` take two): q (B, Hq, D) and the new tokens' k, v (B, Hk, D)
+    as the projections gave them, unrotated, each sequence's cos/sin row (B, D) and cache slot (B,);
+    context_lens include the new token. Rotates q and k, stores k and v at the slots, attends. Returns
+    (B, Hq, D). The reference is the two ops in a row."""
+    if use_triton(q, backend):
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, check=check,
+                                   rope=(k, v, cos, sin, slots))
+    q = rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, backend="torch")
+    return paged_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, check)
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None,

@@ -10,6 +10,9 @@ keys and values go to. Per layer:
        itself; all decode tokens together: `paged_decode`) -> o projection -> residual
     -> norm -> MLP -> residual
 
+At decode the rotary embedding and the cache writes run inside the attention kernel
+(`paged_decode_rope`), and with lesson 08's `fuse(gemv=True)` each norm inside the matmul after it.
+
 The projections, norms and MLP are the model's own modules, called as they are: a quantized model
 (`QuantLinear`, `KernelQuantLinear`) or a fused one (`kernels.fuse`) runs here unchanged. Only the
 attention is ours, since it must read the paged cache. Works for Llama, Mistral, Qwen2 (q/k/v
@@ -32,7 +35,7 @@ from torch import nn
 
 from ..kernels.fuse import FusedRMSNorm
 from ..kernels.gemv import gemv, norm_linear, swiglu_linear
-from .attention import paged_decode, paged_prefill_reference, rope_write_kv
+from .attention import paged_decode, paged_decode_rope, paged_prefill_reference, rope_write_kv
 from .multistep import greedy_advance
 from .sequence import Sequence
 
@@ -161,9 +164,9 @@ class ModelRunner:
         return norm_linear(x, norm.weight, norm.variance_epsilon, proj.weight, proj.bias, residual,
                            backend=norm.backend)
 
-    def _qkv(self, layer, li, x, residual, cos, sin, slots):
-        """(add) + norm -> q, k, v projections -> (q/k norms) -> rotary on q and k, with k and v written
-        into layer li's cache at `slots` in the same kernel: returns q (T, Hq, D) and the residual stream."""
+    def _project(self, layer, x, residual):
+        """(add) + norm -> q, k, v projections -> (q/k norms): q (T, Hq, D), k and v (T, Hk, D), unrotated
+        (views of one merged projection's output where there is one), and the residual stream."""
         attn, T, D = layer.self_attn, x.shape[1], self.head_dim
         if self._gemv(layer, layer.input_layernorm, getattr(attn, "qkv_proj", None)):
             qkv, residual = self._norm_linear(layer.input_layernorm, attn.qkv_proj, x, residual)
@@ -177,6 +180,12 @@ class ModelRunner:
         q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)
         if hasattr(attn, "q_norm"):   # Qwen3: RMSNorm per head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
+        return q, k, v, residual
+
+    def _qkv(self, layer, li, x, residual, cos, sin, slots):
+        """`_project`, then rotary on q and k with k and v written into layer li's cache at `slots` in the
+        same kernel: returns q (T, Hq, D) and the residual stream."""
+        q, k, v, residual = self._project(layer, x, residual)
         q = rope_write_kv(q, k, v, cos[0], sin[0], self.k_cache[li], self.v_cache[li], slots, backend=self.backend)
         return q, residual
 
@@ -263,9 +272,10 @@ class ModelRunner:
         cos, sin = self._rotary(x, pos[None])
         residual = None
         for li, layer in enumerate(base.layers):
-            q, residual = self._qkv(layer, li, x, residual, cos, sin, slots)
-            out = paged_decode(q, self.k_cache[li], self.v_cache[li], tables, lens, self.scale, backend=self.backend,
-                               check=False)
+            q, k, v, residual = self._project(layer, x, residual)
+            # rotary, the cache write and attention: one kernel (plus the pieces' merge) on a GPU
+            out = paged_decode_rope(q, k, v, cos[0], sin[0], slots, self.k_cache[li], self.v_cache[li], tables, lens,
+                                    self.scale, backend=self.backend, check=False)
             x, residual = self._rest(layer, out, residual)
         return self._logits(x[0], residual[0])
 
