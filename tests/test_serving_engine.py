@@ -494,6 +494,37 @@ def test_gemv_fused_model_on_the_triton_kernels_in_the_interpreter(model_tok, mo
     assert calls[gemv.PLAIN] >= 3 * layers, calls     # the o projection
 
 
+def test_a_gemv_decode_step_is_six_kernels_per_layer(model_tok, monkeypatch):
+    """What one decode step of `fuse(gemv=True)` launches, counted in the interpreter: per layer the
+    q/k/v GEMV with the norm, attention with rotary and the cache write, its pieces' merge, the o GEMV,
+    the gate/up GEMV with the norm, the down GEMV with the SwiGLU; then the LM head's GEMV with the
+    final norm. Nothing else is a kernel of ours, and no matmul is left to PyTorch."""
+    from collections import Counter
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from llmopt import kernels
+
+    model, tok = model_tok
+    fused = kernels.fuse(copy.deepcopy(model), backend="triton", gemv=True)
+    engine = LLMEngine(fused, tok, block_size=4, num_kv_blocks=16, max_num_seqs=2, backend="triton")
+    engine.add_request(list(range(5, 15)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.step()                                    # the prefill: 10 tokens, 3 blocks, so the attention splits
+    launched, linears = Counter(), []
+    real = InterpretedFunction.run
+
+    def run(self, *args, **kw):
+        launched[self.fn.__name__] += 1
+        return real(self, *args, **kw)
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **kw: linears.append(1))
+    engine.step()                                    # one decode step
+    layers = model.config.num_hidden_layers
+    assert launched == Counter({"_gemv_kernel": 4 * layers + 1, "_paged_decode_kernel": layers,
+                                "_paged_decode_reduce_kernel": layers}), launched
+    assert not linears
+
+
 class _StandInGraph:
     """A CUDA graph's contract on a CPU: `replay()` reruns the recorded step on the tensors it was
     recorded with, and its output lands in the tensor the recording returned."""
