@@ -102,6 +102,15 @@ def test_configs_fit_the_rows():
     assert kept == sorted(kept, reverse=True) and kept[-1] >= 3       # fewer as rows grow, never none
 
 
+def test_configs_offered_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(G, "interpreted", lambda: False)
+    assert G.configs_for(1) == G.GEMV_CONFIGS
+    for rows in range(2, G.MAX_ROWS + 1):      # a few: each is a compile, and batch 1 matters most
+        offered = G.configs_for(rows)
+        assert 3 <= len(offered) <= 5 and all(c in G.fitting_configs(rows) and not c.get("PREFETCH")
+                                               for c in offered), rows
+
+
 def test_wrappers_take_the_separate_ops_past_eight_rows(monkeypatch):
     W, nw, b = layer(40, 64, torch.float32)
     x, r = randn(1, 9, 64, seed=3), randn(1, 9, 64, seed=4)   # a 9-token prefill chunk

@@ -163,10 +163,17 @@ def fitting_configs(rows: int) -> list[dict]:
 
 
 def configs_for(rows: int) -> list[dict]:
-    """What `pick_config` chooses from: `fitting_configs`, or under the interpreter `INTERPRETER_CONFIG`."""
+    """What `pick_config` chooses from: `fitting_configs` (for 2-8 rows at most five, without PREFETCH:
+    the three small-tile ones meant for several rows and the first two others; each candidate is a
+    compile, and batch-1 decode is where the choice matters most), or under the interpreter
+    `INTERPRETER_CONFIG`."""
     if interpreted() and not torch.cuda.is_available():
         return [INTERPRETER_CONFIG]
-    return fitting_configs(rows)
+    fit = fitting_configs(rows)
+    if rows == 1:
+        return fit
+    plain = [c for c in fit if not c.get("PREFETCH")]
+    return plain[-3:] + plain[:-3][:2]
 
 
 # A candidate beside the tiles: the separate ops (the norm or SwiGLU kernel, then cuBLAS). Timed with
