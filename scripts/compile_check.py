@@ -91,26 +91,30 @@ def cases():
     yield "w8a16 gemv", w8a16._w8a16_gemv_kernel, {**quant, "qw_ptr": "*i8"}, dict(
         gemv, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64), 4
     dense = sys.modules["llmopt.kernels.gemv"]
-    for prologue, rows, (bn, bk, warps), prefetch in (
-            (dense.PLAIN, 1, (8, 512, 4), True), (dense.NORM, 1, (8, 256, 4), False),
-            (dense.SWIGLU, 1, (16, 256, 4), True), (dense.NORM, 4, (4, 128, 4), False)):
-        yield f"dense gemv, prologue {prologue}, {rows} row(s)", dense._gemv_kernel, {}, dict(
+    for prologue, rows, (bn, bk, warps), prefetch, pdl in (
+            (dense.PLAIN, 1, (8, 512, 4), True, False), (dense.NORM, 1, (8, 256, 4), False, False),
+            (dense.SWIGLU, 1, (16, 256, 4), True, False), (dense.NORM, 4, (4, 128, 4), False, False),
+            (dense.NORM, 1, (8, 512, 4), True, True)):
+        yield f"dense gemv, prologue {prologue}, {rows} row(s){', PDL' if pdl else ''}", dense._gemv_kernel, {}, dict(
             PROLOGUE=prologue, HAS_RESIDUAL=prologue == dense.NORM, HAS_BIAS=rows > 1, BLOCK_M=rows, BLOCK_N=bn,
-            BLOCK_K=bk, PREFETCH=prefetch), warps
+            BLOCK_K=bk, PREFETCH=prefetch, PDL=pdl), warps
     yield "moe gate/up", triton_moe._gate_up_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64,
                                                               PRECISION="tf32"), 4
     yield "moe down", triton_moe._down_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, PRECISION="tf32"), 4
-    for split, rope in ((False, False), (True, False), (True, True)):
-        yield f"paged decode{' split' if split else ''}{' + rope + cache write' if rope else ''}", \
-            attention._paged_decode_kernel, {**paged, "slots_ptr": "*i64"}, dict(
-                BLOCK_SIZE=16, GROUP_P=8, D_P=64, SPLIT=split, ROPE=rope), 4
-    yield "paged decode merge", attention._paged_decode_reduce_kernel, paged, dict(
-        BLOCK_SIZE=16, SPLITS_P=64, D_P=64), 4
+    for split, rope, pdl in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+        yield f"paged decode{' split' if split else ''}{' + rope + cache write' if rope else ''}" \
+              f"{', PDL' if pdl else ''}", attention._paged_decode_kernel, {**paged, "slots_ptr": "*i64"}, dict(
+                BLOCK_SIZE=16, GROUP_P=8, D_P=64, SPLIT=split, ROPE=rope, PDL=pdl), 4
+    for pdl in (False, True):
+        yield f"paged decode merge{', PDL' if pdl else ''}", attention._paged_decode_reduce_kernel, paged, dict(
+            BLOCK_SIZE=16, SPLITS_P=64, D_P=64, PDL=pdl), 4
     from llmopt.serving import multistep
 
     ints = {n: "*i64" for n in ("ids_ptr", "pos_ptr", "slots_ptr", "lens_ptr", "tables_ptr", "tokens_ptr", "step_ptr")}
     floats = {"logits_ptr": "*fp32", "logprobs_ptr": "*fp32"}
-    yield "greedy advance", multistep._greedy_advance_kernel, {**ints, **floats}, dict(KV_BLOCK=16, BLOCK_V=4096), 4
+    for pdl in (False, True):
+        yield f"greedy advance{', PDL' if pdl else ''}", multistep._greedy_advance_kernel, {**ints, **floats}, dict(
+            KV_BLOCK=16, BLOCK_V=4096, PDL=pdl), 4
     yield "rope + cache write", attention._rope_write_kernel, {"slots_ptr": "*i64"}, dict(
         BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=32, D_P=64), 4
 

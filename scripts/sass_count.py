@@ -45,7 +45,7 @@ KERNELS = {
               dict(GROUP_WORDS=16, EXACT=False)),
     # the bf16 GEMV of gemv.py: PROLOGUE 0 (none), 1 (residual add + RMSNorm), 2 (SwiGLU)
     "dense": (gemv._gemv_kernel, 2, dict(gemv.GEMV_CONFIGS[0], PROLOGUE=gemv.NORM),
-              dict(HAS_RESIDUAL=True, PREFETCH=False)),
+              dict(HAS_RESIDUAL=True, PREFETCH=False, PDL=False)),
 }
 
 

@@ -7,7 +7,7 @@ output dtype's rounding (fp32: the order of the sums). Outputs are poisoned with
 import pytest
 import torch
 
-from llmopt.kernels import common  # noqa: F401 - sets TRITON_INTERPRET=1 before triton is imported
+from llmopt.kernels import common  # first: sets TRITON_INTERPRET=1 before triton is imported
 
 pytest.importorskip("triton")
 
@@ -154,6 +154,21 @@ def test_the_separate_ops_are_a_candidate_and_run_where_they_win(monkeypatch):
                                **TOL[torch.float32])
     torch.testing.assert_close(G.gemv(x, W, b, backend="triton"), torch.nn.functional.linear(x, W, b))
     assert len(seen) == 3 and all(c[-1] == G.SEPARATE and c[:-1] == G.configs_for(1) for c in seen)
+
+
+def test_programmatic_dependent_launch_only_on_a_hopper_gpu(monkeypatch):
+    """`set_pdl(True)` asks for programmatic dependent launch; off a CUDA tensor (the interpreter here)
+    nothing changes: the kernels run without it, with the same results."""
+    W, nw, b = layer(24, 40, torch.float32)
+    x, r = randn(1, 40, seed=3), randn(1, 40, seed=4)
+    want = G.norm_linear(x, nw, 1e-6, W, b, r, backend="triton")
+    monkeypatch.setattr(common, "_PDL", True)
+    assert common.pdl(x) is (x.is_cuda and common.HAS_PDL and torch.cuda.get_device_capability()[0] >= 9)
+    assert common.pdl_launch(False) == {} and common.pdl_launch(True) == {"launch_pdl": True}
+    got = G.norm_linear(x, nw, 1e-6, W, b, r, backend="triton")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    common.set_pdl(False)
+    assert not common.pdl(x)
 
 
 def test_bad_input():

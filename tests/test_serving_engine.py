@@ -615,19 +615,27 @@ def test_gpu_cuda_graph_decode_equals_eager_and_hf():
 
 
 @pytest.mark.gpu
-def test_gpu_gemv_fused_engine_equals_hf():
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gpu_gemv_fused_engine_equals_hf(pdl):
     """On a GPU: `fuse(gemv=True)` served with CUDA graphs and multi-step decoding (the fused GEMVs,
     rotary and cache write inside attention, the in-graph token pick) gives HF generate's tokens on the
-    unfused model (float32, so no kernel choice can flip a greedy pick), padded batches included."""
+    unfused model (float32, so no kernel choice can flip a greedy pick), padded batches included; also
+    with the decode kernels launched by programmatic dependent launch (recorded so in the graphs)."""
     import llmopt
     from llmopt import kernels
+    from llmopt.kernels import common
 
     model, tok = llmopt.load("tinypy", device="cuda", dtype=torch.float32)
     model.eval()
     fused = kernels.fuse(copy.deepcopy(model), gemv=True)
     reqs = workload(12, model.config.vocab_size, seed=4, max_prompt=60, max_new=20)
-    engine = LLMEngine(fused, tok, block_size=16, num_kv_blocks=256, max_num_seqs=6, num_scheduler_steps=4)
-    for (prompt, n), out in zip(reqs, run_engine(engine, reqs)):
+    common.set_pdl(pdl)
+    try:
+        engine = LLMEngine(fused, tok, block_size=16, num_kv_blocks=256, max_num_seqs=6, num_scheduler_steps=4)
+        outs = run_engine(engine, reqs)
+    finally:
+        common.set_pdl(False)
+    for (prompt, n), out in zip(reqs, outs):
         ids = torch.tensor([prompt], device="cuda")
         with torch.no_grad():
             hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,

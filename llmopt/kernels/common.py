@@ -44,6 +44,31 @@ except ImportError:  # e.g. macOS: the kernels are defined but never launched; e
 
 BACKENDS = ("auto", "triton", "torch")
 
+# Programmatic dependent launch (Hopper and later, Triton >= 3.4): a kernel launched with it may start
+# while the kernel before it drains; it calls `gdc_wait` before touching what that kernel wrote (its
+# weights, which nothing writes, it may load before), and `gdc_launch_dependents` to let the next one
+# start early in turn. In a decode step of a 1B model, a chain of ~130 small kernels, it hides part of
+# each launch's fixed cost. Off unless asked for (LLMOPT_PDL=1, or `set_pdl(True)` before the kernels
+# are launched or a CUDA graph records them): it has not been measured on a GPU yet.
+_PDL = os.environ.get("LLMOPT_PDL", "0") == "1"
+HAS_PDL = HAS_TRITON and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+
+
+def set_pdl(on: bool) -> None:
+    """Launch the decode kernels that support it with programmatic dependent launch (see above)."""
+    global _PDL
+    _PDL = bool(on)
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """True when a kernel working on `x` should be launched with programmatic dependent launch."""
+    return _PDL and HAS_PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def pdl_launch(on: bool) -> dict:
+    """The launch option that goes with a kernel's PDL constexpr."""
+    return {"launch_pdl": True} if on else {}
+
 
 def interpreted() -> bool:
     """True when Triton kernels run in the interpreter (on CPU tensors)."""

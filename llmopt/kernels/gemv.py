@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import interpreted, next_power_of_2, pick_config, tl, triton, use_triton
+from .common import interpreted, next_power_of_2, pdl, pdl_launch, pick_config, tl, triton, use_triton
 from .rmsnorm import rmsnorm, rmsnorm_reference
 from .swiglu import swiglu, swiglu_reference
 
@@ -82,7 +82,8 @@ def swiglu_linear_reference(gate, up, weight, bias=None):
 def _gemv_kernel(x_ptr, u_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, h_ptr, M, N, K, eps,
                  stride_xm, stride_um, stride_rm, stride_wn, stride_om, stride_hm,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+                 PDL: tl.constexpr = False):
     # One program per BLOCK_N output columns, all M rows, all of K (the norm needs the whole row).
     # The products are kept per k lane (acc) and summed across threads once, after the loop.
     pid = tl.program_id(0)
@@ -99,6 +100,9 @@ def _gemv_kernel(x_ptr, u_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, h_ptr, M, N
     w_ptrs = w_ptr + c3 * stride_wn + tl.arange(0, BLOCK_K)[None, None, :]
     if PREFETCH:
         w_next = tl.load(w_ptrs, mask=(c3 < N) & (tl.arange(0, BLOCK_K)[None, None, :] < K), other=0.0)
+    if PDL:   # programmatic dependent launch (common.py): the first weight tile is on its way already
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)[None, None, :]
         k_ok = ks < K
@@ -215,12 +219,15 @@ def gemv_triton(x, weight, bias=None, *, prologue: int = PLAIN, up=None, norm_we
     nw = norm_weight.contiguous() if prologue == NORM else weight
     b = weight if bias is None else bias
 
+    on = pdl(x2)
+
     def launch(BLOCK_N, BLOCK_K, num_warps, PREFETCH=False):
         _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
             x2, u2, r2, nw, weight, b, o2, h2, M, N, K, float(eps),
             x2.stride(0), u2.stride(0), r2.stride(0), weight.stride(0), o2.stride(0), h2.stride(0),
             PROLOGUE=prologue, HAS_RESIDUAL=has_res, HAS_BIAS=bias is not None,
-            BLOCK_M=next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PREFETCH=PREFETCH, num_warps=num_warps)
+            BLOCK_M=next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PREFETCH=PREFETCH, PDL=on,
+            num_warps=num_warps, **pdl_launch(on))
 
     if config is None:
         candidates = configs_for(M) + ([SEPARATE] if separate is not None else [])

@@ -31,7 +31,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ..kernels.common import next_power_of_2, tl, triton, use_triton
+from ..kernels.common import next_power_of_2, pdl, pdl_launch, tl, triton, use_triton
 from ..kernels.rope import _angles, _rotate, rope_reference
 
 # scaled_dot_product_attention took enable_gqa in torch 2.5; before that the kv heads are repeated by hand
@@ -283,12 +283,15 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, m_p
                          stride_ob, stride_oh, stride_tb, stride_knb, stride_knh, stride_vnb, stride_vnh,
                          stride_cos, stride_sin,
                          BLOCK_SIZE: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr, SPLIT: tl.constexpr,
-                         ROPE: tl.constexpr):
+                         ROPE: tl.constexpr, PDL: tl.constexpr = False):
     """One (sequence, kv head) over its context; with SPLIT, over the `blocks_per_split` blocks of
     split number program_id(2), leaving the unnormalised (max, sum, weighted values) for the reduction.
     ROPE: q arrives unrotated and the new token's k and v (kn, vn) not yet cached: the program rotates
     q and k (cos/sin rows of each sequence's position), the one whose piece holds the new position
     stores k and v at the sequence's slot, and the new token's row is taken from registers."""
+    if PDL:   # programmatic dependent launch (kernels/common.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -368,10 +371,14 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, m_p
 @triton.jit
 def _paged_decode_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lens_ptr, blocks_per_split, num_splits, D,
                                 stride_ob, stride_oh,
-                                BLOCK_SIZE: tl.constexpr, SPLITS_P: tl.constexpr, D_P: tl.constexpr):
+                                BLOCK_SIZE: tl.constexpr, SPLITS_P: tl.constexpr, D_P: tl.constexpr,
+                                PDL: tl.constexpr = False):
     """One (sequence, query head): merge its splits' partial softmaxes. With M the largest of their
     maxima, each split's sums are rescaled by exp(m - M), exactly as the online softmax rescales
     between blocks; out = sum(acc * w) / sum(l * w)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     context_len = tl.load(lens_ptr + seq)
@@ -444,6 +451,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty(B, Hq, n, D, dtype=torch.float32, device=q.device)
     kn, vn, cos, sin, slots = rope if rope is not None else (q, q, q, q, lens)   # unused without ROPE
+    on = pdl(q)
     _paged_decode_kernel[(B, Hk, n)](
         q, k_cache, v_cache, out, tables, lens, m_part, l_part, acc_part, kn, vn, cos, sin, slots,
         float(scale), group, D, per_split, n,
@@ -451,11 +459,11 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0), sin.stride(0),
         BLOCK_SIZE=block_size, GROUP_P=next_power_of_2(group), D_P=next_power_of_2(D), SPLIT=n > 1,
-        ROPE=rope is not None)
+        ROPE=rope is not None, PDL=on, **pdl_launch(on))
     if n > 1:
         _paged_decode_reduce_kernel[(B, Hq)](
             m_part, l_part, acc_part, out, lens, per_split, n, D, out.stride(0), out.stride(1),
-            BLOCK_SIZE=block_size, SPLITS_P=next_power_of_2(n), D_P=next_power_of_2(D))
+            BLOCK_SIZE=block_size, SPLITS_P=next_power_of_2(n), D_P=next_power_of_2(D), PDL=on, **pdl_launch(on))
     return out
 
 

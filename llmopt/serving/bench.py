@@ -273,8 +273,11 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
     model.eval()
     dev = next(model.parameters()).device
     bw = bench.memory_bandwidth(dev)
+    from ..kernels import common
+
     out = {"model": model_name or models.default_model(), "device": str(dev),
            "dtype": str(next(model.parameters()).dtype), "env": bench.environment(),
+           "programmatic_dependent_launch": common.pdl(next(model.parameters())),
            "copy_bandwidth_GBps": bw / 1e9, "prompt_len": prompt_len,
            "new_tokens": new_tokens, "rows": []}
     max_b, max_tokens = max(batch_sizes), prompt_len + new_tokens
@@ -448,7 +451,8 @@ def decode_main(model=None, batch_sizes=(1, 32), new_tokens: int = 128, json_pat
     result = decode_benchmark(model, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats, systems=systems,
                               scheduler_steps=scheduler_steps)
     print(f"{result['model']} on {result['device']} ({result['dtype']}), copy bandwidth "
-          f"{result['copy_bandwidth_GBps']:.0f} GB/s, prompt {result['prompt_len']}, {result['new_tokens']} new tokens")
+          f"{result['copy_bandwidth_GBps']:.0f} GB/s, prompt {result['prompt_len']}, {result['new_tokens']} new tokens"
+          + (", decode kernels with programmatic dependent launch" if result["programmatic_dependent_launch"] else ""))
     base = {r["batch"]: r["tok_s"] for r in result["rows"] if r["system"] == "HF generate"}
     for r in result["rows"]:
         vs = f" | {r['tok_s'] / base[r['batch']]:.2f}x HF generate" if r["batch"] in base else ""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.common import next_power_of_2, tl, triton, use_triton
+from ..kernels.common import next_power_of_2, pdl, pdl_launch, tl, triton, use_triton
 
 
 def greedy_advance_reference(logits, ids, pos, slots, lens, tables, tokens, logprobs, step, block_size: int):
@@ -41,7 +41,10 @@ def greedy_advance_reference(logits, ids, pos, slots, lens, tables, tokens, logp
 @triton.jit
 def _greedy_advance_kernel(logits_ptr, ids_ptr, pos_ptr, slots_ptr, lens_ptr, tables_ptr, tokens_ptr, logprobs_ptr,
                            step_ptr, V, B, S, WIDTH, stride_l, stride_t,
-                           KV_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
+                           KV_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:   # programmatic dependent launch (kernels/common.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
     best = tl.full((), float("-inf"), tl.float32)     # the largest logit so far
@@ -85,5 +88,6 @@ def greedy_advance(logits, ids, pos, slots, lens, tables, tokens, logprobs, step
     if B:
         _greedy_advance_kernel[(B,)](logits, ids, pos, slots, lens, tables, tokens, logprobs, step, V, B,
                                      tokens.shape[0], tables.shape[1], logits.stride(0), tables.stride(0),
-                                     KV_BLOCK=block_size, BLOCK_V=min(4096, next_power_of_2(V)))
+                                     KV_BLOCK=block_size, BLOCK_V=min(4096, next_power_of_2(V)), PDL=pdl(logits),
+                                     **pdl_launch(pdl(logits)))
     step.add_(1)
