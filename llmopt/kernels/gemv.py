@@ -18,7 +18,9 @@ small kernels between them are a big share of a step. Their work is tiny and can
 Three kernels fewer per layer (both norms and the SwiGLU), for at most 8 rows (decode); the x
 side is recomputed by every program, which costs nothing next to the weights each one streams.
 With more rows the wrappers take the separate kernels (`rmsnorm`, `swiglu`) and PyTorch's matmul.
-`gemv` is the plain kernel (no prologue), to compare with cuBLAS.
+`gemv` is the plain kernel (no prologue: the o projection). A fused kernel must also match cuBLAS
+on the matmul itself, so on a GPU each wrapper times its tiles and the separate ops once per shape,
+on weights coming from memory (`pick_config(cold=True)`), and runs the faster.
 
 Rounding differs from the separate ops in one place: their normed / SwiGLU activations are
 rounded to x's dtype before the matmul; here they stay float32. In fp32 the two agree to float
@@ -37,7 +39,7 @@ MAX_ROWS = 8      # rows a GEMV takes; more, and the matmul is a GEMM (the separ
 
 PLAIN, NORM, SWIGLU = 0, 1, 2
 
-# Candidate tiles (`pick_config` times them per shape on a GPU; on a CPU the first is taken).
+# Candidate tiles (`pick_config` times them per shape on a GPU; the interpreter takes its own).
 # Tiles are BLOCK_N weight rows by BLOCK_K columns: 4-16 KB of bf16 weights in flight per program
 # and iteration, and N / BLOCK_N programs: 256 for a 2048-wide output with BLOCK_N = 8, two per SM.
 GEMV_CONFIGS = [
@@ -100,7 +102,9 @@ def _gemv_kernel(x_ptr, u_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, h_ptr, M, N
     w_ptrs = w_ptr + c3 * stride_wn + tl.arange(0, BLOCK_K)[None, None, :]
     if PREFETCH:
         w_next = tl.load(w_ptrs, mask=(c3 < N) & (tl.arange(0, BLOCK_K)[None, None, :] < K), other=0.0)
-    if PDL:   # programmatic dependent launch (common.py): the first weight tile is on its way already
+    # PDL: programmatic dependent launch (common.py). Wait for the kernel before to finish only now:
+    # with PREFETCH the first weight tile is on its way already (no kernel writes weights)
+    if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(0, K, BLOCK_K):
