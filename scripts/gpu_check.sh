@@ -17,10 +17,12 @@ for part in $PARTS; do
   decode)  # lessons 09-10 and 08 end to end: TinyLlama-1.1B-shaped, random init, bf16; batch 1 and 32:
            # HF generate, the engine eager / CUDA graphs / fused kernels / W4 + fused, vs the bandwidth floor
     timeout ${DECODE_TIMEOUT:-420} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes ${BATCHES:-1 32} \
-        --variants ${VARIANTS:-hf graphs fused merged multistep gemv gemv-multistep graphs-multistep w4-merged w4-multistep} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
+        --variants ${VARIANTS:-hf graphs fused merged multistep gemv gemv-multistep graphs-multistep w4-merged w4-multistep} \
+        --scheduler-steps ${STEPS:-8} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
   pdl)  # the same, batch 1, the gemv variants with the decode kernels launched by programmatic dependent launch
     LLMOPT_PDL=1 timeout ${PDL_TIMEOUT:-240} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes 1 \
-        --variants ${PDL_VARIANTS:-gemv gemv-multistep} --json "$OUT/decode_pdl.json" 2>&1 | grep -v Warning | tee "$OUT/decode_pdl.txt" ;;
+        --variants ${PDL_VARIANTS:-gemv gemv-multistep} --scheduler-steps ${STEPS:-8} --json "$OUT/decode_pdl.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/decode_pdl.txt" ;;
   profile)  # lessons 08-10: where a batch-1 decode step's time goes (engine step, graph replay, kernel by kernel)
     timeout ${PROFILE_TIMEOUT:-240} $PY scripts/decode_profile.py --model tinyllama-1.1b-random --json "$OUT/profile.json" \
         2>&1 | grep -v Warning | tee "$OUT/profile.txt" ;;
