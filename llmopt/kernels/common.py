@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from functools import cache
 
 import torch
 
@@ -62,7 +63,12 @@ def set_pdl(on: bool) -> None:
 
 def pdl(x: torch.Tensor) -> bool:
     """True when a kernel working on `x` should be launched with programmatic dependent launch."""
-    return _PDL and HAS_PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return _PDL and HAS_PDL and x.is_cuda and _major(x.device.index or 0) >= 9
+
+
+@cache
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def pdl_launch(on: bool) -> dict:
@@ -117,9 +123,9 @@ def pick_config(key, candidates: list[dict], launch, cold: bool = False) -> dict
     Timed as GPU time in a CUDA graph (`bench.time_graph`): timed call by call, a small kernel's
     launch overhead would hide the differences between the candidates. `cold`: each call comes after
     a read of twice the L2's size (the same for every candidate, so it does not change their order),
-    so a kernel that streams weights is timed reading them from memory, as it does in a model's decode step (every
-    layer's weights once per token), not from the L2 its previous call filled: a tile that keeps
-    few bytes in flight hides that latency poorly and should lose."""
+    so a kernel that streams weights is timed reading them from memory, as it does in a model's
+    decode step (every layer's weights once per token), not from the L2 its previous call filled: a
+    tile that keeps few bytes in flight hides that latency poorly and should lose."""
     if key in _best:
         return _best[key]
     if not torch.cuda.is_available() or len(candidates) == 1:

@@ -171,12 +171,12 @@ class ModelRunner:
         if self._gemv(layer, layer.input_layernorm, getattr(attn, "qkv_proj", None)):
             qkv, residual = self._norm_linear(layer.input_layernorm, attn.qkv_proj, x, residual)
             q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
-        elif hasattr(attn, "qkv_proj"):   # lesson 08's fuse(merge=True): one matmul, three views of its output
-            h, residual = self._norm(layer.input_layernorm, x, residual)
-            q, k, v = attn.qkv(h)
         else:
             h, residual = self._norm(layer.input_layernorm, x, residual)
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            if hasattr(attn, "qkv_proj"):   # lesson 08's fuse(merge=True): one matmul, three views of its output
+                q, k, v = attn.qkv(h)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         q, k, v = q.view(T, -1, D), k.view(T, -1, D), v.view(T, -1, D)
         if hasattr(attn, "q_norm"):   # Qwen3: RMSNorm per head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
