@@ -279,6 +279,14 @@ def test_wrapper_backends(name, monkeypatch):
         op(*args, backend="cuda")
 
 
+def test_interpreter_clash_names_the_versions_that_fail_together():
+    # measured here: Triton 3.6.0's interpreter fails with numpy 2.4.6 and runs with 2.3.5; 3.7 and 3.8 run with 2.4
+    assert "numpy<2.4" in common.interpreter_clash("3.6.0", "2.4.6")
+    assert common.interpreter_clash("3.6.0", "2.3.5") is None
+    assert common.interpreter_clash("3.7.0", "2.4.6") is None
+    assert common.interpreter_clash("3.9.0+git1a2b", "2.4.0") is None
+
+
 # ---------------------------------------------------------------- on a GPU, in bfloat16
 
 BF16 = TOL[torch.bfloat16]

@@ -45,6 +45,24 @@ except ImportError:  # e.g. macOS: the kernels are defined but never launched; e
 
 BACKENDS = ("auto", "triton", "torch")
 
+
+def interpreter_clash(triton_version: str, numpy_version: str) -> str | None:
+    """Why the interpreter of this Triton cannot run with this numpy, or None. Triton < 3.7's interpreter
+    turns one-element arrays into Python ints, which numpy >= 2.4 refuses: every kernel with a loop over
+    a runtime bound then fails with "only 0-dimensional arrays can be converted to Python scalars"."""
+    def major_minor(v):
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:2])
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter fails with numpy {numpy_version} (kernels on CPU tensors "
+                f"raise 'only 0-dimensional arrays can be converted'): pip install 'numpy<2.4' or 'triton>=3.7'")
+    return None
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    import numpy as _np
+    if (_clash := interpreter_clash(triton.__version__, _np.__version__)) is not None:
+        warnings.warn(_clash, stacklevel=2)
+
 # Programmatic dependent launch (Hopper and later, Triton >= 3.4): a kernel launched with it may start
 # while the kernel before it drains; it calls `gdc_wait` before touching what that kernel wrote (its
 # weights, which nothing writes, it may load before), and `gdc_launch_dependents` to let the next one
