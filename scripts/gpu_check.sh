@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-"profile decode pdl kernels tests"}
+PARTS=${PARTS:-"profile decode kernels tests"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for part in $PARTS; do
@@ -17,9 +17,10 @@ for part in $PARTS; do
   decode)  # lessons 09-10 and 08 end to end: TinyLlama-1.1B-shaped, random init, bf16; batch 1 and 32:
            # HF generate, the engine eager / CUDA graphs / fused kernels / W4 + fused, vs the bandwidth floor
     timeout ${DECODE_TIMEOUT:-420} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes ${BATCHES:-1 32} \
-        --variants ${VARIANTS:-hf graphs fused merged multistep gemv gemv-multistep graphs-multistep w4-merged w4-multistep} \
+        --variants ${VARIANTS:-hf graphs fused merged multistep gemv gemv-multistep gemv-pdl gemv-multistep-pdl w4-merged w4-multistep} \
         --scheduler-steps ${STEPS:-8} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
-  pdl)  # the same, batch 1, the gemv variants with the decode kernels launched by programmatic dependent launch
+  pdl)  # the same, batch 1, every kernel launched by programmatic dependent launch (LLMOPT_PDL=1), in a process of its
+        # own (its block configs timed again); part decode's gemv-pdl variants do it in the same process
     LLMOPT_PDL=1 timeout ${PDL_TIMEOUT:-240} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes 1 \
         --variants ${PDL_VARIANTS:-gemv gemv-multistep} --scheduler-steps ${STEPS:-8} --json "$OUT/decode_pdl.json" 2>&1 \
         | grep -v Warning | tee "$OUT/decode_pdl.txt" ;;

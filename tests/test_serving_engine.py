@@ -643,6 +643,28 @@ def test_gpu_gemv_fused_engine_equals_hf(pdl):
         assert out.outputs[0].token_ids == hf
 
 
+def test_decode_benchmark_pdl_variants_turn_it_on_for_their_own_engine_only(monkeypatch):
+    """The -pdl variants build their engine (where CUDA graphs record the launches) and run it with
+    `set_pdl(True)`; every other variant, and the caller afterwards, keep the setting they had."""
+    from llmopt.kernels import common
+    from llmopt.serving import bench as sbench
+
+    seen, real = [], sbench._engine_for
+
+    def spy(*args, **kw):
+        seen.append(common.pdl_enabled())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sbench, "_engine_for", spy)
+    assert not common.pdl_enabled()
+    r = sbench.decode_benchmark(None, batch_sizes=(1,), prompt_len=4, new_tokens=3, repeats=1,
+                                systems=("gemv", "gemv-pdl", "gemv-multistep-pdl"))
+    assert seen == [False, True, True] and not common.pdl_enabled()
+    names = [row["system"] for row in r["rows"]]
+    assert ", programmatic dependent launch" in names[1] and "steps a sync" in names[2], names
+    assert all(row["tok_s"] > 0 and row["programmatic_dependent_launch"] is False for row in r["rows"])  # a CPU
+
+
 @pytest.mark.gpu
 def test_gpu_engine_batch_32_is_3x_hf_generate():
     """Issue bar: a TinyLlama-1.1B-shaped model (random, bf16), batch 32: the engine (CUDA graphs) >= 3x

@@ -79,6 +79,11 @@ def set_pdl(on: bool) -> None:
     _PDL = bool(on)
 
 
+def pdl_enabled() -> bool:
+    """Whether `set_pdl` (or LLMOPT_PDL=1) asked for programmatic dependent launch."""
+    return _PDL
+
+
 def pdl(x: torch.Tensor) -> bool:
     """True when a kernel working on `x` should be launched with programmatic dependent launch."""
     return _PDL and HAS_PDL and x.is_cuda and _major(x.device.index or 0) >= 9

@@ -261,7 +261,10 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
     W4A16 kernels ("w4-fused", "w4-merged"); "gemv": fused and merged, with the norms and the SwiGLU
     inside the decode matmuls (`fuse(gemv=True)`); "graphs-multistep", "multistep" (fused and merged),
     "gemv-multistep" and "w4-multistep" (W4, fused and merged) add multi-step decoding
-    (`num_scheduler_steps=scheduler_steps`).
+    (`num_scheduler_steps=scheduler_steps`); "gemv-pdl" and "gemv-multistep-pdl" are the gemv ones with
+    the decode kernels launched by programmatic dependent launch (`kernels.common.set_pdl`, on for
+    that engine only; in the same process the block configs picked for "gemv" are reused, not timed
+    again).
     CUDA graphs wherever there is a GPU.
     Batch-1 rows also carry the share of the decode floor (weight bytes / measured bandwidth)."""
     import copy
@@ -301,9 +304,14 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
         if variant in systems:
             runs.append(("llmopt engine, fused kernels, merged qkv / gate-up" + graphs + (steps if kw else ""),
                          fuse(copy.deepcopy(model), merge=True), kw))
-    for variant, kw in (("gemv", {}), ("gemv-multistep", multi)):
+    pdl = {"pdl": True}
+    for variant, kw in (("gemv", {}), ("gemv-multistep", multi), ("gemv-pdl", pdl),
+                        ("gemv-multistep-pdl", {**multi, **pdl})):
         if variant in systems:
-            runs.append(("llmopt engine, fused kernels, norm + SwiGLU in the GEMVs" + graphs + (steps if kw else ""),
+            runs.append(("llmopt engine, fused kernels, norm + SwiGLU in the GEMVs" + graphs
+                         + (steps if "num_scheduler_steps" in kw else "")
+                         + ((", programmatic dependent launch" + ("" if dev.type == "cuda" else " (needs a GPU)"))
+                            if "pdl" in kw else ""),
                          fuse(copy.deepcopy(model), gemv=True), kw))
     for variant, merge, kw in (("w4-fused", False, {}), ("w4-merged", True, {}), ("w4-multistep", True, multi)):
         if variant in systems:
@@ -312,21 +320,28 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
             w4 = fuse(quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=group_size)), merge=merge)
             runs.append(("llmopt engine, W4 + fused kernels" + (", merged qkv / gate-up" if merge else "") + graphs
                          + (steps if kw else ""), w4, kw))
-    for name, m, kw in runs:
-        fn = None if kw is None else generate_fn(_engine_for(m, tok, max_b, max_tokens, **kw))
-        for b in batch_sizes:
-            r = bench.generation(m, b, prompt_len, new_tokens, repeats=repeats, generate_fn=fn)
-            row = {"system": name, "batch": b, "tok_s": r.tokens_per_s, "ttft_ms": r.ttft_s * 1e3,
-                   "tpot_ms": r.tpot_s * 1e3, "weight_MB": bench.weight_bytes(m) / 1e6}
-            if b == 1:
-                roof = bench.decode_roofline(m, r.tpot_s, bw)
-                row["floor_tok_s"], row["fraction_of_floor"] = roof.floor_tokens_per_s, roof.fraction_of_floor
-            out["rows"].append(row)
-            print(format_decode_row(row), flush=True)
-        if kw is not None:
-            del fn
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+    pdl_before = common.pdl_enabled()
+    try:
+        for name, m, kw in runs:
+            kw = None if kw is None else dict(kw)
+            common.set_pdl(kw.pop("pdl", pdl_before) if kw is not None else pdl_before)
+            fn = None if kw is None else generate_fn(_engine_for(m, tok, max_b, max_tokens, **kw))
+            for b in batch_sizes:
+                r = bench.generation(m, b, prompt_len, new_tokens, repeats=repeats, generate_fn=fn)
+                row = {"system": name, "batch": b, "tok_s": r.tokens_per_s, "ttft_ms": r.ttft_s * 1e3,
+                       "tpot_ms": r.tpot_s * 1e3, "weight_MB": bench.weight_bytes(m) / 1e6,
+                       "programmatic_dependent_launch": common.pdl(next(m.parameters()))}
+                if b == 1:
+                    roof = bench.decode_roofline(m, r.tpot_s, bw)
+                    row["floor_tok_s"], row["fraction_of_floor"] = roof.floor_tokens_per_s, roof.fraction_of_floor
+                out["rows"].append(row)
+                print(format_decode_row(row), flush=True)
+            if kw is not None:
+                del fn
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        common.set_pdl(pdl_before)
     return out
 
 
