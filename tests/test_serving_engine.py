@@ -327,6 +327,39 @@ def test_llm_by_name_and_load_llm_falls_back_without_vllm_or_gpu():
     assert len(out) == 1 and out[0].prompt_token_ids == [5, 6, 7] and len(out[0].outputs[0].token_ids) == 3
 
 
+def test_llm_chat_renders_each_conversation_and_generates_it(model_tok):
+    """vLLM's `LLM.chat`: one conversation or a list of them; the plain template for the bundled model
+    (it has none), the tokenizer's own or a `chat_template` argument otherwise; bad input refused."""
+    from llmopt.serving.llm import chat_prompt
+
+    model, tok = model_tok
+    llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64)
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    talk = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "add two numbers"}]
+    (out,) = llm.chat(talk, greedy)
+    assert out.prompt == "# system:\nYou write Python.\n# user:\nadd two numbers\n# assistant:\n"
+    assert out.outputs[0].token_ids == llm.generate(out.prompt, greedy)[0].outputs[0].token_ids
+    other = [{"role": "user", "content": "sort a list"}]
+    both = llm.chat([talk, other], greedy)
+    assert [o.prompt for o in both] == [out.prompt, chat_prompt(tok, other)]
+    assert both[0].outputs[0].token_ids == out.outputs[0].token_ids
+    # the last (assistant) message left open for the model to continue
+    start = other + [{"role": "assistant", "content": "def sort_list(xs):"}]
+    assert chat_prompt(tok, start, add_generation_prompt=False, continue_final_message=True) \
+        == "# user:\nsort a list\n# assistant:\ndef sort_list(xs):"
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert llm.chat(other, greedy, chat_template=template)[0].prompt == "<user>sort a list<assistant>"
+    templated = copy.deepcopy(tok)
+    templated.chat_template = template
+    assert chat_prompt(templated, other, add_generation_prompt=False) == "<user>sort a list"
+    for bad in ([], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 3}], "hi"):
+        with pytest.raises(ValueError, match="messages"):
+            llm.chat(bad, greedy)
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(start, greedy, continue_final_message=True)     # add_generation_prompt is on by default
+
+
 def _decode_ready_engine(model, tok, reqs, **kw):
     """An engine stepped until every request is past its prefill (the next step is a pure decode)."""
     engine = LLMEngine(model, tok, block_size=8, num_kv_blocks=64, max_num_seqs=8, enforce_eager=True, **kw)

@@ -59,6 +59,23 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = False, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: `messages` is one conversation (a list of {"role", "content"} dicts) or a
+        list of them; each is rendered with the tokenizer's chat template (or `chat_template`, a Jinja
+        string; the bundled model has none and gets a plain one, `chat_prompt`) and generated as
+        `generate` does, one output per conversation."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a conversation (a non-empty list of {role, content} dicts) or a "
+                             "non-empty list of them")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [chat_prompt(self.tokenizer, c, chat_template=chat_template,
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion, batched continuously; outputs in the order of `prompts`."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
@@ -82,6 +99,30 @@ class LLM:
             raise
         final = self.engine.run(use_tqdm=use_tqdm)
         return [final[rid] for rid in ids]
+
+
+def chat_prompt(tokenizer, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, **template_kwargs) -> str:
+    """A conversation as one prompt: the tokenizer's chat template (or `chat_template`) when there is
+    one, else a plain one for the bundled (code) model: `# role:` lines, then `# assistant:` for the
+    reply (`add_generation_prompt`), or the last message left open for the model to continue
+    (`continue_final_message`)."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user",
+                                                                                            "assistant")
+            for m in messages):
+        raise ValueError("messages must be a non-empty list of {role: system|user|assistant, content: str}")
+    if continue_final_message and (add_generation_prompt or messages[-1]["role"] != "assistant"):
+        raise ValueError("continue_final_message continues the last message, an assistant's: "
+                         "it needs add_generation_prompt=False")
+    if chat_template is not None or getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **template_kwargs)
+    text = "".join(f"# {m['role']}:\n{m['content']}\n" for m in messages)
+    if continue_final_message:
+        return text[:-1]
+    return text + ("# assistant:\n" if add_generation_prompt else "")
 
 
 # arguments of our `LLM` that vLLM's does not take: dropped when the real vLLM is used

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 
 from .async_engine import AsyncEngine, Busy, EngineProcess, EngineStopped, Timeout, load_engine
 from .engine import LLMEngine, RequestOutput
+from .llm import chat_prompt
 from .sampling import SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "max_tokens", "logprobs", "ignore_eos",
@@ -37,19 +38,6 @@ def _ending(e: Exception) -> tuple[int, str]:
     if isinstance(e, EngineStopped):
         return 503, "server_error"
     return 400, "invalid_request_error"   # a ValueError: the engine refused the request
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The model's chat template when it has one, else a plain one for the bundled (code) model."""
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user",
-                                                                                            "assistant")
-            for m in messages):
-        raise ValueError("messages must be a non-empty list of {role: system|user|assistant, content: str}")
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    parts = [f"# {m['role']}:\n{m['content']}\n" for m in messages]
-    return "".join(parts) + "# assistant:\n"
 
 
 def sampling_params(body: dict) -> SamplingParams:
