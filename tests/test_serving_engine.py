@@ -217,11 +217,13 @@ def test_bad_input_is_a_clear_error(model_tok):
     for kwargs, field in ((dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
                           (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"),
                           (dict(top_k=0), "top_k"),
-                          (dict(n=2), "n")):
+                          (dict(n=0), "n"), (dict(n=2.5), "n")):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="empty"):
         engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLMEngine(model, tok, num_kv_blocks=64, max_num_seqs=4).add_request([5, 6], SamplingParams(n=5))
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request([5] * model.config.max_position_embeddings, SamplingParams())
     with pytest.raises(ValueError, match="prompt"):
@@ -325,6 +327,69 @@ def test_llm_by_name_and_load_llm_falls_back_without_vllm_or_gpu():
     assert isinstance(llm, LLM) and llm.engine.scheduler.max_num_seqs == 4
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(out) == 1 and out[0].prompt_token_ids == [5, 6, 7] and len(out[0].outputs[0].token_ids) == 3
+
+
+def _solo(model, tok, prompt, params, **kw):
+    engine = LLMEngine(model, tok, num_kv_blocks=64, block_size=4, **kw)
+    rid = engine.add_request(prompt, params)
+    return engine.run()[rid].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("num_kv_blocks", [64, 10])     # 10 blocks of 4: the forks preempt each other
+def test_n_completions_share_the_prompt_and_equal_n_seeded_requests(model_tok, num_kv_blocks):
+    """Parallel sampling: the prompt runs once, then n sequences hold its blocks; completion i equals a
+    request of its own with seed + i (vLLM's seeding), so copy-on-write kept each one's K/V its own."""
+    model, tok = model_tok
+    prompt = list(range(3, 13))       # 10 tokens: with blocks of 4 the last one is partial, shared by the forks
+    params = dict(temperature=1.0, max_tokens=12, ignore_eos=True)
+    engine = LLMEngine(model, tok, num_kv_blocks=num_kv_blocks, block_size=4)
+    rid = engine.add_request(prompt, SamplingParams(n=4, seed=100, **params))
+    (first,) = engine.step()           # the prefill, the fork, a first token each
+    assert [o.index for o in first.outputs] == [0, 1, 2, 3] and not first.finished
+    assert all(len(o.token_ids) == 1 for o in first.outputs)
+    table = engine.requests[rid][0].block_table
+    assert len(table) == 3 and all(s.block_table == table for s in engine.requests[rid])
+    assert all(engine.blocks.blocks[b].ref_count == 4 for b in table)
+    out = engine.run()[rid]
+    assert out.finished and [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert [o.token_ids for o in out.outputs] == [_solo(model, tok, prompt, SamplingParams(seed=100 + i, **params))
+                                                  for i in range(4)]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 4
+    if num_kv_blocks == 64:
+        assert engine.stats.computed_tokens == len(prompt) + 4 * 11 and engine.stats.preemptions == 0
+    else:
+        assert engine.stats.preemptions > 0
+    assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks and not engine.requests
+    engine.blocks.check()
+
+
+def test_n_completions_take_n_seats_stream_once_a_step_and_abort_together(model_tok):
+    model, tok = model_tok
+    engine = LLMEngine(model, tok, num_kv_blocks=64, block_size=4, max_num_seqs=4)
+    greedy = SamplingParams(n=3, temperature=0, max_tokens=6, ignore_eos=True)
+    a = engine.add_request([5, 6, 7], greedy)
+    b = engine.add_request([8, 9], SamplingParams(n=2, temperature=0.9, seed=3, max_tokens=30, ignore_eos=True))
+    running, final = [], {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        assert len({o.request_id for o in outs}) == len(outs)        # one output per request and step
+        assert engine.scheduler.seats() <= 4
+        running.append({s.request_id for s in engine.scheduler.running})
+        final.update({o.request_id: o for o in outs if o.finished})
+        if b in running[-1] and len(running) > 8:
+            engine.abort_request(b)
+    assert {a} in running and running.index({a}) < running.index({b})   # b (2 seats) waited for a (3 of 4)
+    want = hf_greedy(model, [5, 6, 7], 6)
+    assert [o.token_ids for o in final[a].outputs] == [want] * 3
+    assert [o.finish_reason for o in final[b].outputs] == ["abort", "abort"] and final[b].finished
+    assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
+
+
+def test_n_greedy_completions_with_multi_step_decoding_and_through_llm(model_tok):
+    model, tok = model_tok
+    llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64, block_size=4, num_scheduler_steps=4)
+    (out,) = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(n=3, temperature=0, max_tokens=9, ignore_eos=True))
+    assert [o.token_ids for o in out.outputs] == [hf_greedy(model, [5, 6, 7, 8, 9], 9)] * 3
 
 
 def test_llm_chat_renders_each_conversation_and_generates_it(model_tok):

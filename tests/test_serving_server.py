@@ -73,13 +73,37 @@ def test_chat_completion_and_stream(client):
     assert text == r.choices[0].message.content
 
 
+def test_n_completions_as_choices_and_streamed_by_index(client, bundled):
+    """n > 1 (parallel sampling): n choices, seeded as the engine seeds them (seed + index), so the
+    streamed deltas of each index add up to its non-streamed text; usage counts every completion."""
+    model, tok = bundled
+    kw = dict(model=NAME, prompt="def add(a, b):", max_tokens=10, temperature=1.0, n=3, seed=11,
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 30
+    want = LLM(model=model, tokenizer=tok).generate(["def add(a, b):"], SamplingParams(
+        n=3, temperature=1.0, seed=11, max_tokens=10, ignore_eos=True))[0].outputs
+    assert [c.text for c in r.choices] == [c.text for c in want]
+    texts, finished = ["", "", ""], []
+    for chunk in client.completions.create(stream=True, **kw):
+        (c,) = chunk.choices
+        texts[c.index] += c.text
+        if c.finish_reason is not None:
+            finished.append(c.index)
+    assert texts == [c.text for c in r.choices] and sorted(finished) == [0, 1, 2]
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+
+
 @pytest.mark.parametrize("body, status, needle", [
     ("{not json", 400, "not valid JSON"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
     ({"model": NAME, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": NAME, "prompt": "x", "top_p": 2}, 400, "top_p"),
     ({"model": NAME, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": NAME, "prompt": "x", "n": 2}, 400, "n must be 1"),
+    ({"model": NAME, "prompt": "x", "n": 0}, 400, "n (completions per prompt)"),
+    ({"model": NAME, "prompt": "x", "n": 9}, 400, "max_num_seqs"),
     ({"model": NAME, "prompt": ""}, 400, "empty"),
     ({"model": NAME, "prompt": [7] * 5000}, 400, "max_model_len"),
     ({"model": NAME, "prompt": 3}, 400, "prompt must be"),

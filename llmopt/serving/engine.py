@@ -10,6 +10,11 @@ token for every sequence that reached its last token -> check stop conditions ->
 of finished sequences. `step()` returns a `RequestOutput` for each request that got a new token,
 so a caller can stream.
 
+A request for `n` completions (`SamplingParams(n=...)`, parallel sampling) runs its prompt once; at
+its first token it is forked into n sequences that share the prompt's KV blocks (copy-on-write, as
+in the PagedAttention paper), each sampling with its own generator (seed + index, as vLLM seeds
+them). Its `RequestOutput` carries the n completions, and is finished when all n are.
+
 With `num_scheduler_steps=k` (vLLM's multi-step scheduling) a step whose batch is all greedy decode
 runs up to k forwards on the device, each feeding its token to the next, and the host takes the k
 tokens in one go: the host's per-token work (above) is paid once per k tokens, and on a GPU the k
@@ -89,8 +94,8 @@ class LLMEngine:
         self.eos = _eos_ids(model, tokenizer)
         self.seed = seed
         self.stats = EngineStats()
-        self.seqs: dict[str, Sequence] = {}     # requests not yet reported finished
-        self._pending: list[RequestOutput] = []  # finished outside a step (abort, cannot fit): next step reports
+        self.requests: dict[str, list[Sequence]] = {}   # not yet reported finished: their sequences, by index
+        self._pending: list[str] = []   # requests that ended outside a step (abort, cannot fit): next step reports
         self._generators: dict[int, torch.Generator | None] = {}
 
     # ------------------------------------------------------------------ requests
@@ -107,25 +112,47 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context (max_model_len) is "
                              f"{self.max_model_len}, leaving no room to generate")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.scheduler.max_num_seqs}): the n completions "
+                             f"run side by side")
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt_token_ids must lie in [0, {vocab}), got {min(ids)}..{max(ids)}")
         seq = Sequence(ids, params, request_id, prompt=text)
-        if seq.request_id in self.seqs and not self.seqs[seq.request_id].is_finished:
+        if not all(s.is_finished for s in self.requests.get(seq.request_id, [])):
             raise ValueError(f"request_id {seq.request_id!r} is already running")
         self.scheduler.add(seq)
-        self.seqs[seq.request_id] = seq
-        if not params.greedy:
-            g = torch.Generator()
-            g.manual_seed(params.seed if params.seed is not None else self.seed * 1_000_003 + seq.seq_id)
-            self._generators[seq.seq_id] = g
+        self.requests[seq.request_id] = [seq]
+        self._seed(seq)
         self.stats.prompt_tokens += len(ids)
         return seq.request_id
 
+    def _seed(self, seq: Sequence) -> None:
+        """A sampled sequence's own generator: its request's seed + its index (vLLM's seeding of the n
+        completions), or without a seed one from the engine's seed and the sequence id."""
+        p = seq.params
+        if not p.greedy:
+            g = torch.Generator()
+            g.manual_seed(p.seed + seq.index if p.seed is not None else self.seed * 1_000_003 + seq.seq_id)
+            self._generators[seq.seq_id] = g
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """After its prompt's last token: the n - 1 more sequences of a request for n completions,
+        holding the parent's blocks (no K/V is copied until one of them writes into a shared block)."""
+        n, children = parent.params.n, []
+        for index in range(n - parent.forks_pending, n):
+            child = Sequence(parent.token_ids, parent.params, parent.request_id, prompt=parent.prompt)
+            child.index, child.arrival_time = index, parent.arrival_time
+            self.scheduler.fork(parent, child)
+            self._seed(child)
+            self.requests[parent.request_id].append(child)
+            children.append(child)
+        return children
+
     def abort_request(self, request_id: str) -> None:
-        seq = self.seqs.get(request_id)
-        if seq is not None and not seq.is_finished:
-            self._finish(seq, "abort")
+        for seq in self.requests.get(request_id, []):
+            if not seq.is_finished:
+                self._finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
         """Requests still running or queued, or finished ones (aborted) whose output is not yet reported."""
@@ -151,25 +178,32 @@ class LLMEngine:
         done = [seq.num_computed_tokens + n == len(seq) for seq, n in batch]
         k = self._steps_ahead(batch, done)
         if k > 1:
-            return self._flush(self._multi_step(batch, k, detokenize))
+            return self._flush(self._multi_step(batch, k), detokenize)
         logits = self.runner.forward(batch, done)
         self.stats.steps += 1
         self.stats.computed_tokens += sum(n for _, n in batch)
         for seq, n in batch:
             seq.num_computed_tokens += n
         ready = [seq for (seq, _), d in zip(batch, done) if d]
-        outputs = []
+        touched = []
         if ready:
-            tokens, chosen, tops = sample(logits, [s.params for s in ready],
-                                          [self._generators.get(s.seq_id) for s in ready])
+            seqs, rows = [], []   # a forked request's n sequences all sample from its row of logits
             for i, seq in enumerate(ready):
+                for s in [seq] + (self._fork(seq) if seq.forks_pending else []):
+                    seqs.append(s)
+                    rows.append(i)
+            if len(seqs) > len(ready):
+                logits = logits[rows]
+            tokens, chosen, tops = sample(logits, [s.params for s in seqs],
+                                          [self._generators.get(s.seq_id) for s in seqs])
+            for i, seq in enumerate(seqs):
                 try:
                     self._append(seq, int(tokens[i]), float(chosen[i]), tops[i])
                 except Exception as e:  # one bad request must not stop the batch
                     self._finish(seq, "error", f"{type(e).__name__}: {e}", report=False)
-                outputs.append(self._output(seq, detokenize))
+                touched.append(seq.request_id)
         self._record_kv_use()
-        return self._flush(outputs)
+        return self._flush(touched, detokenize)
 
     # ------------------------------------------------------------------ multi-step decoding
 
@@ -199,17 +233,16 @@ class LLMEngine:
             k = min(k, *(len(seq.block_table) * self.blocks.block_size - len(seq) + 1 for seq, _ in batch))
         return max(k, 1)
 
-    def _multi_step(self, batch, k: int, detokenize: bool) -> list[RequestOutput]:
+    def _multi_step(self, batch, k: int) -> list[str]:
         """Run k decode steps on the device, then take their tokens in order as k single steps would:
         a sequence that stops at step j keeps j tokens, and the rest of its run is dropped (its K/V
-        went into its own blocks, freed with it)."""
+        went into its own blocks, freed with it). Returns the requests that got tokens."""
         seqs = [seq for seq, _ in batch]
         for seq in seqs:
             self.blocks.reserve(seq, k)
         tokens, logprobs = self.runner.decode_steps(seqs, k)
         self.stats.steps += k
         self.stats.computed_tokens += k * len(seqs)
-        outputs = []
         for i, seq in enumerate(seqs):
             seq.num_computed_tokens += 1
             for j in range(k):
@@ -221,21 +254,21 @@ class LLMEngine:
                     break
                 self.blocks.may_append(seq)    # the token's block is reserved: this records its tokens
                 seq.num_computed_tokens += 1
-            outputs.append(self._output(seq, detokenize))
         self._record_kv_use()
-        return outputs
+        return [seq.request_id for seq in seqs]
 
     def _record_kv_use(self) -> None:
         self.stats.kv_used_slots.append(sum(s.num_computed_tokens for s in self.scheduler.running))
         self.stats.kv_reserved_slots.append(sum(len(s.block_table) for s in self.scheduler.running)
                                             * self.blocks.block_size)
 
-    def _flush(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        outputs = self._pending + outputs
-        self._pending = []
+    def _flush(self, request_ids: list[str], detokenize: bool = True) -> list[RequestOutput]:
+        """One output per request: those that ended outside a step (with their text), then `request_ids`."""
+        pending, self._pending = self._pending, []
+        outputs = [self._output(rid, detokenize or rid in pending) for rid in dict.fromkeys(pending + request_ids)]
         for out in outputs:
             if out.finished:
-                self.seqs.pop(out.request_id, None)   # reported once: the engine keeps no finished requests
+                self.requests.pop(out.request_id, None)   # reported once: the engine keeps no finished requests
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: dict | None) -> None:
@@ -278,20 +311,26 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self._generators.pop(seq.seq_id, None)
         if report or (report is None and reason in ("abort", "error")):
-            self._pending.append(self._output(seq))
+            self._pending.append(seq.request_id)
 
-    def _output(self, seq: Sequence, text: bool = True) -> RequestOutput:
-        done = seq.status == SequenceStatus.FINISHED
-        if (text or done) and not seq.params.stop:
-            seq.text = self._decode(seq.completion_token_ids, seq.params)
-        comp = CompletionOutput(0, seq.text, seq.completion_token_ids, seq.cumulative_logprob,
-                                list(seq.logprobs) if seq.params.logprobs is not None else None,
-                                seq.finish_reason if done else None, seq.stop_reason if done else None)
-        metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
-                   "finished_time": seq.finish_time, "num_preemptions": seq.num_preemptions,
-                   "num_cached_tokens": seq.num_cached_tokens}
-        return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens], [comp], done,
-                             metrics, seq.error)
+    def _output(self, request_id: str, text: bool = True) -> RequestOutput:
+        """The request's output: a completion per sequence (one, or n once forked); finished when all are."""
+        seqs, comps = self.requests[request_id], []
+        for seq in seqs:
+            done = seq.status == SequenceStatus.FINISHED
+            if (text or done) and not seq.params.stop:
+                seq.text = self._decode(seq.completion_token_ids, seq.params)
+            comps.append(CompletionOutput(seq.index, seq.text, seq.completion_token_ids, seq.cumulative_logprob,
+                                          list(seq.logprobs) if seq.params.logprobs is not None else None,
+                                          seq.finish_reason if done else None, seq.stop_reason if done else None))
+        first, done = seqs[0], all(s.is_finished for s in seqs)
+        starts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        metrics = {"arrival_time": first.arrival_time, "first_token_time": min(starts, default=None),
+                   "finished_time": max(s.finish_time for s in seqs) if done else None,
+                   "num_preemptions": sum(s.num_preemptions for s in seqs),
+                   "num_cached_tokens": first.num_cached_tokens}
+        return RequestOutput(request_id, first.prompt, first.token_ids[:first.num_prompt_tokens], comps, done,
+                             metrics, next((s.error for s in seqs if s.error), None))
 
     def run(self, use_tqdm: bool = False) -> dict[str, RequestOutput]:
         """Step until every queued request is finished; the final output of each, by request id."""
@@ -300,7 +339,7 @@ class LLMEngine:
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(self.seqs), desc="requests")
+            bar = tqdm(total=len(self.requests), desc="requests")
         while self.has_unfinished_requests():
             for out in self.step(detokenize=False):
                 if out.finished:

@@ -30,8 +30,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self):
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (one completion per request in llmopt.serving), got {self.n!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n (completions per prompt) must be an int >= 1, got {self.n!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

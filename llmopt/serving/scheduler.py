@@ -14,7 +14,9 @@ Every engine step the scheduler picks which tokens run through the model, under 
    whole batch is done. With `chunked_prefill`, a long prompt is split so that it never takes more
    than the step's remaining token budget, and decodes keep flowing while it is prefilled.
 
-A sequence's blocks are freed the moment it finishes (`finish`).
+A sequence's blocks are freed the moment it finishes (`finish`). A request for n completions
+(parallel sampling) runs its prompt once, then `fork`s into n sequences that share its blocks; it is
+admitted only while the batch has seats for all n.
 """
 from __future__ import annotations
 
@@ -78,9 +80,9 @@ class Scheduler:
         # New sequences join only while budget is left, i.e. when every running prefill finishes in this
         # step: a prefix-cache hit on blocks another sequence allocated then reads K/V written no later
         # than this step's forward (each layer writes all new K/V before any attention reads them).
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and not preempted and budget > 0:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if self.seats() + seq.seats > self.max_num_seqs or not self.blocks.can_allocate(seq):
                 break
             self.blocks.allocate(seq)
             seq.num_computed_tokens = seq.num_cached_tokens
@@ -97,8 +99,24 @@ class Scheduler:
             n = min(n, budget)
             batch.append((seq, n))
             budget -= n
-        assert sum(n for _, n in batch) <= self.max_num_batched_tokens and len(self.running) <= self.max_num_seqs
+        assert sum(n for _, n in batch) <= self.max_num_batched_tokens and self.seats() <= self.max_num_seqs
         return batch
+
+    def seats(self) -> int:
+        """Running sequences, and the forks those that asked for n completions will add."""
+        return sum(s.seats for s in self.running)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` (a fresh sequence with the parent's tokens) joins the batch holding the parent's
+        blocks: a seat the parent reserved at admission, and no new block until one of them writes
+        into a shared one (copy-on-write, `BlockManager.may_append`)."""
+        assert parent.forks_pending > 0 and parent.status == SequenceStatus.RUNNING
+        self.blocks.fork(parent, child)
+        parent.forks_pending -= 1
+        child.forks_pending = 0
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -47,9 +47,18 @@ class Sequence:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.text = ""                   # detokenized completion, kept by the engine
+        # parallel sampling (params.n > 1): the request's first sequence is prefilled alone, then forked
+        # into n sharing its blocks (`Scheduler.fork`); `index` is this one's place among the n
+        self.index = 0
+        self.forks_pending = params.n - 1
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def seats(self) -> int:
+        """Places in the running batch it takes or will take: itself and the forks it still owes."""
+        return 1 + self.forks_pending
 
     @property
     def completion_token_ids(self) -> list[int]:

@@ -23,8 +23,8 @@ from .engine import LLMEngine, RequestOutput
 from .llm import chat_prompt
 from .sampling import SamplingParams
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "max_tokens", "logprobs", "ignore_eos",
-                   "min_tokens", "stop_token_ids")
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "max_tokens", "logprobs",
+                   "ignore_eos", "min_tokens", "stop_token_ids")
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
@@ -41,8 +41,6 @@ def _ending(e: Exception) -> tuple[int, str]:
 
 
 def sampling_params(body: dict) -> SamplingParams:
-    if body.get("n", 1) != 1:
-        raise ValueError("n must be 1")
     kw = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         kw["max_tokens"] = body["max_completion_tokens"]
@@ -133,7 +131,7 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
             return fail(status, str(first), kind=kind)
 
         def usage(out: RequestOutput):
-            n_out = len(out.outputs[0].token_ids)
+            n_out = sum(len(c.token_ids) for c in out.outputs)
             return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": n_out,
                     "total_tokens": len(out.prompt_token_ids) + n_out}
 
@@ -150,30 +148,33 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
                 raise
             if out.error:
                 return fail(500, out.error, kind="server_error")
-            c = out.outputs[0]
-            choice = {"index": 0, "finish_reason": c.finish_reason, "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
-            else:
-                choice["text"] = c.text
-            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
+            choices = []
+            for c in out.outputs:
+                choice = {"index": c.index, "finish_reason": c.finish_reason, "logprobs": None}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": c.text}
+                else:
+                    choice["text"] = c.text
+                choices.append(choice)
+            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
                     "usage": usage(out)}
 
-        def text_of(out: RequestOutput) -> str:
-            c = out.outputs[0]   # a finished output, or one of a request with stop strings, has its text
-            if out.finished or params.stop:
+        def text_of(c) -> str:
+            # a finished completion, or one of a request with stop strings, has its text
+            if c.finish_reason is not None or params.stop:
                 return c.text
             text = async_engine().tokenizer.decode(c.token_ids, skip_special_tokens=params.skip_special_tokens)
             return text.rstrip("\ufffd")   # a character whose bytes are not all generated yet: send it later
 
         async def events():
-            sent, out = 0, first
+            sent, closed, out = {}, set(), first   # per completion index: characters sent; those finished
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
             try:
                 if chat:
-                    head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    heads = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                             for i in range(params.n)]
                     yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name,
-                                "choices": [head]})
+                                "choices": heads})
                 while True:
                     # outputs carry the whole completion so far: when the client has fallen behind, skip
                     # to the latest one and send everything new in one chunk
@@ -182,16 +183,21 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
                     if isinstance(out, Exception):   # past its deadline, or the engine died
                         yield _sse(error_body(str(out), _ending(out)[1]))
                         return
-                    c, text = out.outputs[0], text_of(out)
-                    delta, sent = text[sent:], len(text)
-                    choice = {"index": 0, "finish_reason": c.finish_reason if out.finished else None}
-                    if chat:
-                        choice["delta"] = {"content": delta} if delta else {}
-                    else:
-                        choice.update(text=delta, logprobs=None)
-                    if delta or out.finished:
-                        yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name,
-                                    "choices": [choice]})
+                    for c in out.outputs:   # one chunk per completion with news (OpenAI's way for n > 1)
+                        if c.index in closed:
+                            continue
+                        text = text_of(c)
+                        delta, sent[c.index] = text[sent.get(c.index, 0):], len(text)
+                        choice = {"index": c.index, "finish_reason": c.finish_reason}
+                        if chat:
+                            choice["delta"] = {"content": delta} if delta else {}
+                        else:
+                            choice.update(text=delta, logprobs=None)
+                        if c.finish_reason is not None:
+                            closed.add(c.index)
+                        if delta or c.finish_reason is not None:
+                            yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name,
+                                        "choices": [choice]})
                     if out.finished:
                         yield "data: [DONE]\n\n"
                         return
