@@ -254,21 +254,28 @@ def test_scheduler_never_exceeds_its_budgets():
         sched = Scheduler(bm, max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=rng.randint(1, 64))
         for _ in range(rng.randint(1, 15)):
             n = rng.randint(1, bm.num_blocks * bm.block_size // 2)
-            sched.add(Sequence([rng.randrange(100) for _ in range(n)], SP(max_tokens=5)))
+            # some ask for several completions: forked after their prompt, one seat each, copy-on-write
+            k = rng.choice([1, 1, rng.randint(1, sched.max_num_seqs)])
+            sched.add(Sequence([rng.randrange(100) for _ in range(n)], SP(max_tokens=5, n=k)))
         for _ in range(500):
             if not sched.has_unfinished():
                 break
             batch = sched.schedule()
             assert sum(n for _, n in batch) <= sched.max_num_batched_tokens
-            assert len(batch) <= sched.max_num_seqs and len(sched.running) <= sched.max_num_seqs
+            assert len(batch) <= sched.max_num_seqs and sched.seats() <= sched.max_num_seqs
             assert len({s.seq_id for s, _ in batch}) == len(batch)
             for seq, n in batch:
                 assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens + n
                 seq.num_computed_tokens += n
                 if seq.num_computed_tokens == len(seq):
-                    seq.token_ids.append(1)
-                    if seq.num_completion_tokens >= 5:
-                        sched.finish(seq)
+                    family = [seq]
+                    while seq.forks_pending:
+                        family.append(Sequence(seq.token_ids, seq.params))
+                        sched.fork(seq, family[-1])
+                    for s in family:
+                        s.token_ids.append(1)
+                        if s.num_completion_tokens >= 5:
+                            sched.finish(s)
             bm.check()
         assert not sched.has_unfinished(), f"trial {trial} did not drain"
         assert bm.num_free_blocks() == bm.num_blocks
