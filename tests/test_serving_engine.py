@@ -132,6 +132,45 @@ def test_sampling_seed_top_k_top_p_and_logprobs(model_tok):
     assert out.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
 
 
+def test_penalties_by_hand():
+    """presence / frequency count the completion's tokens only; the repetition penalty every token seen,
+    dividing a positive logit and multiplying a negative one (vLLM's and HF's definitions)."""
+    from llmopt.serving.sampling import apply_penalties, sample
+
+    logits = torch.tensor([4.0, -4.0, 1.0, 2.0, -1.0, 0.5])
+    history = ([0, 1, 2, 2, 3], 2)                  # prompt [0, 1], completion [2, 2, 3]
+    got = apply_penalties(logits, SamplingParams(presence_penalty=1.0, frequency_penalty=0.5), *history)
+    assert got.tolist() == [4.0, -4.0, 1.0 - 1.0 - 2 * 0.5, 2.0 - 1.0 - 0.5, -1.0, 0.5]
+    got = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), *history)
+    assert got.tolist() == [2.0, -8.0, 0.5, 1.0, -1.0, 0.5]
+    assert logits.tolist()[0] == 4.0                # the input is left as it was
+    # greedy: the penalized argmax; the log-probability reported is the model's own (before penalties)
+    p = SamplingParams(temperature=0, repetition_penalty=10.0, logprobs=0)   # 4 / 10 < 0.5, the one unseen token
+    tokens, chosen, _ = sample(logits[None], [p], [None], [history])
+    assert tokens.tolist() == [5] and chosen.item() == pytest.approx(torch.log_softmax(logits, -1)[5].item())
+    with pytest.raises(ValueError, match="histories"):
+        sample(logits[None], [p], [None])
+
+
+def test_repetition_penalty_equals_hf_generate_and_skips_multi_step(model_tok):
+    model, tok = model_tok
+    prompts = [tok(t).input_ids for t in ("def main():\n    ", "import os\n", "class A:\n")]
+    for steps in (1, 4):
+        llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64, num_scheduler_steps=steps)
+        outs = llm.generate([{"prompt_token_ids": q} for q in prompts],
+                            SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=16, ignore_eos=True))
+        for q, out in zip(prompts, outs):
+            with torch.no_grad():
+                want = model.generate(torch.tensor([q]), attention_mask=torch.ones(1, len(q), dtype=torch.long),
+                                      max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
+                                      repetition_penalty=1.3)[0, len(q):].tolist()
+            assert out.outputs[0].token_ids == want
+    assert want != hf_greedy(model, prompts[-1], 16)   # the penalty changed the answer
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
 def test_decode_profile_and_time_split_account_for_a_step(model_tok):
     from llmopt.serving.bench import decode_profile, decode_time_split, format_decode_profile
 

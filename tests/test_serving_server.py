@@ -96,6 +96,16 @@ def test_n_completions_as_choices_and_streamed_by_index(client, bundled):
     assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
 
 
+def test_penalties_reach_the_sampler(client, bundled):
+    model, tok = bundled
+    kw = dict(temperature=0, max_tokens=12, frequency_penalty=1.5, presence_penalty=0.5)
+    r = client.completions.create(model=NAME, prompt="def add(a, b):", extra_body={"ignore_eos": True,
+                                                                                   "repetition_penalty": 1.2}, **kw)
+    want = LLM(model=model, tokenizer=tok).generate(["def add(a, b):"], SamplingParams(
+        ignore_eos=True, repetition_penalty=1.2, **kw))[0].outputs[0].text
+    assert r.choices[0].text == want != reference_text(bundled, "def add(a, b):", 12)
+
+
 @pytest.mark.parametrize("body, status, needle", [
     ("{not json", 400, "not valid JSON"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),

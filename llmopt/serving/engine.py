@@ -194,8 +194,9 @@ class LLMEngine:
                     rows.append(i)
             if len(seqs) > len(ready):
                 logits = logits[rows]
+            histories = [(s.token_ids, s.num_prompt_tokens) for s in seqs]
             tokens, chosen, tops = sample(logits, [s.params for s in seqs],
-                                          [self._generators.get(s.seq_id) for s in seqs])
+                                          [self._generators.get(s.seq_id) for s in seqs], histories)
             for i, seq in enumerate(seqs):
                 try:
                     self._append(seq, int(tokens[i]), float(chosen[i]), tops[i])
@@ -222,7 +223,7 @@ class LLMEngine:
         longest = 0
         for seq, _ in batch:
             p = seq.params
-            if not p.greedy or p.logprobs is not None:
+            if not p.greedy or p.logprobs is not None or p.penalized:   # the device picks by argmax alone
                 return 1
             room = self.max_model_len - len(seq)
             k = min(k, room)

@@ -1,8 +1,9 @@
 """`SamplingParams` (vLLM's names, defaults and checks) and the sampler that applies them.
 
 One batch of next-token logits, one row per running sequence, each row with its own parameters:
-greedy (temperature 0), temperature, top-k, top-p (nucleus), min-p, a per-request seed, and the
-log-probabilities of the chosen token and of the `logprobs` most likely ones.
+repetition, presence and frequency penalties, greedy (temperature 0), temperature, top-k, top-p
+(nucleus), min-p, a per-request seed, and the log-probabilities of the chosen token and of the
+`logprobs` most likely ones.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1                  # -1: no top-k
     min_p: float = 0.0
+    presence_penalty: float = 0.0    # subtracted from the logit of every token the completion has used
+    frequency_penalty: float = 0.0   # subtracted once per use in the completion
+    repetition_penalty: float = 1.0  # logits of tokens in the prompt or completion: / it if > 0, * it if < 0
     seed: int | None = None
     max_tokens: int | None = 16      # None: until the context is full
     min_tokens: int = 0
@@ -40,6 +44,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or a positive int, got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
@@ -54,6 +63,27 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, token_ids: list[int], num_prompt_tokens: int):
+    """One row of logits with `p`'s penalties (vLLM's and HF's definitions): the repetition penalty
+    (Keskar et al., 2019) on every token seen in the prompt or the completion, divides a positive
+    logit and multiplies a negative one; the presence and frequency penalties (OpenAI's) subtract
+    from the logits of tokens the completion has used, once and once per use."""
+    logits = logits.clone()
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
+        v = logits[seen]
+        logits[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    out = token_ids[num_prompt_tokens:]
+    if out and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=logits.numel()).float()
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
 
 
 def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -73,14 +103,22 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]):
-    """Next token of each row of `logits` (B, V) under its own parameters.
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           histories: list[tuple[list[int], int]] | None = None):
+    """Next token of each row of `logits` (B, V) under its own parameters. `histories`: each row's
+    (token ids so far, number of them in the prompt), needed for the penalties.
 
     Returns (tokens (B,) int64, logprob of each chosen token (B,), top logprobs per row: a list of
     {token: logprob} dicts or None). Log-probabilities are of the model's distribution (before
-    temperature and filtering), as vLLM reports them by default."""
+    penalties, temperature and filtering), as vLLM reports them by default."""
     logits = logits.float()
-    if all(p.greedy and not p.logprobs for p in params):
+    penalized = logits
+    if any(p.penalized for p in params):
+        if histories is None:
+            raise ValueError("penalties need each row's token ids (histories)")
+        penalized = torch.stack([apply_penalties(logits[i], p, *histories[i]) if p.penalized else logits[i]
+                                 for i, p in enumerate(params)])
+    elif all(p.greedy and not p.logprobs for p in params):
         # the common case in one pass and one transfer: on a GPU each .cpu() is a wait for the device
         tokens = logits.argmax(-1)
         chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
@@ -88,12 +126,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         return both[0].long(), both[1].float(), [None] * len(params)
     logprobs = torch.log_softmax(logits, -1)
     tokens = torch.empty(len(params), dtype=torch.long)
-    greedy = logits.argmax(-1).cpu()
+    greedy = penalized.argmax(-1).cpu()
     for i, p in enumerate(params):
         if p.greedy:
             tokens[i] = greedy[i]
             continue
-        row = _filter(logits[i] / p.temperature, p)
+        row = _filter(penalized[i] / p.temperature, p)
         probs = torch.softmax(row, -1)
         tokens[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i]).item()
     chosen = logprobs.gather(1, tokens.to(logits.device)[:, None]).squeeze(1).cpu()
