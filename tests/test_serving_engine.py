@@ -171,6 +171,43 @@ def test_repetition_penalty_equals_hf_generate_and_skips_multi_step(model_tok):
             SamplingParams(**bad)
 
 
+@pytest.mark.parametrize("engine_kw", [dict(), dict(max_num_batched_tokens=7), dict(num_kv_blocks=9, block_size=4)],
+                         ids=["whole", "chunked", "preempted"])
+def test_prompt_logprobs_score_every_prompt_token(model_tok, engine_kw):
+    """SamplingParams(prompt_logprobs=k): the log-probability of each prompt token given the ones before
+    (HF's logits over the whole prompt), with the top k, the same whether the prompt ran whole, in chunks
+    of a 7-token step budget or again after a preemption, and with its blocks in the prefix cache."""
+    model, tok = model_tok
+    prompt = tok("def fibonacci(n):\n    if n < 2:\n        return n\n").input_ids
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    kw = {"num_kv_blocks": 64, **engine_kw}
+    engine = LLMEngine(model, tok, **kw)
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=3)
+    first = engine.add_request(prompt, p)
+    others = [engine.add_request([9, 8, 7, 6, 5, 4, 3], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+              for _ in range(2 if "block_size" in engine_kw else 0)]   # they crowd the 9 blocks
+    final = engine.run()
+    got = final[first].prompt_logprobs
+    assert len(got) == len(prompt) and got[0] is None
+    for t in range(1, len(prompt)):
+        assert got[t][prompt[t]] == pytest.approx(want[t - 1, prompt[t]].item(), abs=1e-4)
+        top = want[t - 1].topk(3)
+        assert set(top.indices.tolist()) <= set(got[t]) and len(got[t]) <= 4
+    assert final[first].outputs[0].token_ids == hf_greedy(model, prompt, 8)
+    if others:
+        assert engine.stats.preemptions > 0 and all(final[o].outputs[0].token_ids for o in others)
+    again = engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=0, n=2, temperature=1.0))
+    out = engine.run()[again]
+    assert [set(e) for e in out.prompt_logprobs[1:]] == [{t} for t in prompt[1:]]   # k = 0: the token alone
+    assert [e[t] for e, t in zip(out.prompt_logprobs[1:], prompt[1:])] == pytest.approx(
+        [got[i][prompt[i]] for i in range(1, len(prompt))], abs=1e-5)
+    assert final[first].outputs[0].token_ids and LLM(model=model, tokenizer=tok).generate(
+        [prompt], SamplingParams(max_tokens=2))[0].prompt_logprobs is None
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=-1)
+
+
 def test_decode_profile_and_time_split_account_for_a_step(model_tok):
     from llmopt.serving.bench import decode_profile, decode_time_split, format_decode_profile
 

@@ -87,12 +87,15 @@ class BlockManager:
             hashes.append(h)
         return hashes
 
-    def _prefix_hits(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+    def _prefix_hits(self, token_ids: list[int], cache: bool = True) -> tuple[list[int], list[int]]:
         """(ids of the cached blocks that start the prompt, hashes of all its full blocks). The block
-        holding the last token is never a hit: that token must run through the model for its logits."""
+        holding the last token is never a hit: that token must run through the model for its logits.
+        `cache=False`: no hits (a prompt that must be computed whole), its blocks still registered."""
         if not self.enable_prefix_caching:
             return [], []
         bs, hits, hashes = self.block_size, [], self._hashes(token_ids)
+        if not cache:
+            return [], hashes
         for i, h in enumerate(hashes[:(len(token_ids) - 1) // bs]):
             bid = self.hash_to_block_id.get(h)
             if bid is None or self.blocks[bid].token_ids != list(token_ids[i * bs:(i + 1) * bs]):
@@ -104,16 +107,16 @@ class BlockManager:
         revived = sum(self.blocks[b].ref_count == 0 for b in hits)   # a free cached hit leaves the free list
         return self._num_blocks_for(len(token_ids)) - len(hits) + revived
 
-    def can_allocate(self, seq) -> bool:
-        hits, _ = self._prefix_hits(seq.token_ids)
+    def can_allocate(self, seq, cache: bool = True) -> bool:
+        hits, _ = self._prefix_hits(seq.token_ids, cache)
         return self._blocks_needed(seq.token_ids, hits) <= len(self.free_block_ids)
 
-    def allocate(self, seq) -> None:
+    def allocate(self, seq, cache: bool = True) -> None:
         if seq.block_table:
             raise ValueError(f"seq.block_table must be empty to allocate, got {seq.block_table}")
         if not seq.token_ids:
             raise ValueError("seq.token_ids must not be empty")
-        hits, hashes = self._prefix_hits(seq.token_ids)
+        hits, hashes = self._prefix_hits(seq.token_ids, cache)
         if self._blocks_needed(seq.token_ids, hits) > len(self.free_block_ids):
             raise NoFreeBlocks(f"{len(seq.token_ids)} tokens need more than the {len(self.free_block_ids)} free blocks")
         bs, table = self.block_size, []

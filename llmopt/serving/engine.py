@@ -54,6 +54,7 @@ class RequestOutput:
     finished: bool
     metrics: dict = field(default_factory=dict)  # arrival, first token and finish times (perf_counter s)
     error: str | None = None
+    prompt_logprobs: list[dict | None] | None = None   # with SamplingParams(prompt_logprobs=k): per prompt token
 
 
 @dataclass
@@ -143,6 +144,7 @@ class LLMEngine:
         for index in range(n - parent.forks_pending, n):
             child = Sequence(parent.token_ids, parent.params, parent.request_id, prompt=parent.prompt)
             child.index, child.arrival_time = index, parent.arrival_time
+            child.prompt_logprobs = list(parent.prompt_logprobs)   # the prompt they share, scored once
             self.scheduler.fork(parent, child)
             self._seed(child)
             self.requests[parent.request_id].append(child)
@@ -179,7 +181,10 @@ class LLMEngine:
         k = self._steps_ahead(batch, done)
         if k > 1:
             return self._flush(self._multi_step(batch, k), detokenize)
-        logits = self.runner.forward(batch, done)
+        every = [seq.wants_prompt_logprobs for seq, _ in batch]
+        logits = self.runner.forward(batch, done, every if any(every) else None)
+        if any(every):
+            logits = self._prompt_logprobs(batch, done, every, logits)
         self.stats.steps += 1
         self.stats.computed_tokens += sum(n for _, n in batch)
         for seq, n in batch:
@@ -205,6 +210,34 @@ class LLMEngine:
                 touched.append(seq.request_id)
         self._record_kv_use()
         return self._flush(touched, detokenize)
+
+    def _prompt_logprobs(self, batch, done, every, logits) -> torch.Tensor:
+        """Record the prompt log-probabilities the rows of `every`-position sequences give (the logits
+        at position j score token j + 1; a recompute after preemption records nothing twice), and
+        return the rows to sample from, one per sequence whose prompt is done."""
+        keep, row = [], 0
+        for (seq, n), d, all_rows in zip(batch, done, every):
+            if not all_rows:
+                keep += [row] if d else []
+                row += int(d)
+                continue
+            start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
+            lps = torch.log_softmax(logits[row:row + n], -1)
+            for j in range(start, start + n):
+                target = j + 1
+                if target != len(seq.prompt_logprobs) or target >= seq.num_prompt_tokens:
+                    continue
+                lp = lps[j - start]
+                tok = seq.token_ids[target]
+                entry = {}
+                if k:
+                    v, idx = lp.topk(k)
+                    entry = dict(zip(idx.tolist(), v.tolist()))
+                entry[tok] = float(lp[tok])
+                seq.prompt_logprobs.append(entry)
+            keep += [row + n - 1] if d else []
+            row += n
+        return logits[keep]
 
     # ------------------------------------------------------------------ multi-step decoding
 
@@ -331,7 +364,8 @@ class LLMEngine:
                    "num_preemptions": sum(s.num_preemptions for s in seqs),
                    "num_cached_tokens": first.num_cached_tokens}
         return RequestOutput(request_id, first.prompt, first.token_ids[:first.num_prompt_tokens], comps, done,
-                             metrics, next((s.error for s in seqs if s.error), None))
+                             metrics, next((s.error for s in seqs if s.error), None),
+                             list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
 
     def run(self, use_tqdm: bool = False) -> dict[str, RequestOutput]:
         """Step until every queued request is finished; the final output of each, by request id."""

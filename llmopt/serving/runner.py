@@ -216,9 +216,12 @@ class ModelRunner:
     # ------------------------------------------------------------------ any batch
 
     @torch.inference_mode()
-    def forward(self, batch: list[tuple[Sequence, int]], need_logits: list[bool]) -> torch.Tensor:
+    def forward(self, batch: list[tuple[Sequence, int]], need_logits: list[bool],
+                every_position: list[bool] | None = None) -> torch.Tensor:
         """Run the scheduled tokens; returns the logits (float32) at the last scheduled token of each
-        sequence with `need_logits` True, in batch order."""
+        sequence with `need_logits` True, in batch order; for one with `every_position` True, the logits
+        at each of its scheduled tokens instead (the last of them the one `need_logits` asks for)."""
+        every_position = every_position or [False] * len(batch)
         if all(n == 1 for _, n in batch) and all(need_logits):
             return self.decode([seq for seq, _ in batch])
         bs = self.block_size
@@ -257,7 +260,8 @@ class ModelRunner:
                 out[rows] = paged_decode(q[rows], kc, vc, tables, lens, self.scale, backend=self.backend,
                                          check=False)
             x, residual = self._rest(layer, out, residual)
-        last = [off + n - 1 for (off, _, n), need in zip(segments, need_logits) if need]
+        last = [r for (off, _, n), need, every in zip(segments, need_logits, every_position)
+                for r in (range(off, off + n) if every else [off + n - 1] if need else [])]
         if not last:
             return torch.empty(0, self.model.config.vocab_size)
         return self._logits(x[0, last], residual[0, last])

@@ -30,6 +30,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None      # also return the top-n log-probabilities at each step
+    prompt_logprobs: int | None = None   # and of every prompt token (with the top-n there): for scoring
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -55,6 +56,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be None or >= 0, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -82,9 +82,10 @@ class Scheduler:
         # than this step's forward (each layer writes all new K/V before any attention reads them).
         while self.waiting and not preempted and budget > 0:
             seq = self.waiting[0]
-            if self.seats() + seq.seats > self.max_num_seqs or not self.blocks.can_allocate(seq):
+            cache = not seq.wants_prompt_logprobs   # those compute their whole prompt
+            if self.seats() + seq.seats > self.max_num_seqs or not self.blocks.can_allocate(seq, cache):
                 break
-            self.blocks.allocate(seq)
+            self.blocks.allocate(seq, cache)
             seq.num_computed_tokens = seq.num_cached_tokens
             self.num_cached_tokens += seq.num_cached_tokens
             n = seq.num_uncomputed_tokens

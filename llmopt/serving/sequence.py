@@ -39,6 +39,7 @@ class Sequence:
         self.copies: list[tuple[int, int]] = []  # copy-on-write block copies due before the next step
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict] = []   # per generated token, when params.logprobs is set
+        self.prompt_logprobs: list[dict | None] = [None]   # per prompt token (the first has none)
         self.finish_reason: str | None = None   # "stop", "length", "abort" or "error"
         self.stop_reason = None          # the stop string or token id that ended it
         self.error: str | None = None
@@ -54,6 +55,12 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Asked for the prompt's log-probabilities and not all computed yet: its prompt must run through
+        the model, every position's logits kept, and no block taken from the prefix cache."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def seats(self) -> int:
