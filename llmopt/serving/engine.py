@@ -221,20 +221,19 @@ class LLMEngine:
                 keep += [row] if d else []
                 row += int(d)
                 continue
+            # the positions whose next token is a prompt token not yet scored (none twice after a recompute)
             start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
-            lps = torch.log_softmax(logits[row:row + n], -1)
-            for j in range(start, start + n):
-                target = j + 1
-                if target != len(seq.prompt_logprobs) or target >= seq.num_prompt_tokens:
-                    continue
-                lp = lps[j - start]
-                tok = seq.token_ids[target]
-                entry = {}
-                if k:
-                    v, idx = lp.topk(k)
-                    entry = dict(zip(idx.tolist(), v.tolist()))
-                entry[tok] = float(lp[tok])
-                seq.prompt_logprobs.append(entry)
+            first = len(seq.prompt_logprobs) - 1          # the position that scores the next unscored token
+            stop = min(start + n, seq.num_prompt_tokens - 1)
+            if start <= first < stop:   # one log-softmax, gather and top-k for them all: one transfer, not one a token
+                lps = torch.log_softmax(logits[row + first - start:row + stop - start], -1)
+                targets = seq.token_ids[first + 1:stop + 1]
+                chosen = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])[:, 0].tolist()
+                tops = [t.tolist() for t in lps.topk(k, -1)] if k else [[[]] * len(targets)] * 2
+                for tok, lp, values, ids in zip(targets, chosen, *tops):
+                    entry = dict(zip(ids, values))
+                    entry[tok] = lp
+                    seq.prompt_logprobs.append(entry)
             keep += [row + n - 1] if d else []
             row += n
         return logits[keep]
