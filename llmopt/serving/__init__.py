@@ -10,8 +10,10 @@ with vLLM's API.
 - `ModelRunner`: a Llama-family model's forward over the paged cache (quantized and fused models
   plug in);
 - `LLMEngine` (`add_request`, `step`, streaming) and `LLM`, `SamplingParams`, `RequestOutput`:
-  vLLM's names, so `from llmopt.serving import LLM, SamplingParams` runs code written for vLLM.
+  vLLM's names, so `from llmopt.serving import LLM, SamplingParams` runs code written for vLLM;
+- `BeamSearchParams`, `LLM.beam_search`: beam search whose beams share KV blocks (copy-on-write).
 """
+from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence, beam_search_reference
 from .block_manager import Block, BlockManager, NoFreeBlocks
 from .engine import CompletionOutput, EngineStats, LLMEngine, RequestOutput, generate_fn
 from .llm import LLM, load_llm, sampling_params_for
@@ -20,6 +22,8 @@ from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
-__all__ = ["Block", "BlockManager", "CompletionOutput", "EngineStats", "LLM", "LLMEngine", "ModelRunner",
-           "NoFreeBlocks", "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "SequenceStatus",
-           "generate_fn", "kv_bytes_per_token", "load_llm", "sample", "sampling_params_for"]
+__all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "Block", "BlockManager",
+           "CompletionOutput", "EngineStats", "LLM", "LLMEngine", "ModelRunner", "NoFreeBlocks",
+           "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "SequenceStatus",
+           "beam_search_reference", "generate_fn", "kv_bytes_per_token", "load_llm", "sample",
+           "sampling_params_for"]

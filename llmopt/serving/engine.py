@@ -19,6 +19,9 @@ With `num_scheduler_steps=k` (vLLM's multi-step scheduling) a step whose batch i
 runs up to k forwards on the device, each feeding its token to the next, and the host takes the k
 tokens in one go: the host's per-token work (above) is paid once per k tokens, and on a GPU the k
 CUDA-graph replays run back to back. The tokens are the same as k single steps'.
+
+A request with `BeamSearchParams` is a beam search (`beam.py`): its beams are sequences that share
+blocks, forked and freed as the search goes, and its output lists the best beams.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .beam import BeamGroup, BeamSearchParams
 from .block_manager import BlockManager
 from .runner import ModelRunner, kv_bytes_per_token
 from .sampling import SamplingParams, sample
@@ -55,6 +59,7 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)  # arrival, first token and finish times (perf_counter s)
     error: str | None = None
     prompt_logprobs: list[dict | None] | None = None   # with SamplingParams(prompt_logprobs=k): per prompt token
+    num_cached_tokens: int = 0      # prompt tokens found in the prefix cache (at its latest admission)
 
 
 @dataclass
@@ -65,6 +70,7 @@ class EngineStats:
     cached_tokens: int = 0          # tokens whose K/V came from the prefix cache at admission
     generated_tokens: int = 0
     preemptions: int = 0
+    copied_blocks: int = 0          # copy-on-write block copies (forked sequences writing a shared block)
     kv_used_slots: list = field(default_factory=list)       # per step: tokens held in the cache
     kv_reserved_slots: list = field(default_factory=list)   # per step: slots of the blocks in use
 
@@ -101,12 +107,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt, params: SamplingParams | BeamSearchParams | None = None,
+                    request_id: str | None = None) -> str:
         """Queue a request: a string, a list of token ids, or vLLM's {"prompt": ...} /
-        {"prompt_token_ids": [...]} dict. Returns its request id."""
-        params = params or SamplingParams()
+        {"prompt_token_ids": [...]} dict. Returns its request id. With `BeamSearchParams` it is a
+        beam search: its beams run as greedy sequences, one seat each."""
+        params, beam = params or SamplingParams(), None
+        if isinstance(params, BeamSearchParams):
+            beam, params = params, SamplingParams(n=params.beam_width, temperature=0, max_tokens=params.max_tokens,
+                                                  ignore_eos=params.ignore_eos)
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"sampling params must be a SamplingParams or BeamSearchParams, "
+                             f"got {type(params).__name__}")
         text, ids = _prompt_ids(prompt, self.tokenizer)
         if not ids or text == "":
             raise ValueError("prompt is empty: give at least one token")
@@ -114,14 +126,16 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context (max_model_len) is "
                              f"{self.max_model_len}, leaving no room to generate")
         if params.n > self.scheduler.max_num_seqs:
-            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.scheduler.max_num_seqs}): the n completions "
-                             f"run side by side")
+            raise ValueError(f"{'beam_width' if beam else 'n'} ({params.n}) exceeds max_num_seqs "
+                             f"({self.scheduler.max_num_seqs}): the {params.n} sequences run side by side")
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt_token_ids must lie in [0, {vocab}), got {min(ids)}..{max(ids)}")
         seq = Sequence(ids, params, request_id, prompt=text)
-        if not all(s.is_finished for s in self.requests.get(seq.request_id, [])):
+        if seq.request_id in self.requests and not self._finished(seq.request_id):
             raise ValueError(f"request_id {seq.request_id!r} is already running")
+        if beam is not None:
+            seq.beam = self._beam_group(seq, beam)
         self.scheduler.add(seq)
         self.requests[seq.request_id] = [seq]
         self._seed(seq)
@@ -151,7 +165,23 @@ class LLMEngine:
             children.append(child)
         return children
 
+    def _beam_group(self, seq: Sequence, p: BeamSearchParams) -> BeamGroup:
+        max_len = min(len(seq) + p.max_tokens, self.max_model_len)
+        need = p.beam_width * -(-max_len // self.blocks.block_size)
+        if need > self.blocks.num_blocks:   # so that a request's beams always fit in the cache alone
+            raise ValueError(f"beam search with beam_width {p.beam_width} to {max_len} tokens may need {need} KV "
+                             f"blocks; the cache has {self.blocks.num_blocks}")
+        group = BeamGroup(p, self.eos, max_len)
+        group.request_id, group.beams = seq.request_id, [seq]
+        return group
+
+    def _finished(self, request_id: str) -> bool:
+        seqs = self.requests[request_id]
+        return seqs[0].beam.done if seqs[0].beam is not None else all(s.is_finished for s in seqs)
+
     def abort_request(self, request_id: str) -> None:
+        if request_id in self.requests and self.requests[request_id][0].beam is not None:
+            return self._finish(self.requests[request_id][0], "abort")
         for seq in self.requests.get(request_id, []):
             if not seq.is_finished:
                 self._finish(seq, "abort")
@@ -174,6 +204,7 @@ class LLMEngine:
         for seq, _ in batch:
             if seq.copies:
                 self.runner.copy_blocks(seq.copies)
+                self.stats.copied_blocks += len(seq.copies)
                 seq.copies = []
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.cached_tokens = self.scheduler.num_cached_tokens
@@ -191,6 +222,11 @@ class LLMEngine:
             seq.num_computed_tokens += n
         ready = [seq for (seq, _), d in zip(batch, done) if d]
         touched = []
+        if any(seq.beam is not None for seq in ready):   # beams rank candidates instead of sampling
+            rows = [i for i, seq in enumerate(ready) if seq.beam is not None]
+            touched += self._beam_step([ready[i] for i in rows], logits[rows])
+            rows = [i for i, seq in enumerate(ready) if seq.beam is None]
+            ready, logits = [ready[i] for i in rows], logits[rows]
         if ready:
             seqs, rows = [], []   # a forked request's n sequences all sample from its row of logits
             for i, seq in enumerate(ready):
@@ -238,6 +274,26 @@ class LLMEngine:
             row += n
         return logits[keep]
 
+    # ------------------------------------------------------------------ beam search
+
+    def _beam_step(self, seqs: list[Sequence], logits: torch.Tensor) -> list[str]:
+        """Beams whose logits are in: keep each one's 2 * beam_width best tokens (one log-softmax, top-k
+        and transfer for all), then step every request whose beams are all in. Returns those requests."""
+        k = min(2 * max(s.beam.params.beam_width for s in seqs), logits.shape[-1])
+        values, ids = torch.log_softmax(logits.float(), -1).topk(k)
+        both = torch.stack([ids.double(), values.double()]).cpu()   # token ids are exact in float64
+        ids, values = both[0].long().tolist(), both[1].tolist()
+        groups = []
+        for i, seq in enumerate(seqs):
+            g, kk = seq.beam, 2 * seq.beam.params.beam_width
+            g.pending[seq.seq_id] = (ids[i][:kk], values[i][:kk])
+            if g not in groups:
+                groups.append(g)
+        stepped = [g for g in groups if g.ready()]
+        for g in stepped:
+            self.stats.generated_tokens += g.advance(self.scheduler)
+        return [g.request_id for g in stepped]
+
     # ------------------------------------------------------------------ multi-step decoding
 
     def _steps_ahead(self, batch, done) -> int:
@@ -255,7 +311,7 @@ class LLMEngine:
         longest = 0
         for seq, _ in batch:
             p = seq.params
-            if not p.greedy or p.logprobs is not None or p.penalized:   # the device picks by argmax alone
+            if not p.greedy or p.logprobs is not None or p.penalized or seq.beam is not None:   # argmax alone
                 return 1
             room = self.max_model_len - len(seq)
             k = min(k, room)
@@ -335,6 +391,11 @@ class LLMEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None, report: bool | None = None) -> None:
+        if seq.beam is not None:   # aborted or failed: the whole search ends
+            if not seq.beam.done:
+                seq.beam.end(self.scheduler, reason, stop_reason if reason == "error" else None)
+                self._pending.append(seq.request_id)
+            return
         seq.finish_reason = reason
         if reason == "error":
             seq.error = stop_reason
@@ -349,6 +410,8 @@ class LLMEngine:
     def _output(self, request_id: str, text: bool = True) -> RequestOutput:
         """The request's output: a completion per sequence (one, or n once forked); finished when all are."""
         seqs, comps = self.requests[request_id], []
+        if seqs[0].beam is not None:
+            return self._beam_output(request_id, seqs[0], text)
         for seq in seqs:
             done = seq.status == SequenceStatus.FINISHED
             if (text or done) and not seq.params.stop:
@@ -358,13 +421,23 @@ class LLMEngine:
                                           seq.finish_reason if done else None, seq.stop_reason if done else None))
         first, done = seqs[0], all(s.is_finished for s in seqs)
         starts = [s.first_token_time for s in seqs if s.first_token_time is not None]
-        metrics = {"arrival_time": first.arrival_time, "first_token_time": min(starts, default=None),
-                   "finished_time": max(s.finish_time for s in seqs) if done else None,
-                   "num_preemptions": sum(s.num_preemptions for s in seqs),
-                   "num_cached_tokens": first.num_cached_tokens}
+        metrics = _metrics(first, min(starts, default=None), max(s.finish_time for s in seqs) if done else None,
+                           sum(s.num_preemptions for s in seqs))
         return RequestOutput(request_id, first.prompt, first.token_ids[:first.num_prompt_tokens], comps, done,
                              metrics, next((s.error for s in seqs if s.error), None),
-                             list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None)
+                             list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
+                             first.num_prefix_hits)
+
+    def _beam_output(self, request_id: str, root: Sequence, text: bool) -> RequestOutput:
+        """A beam search's output: its best beams, best first (the finished and live ones while it runs)."""
+        g, comps = root.beam, []
+        for i, b in enumerate(g.best()):
+            ids = b.tokens[root.num_prompt_tokens:]
+            b.text = self._decode(ids, root.params) if text or g.done else ""
+            comps.append(CompletionOutput(i, b.text, ids, b.cum_logprob, b.logprobs, b.finish_reason))
+        metrics = _metrics(root, root.first_token_time, g.finish_time, g.num_preemptions)
+        return RequestOutput(request_id, root.prompt, root.token_ids[:root.num_prompt_tokens], comps, g.done, metrics,
+                             g.error, num_cached_tokens=root.num_prefix_hits)
 
     def run(self, use_tqdm: bool = False) -> dict[str, RequestOutput]:
         """Step until every queued request is finished; the final output of each, by request id."""
@@ -388,6 +461,11 @@ class LLMEngine:
         """Share of the reserved KV slots that held no token, over all steps so far."""
         reserved = sum(self.stats.kv_reserved_slots)
         return 1 - sum(self.stats.kv_used_slots) / reserved if reserved else 0.0
+
+
+def _metrics(first: Sequence, first_token_time, finished_time, num_preemptions: int) -> dict:
+    return {"arrival_time": first.arrival_time, "first_token_time": first_token_time, "finished_time": finished_time,
+            "num_preemptions": num_preemptions, "num_cached_tokens": first.num_prefix_hits}
 
 
 def _default_kv_memory(model, wanted: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from .engine import LLMEngine, RequestOutput
 from .sampling import SamplingParams
 
@@ -75,6 +76,22 @@ class LLM:
                                continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's `LLM.beam_search`: every prompt (a string, token ids, or a {"prompt": ...} /
+        {"prompt_token_ids": [...]} dict) searched with `params`, all in one continuous batch. Per prompt a
+        `BeamSearchOutput` whose sequences (best first) hold the prompt's and the beam's tokens and, as
+        vLLM's, the text of both."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        outputs = []
+        for out in self.generate(prompts, params, use_tqdm=use_tqdm):
+            seqs = [BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.logprobs, c.cumulative_logprob,
+                                       finish_reason=c.finish_reason) for c in out.outputs]
+            for s in seqs:
+                s.text = self.tokenizer.decode(s.tokens)
+            outputs.append(BeamSearchOutput(seqs))
+        return outputs
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion, batched continuously; outputs in the order of `prompts`."""

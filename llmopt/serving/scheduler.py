@@ -16,7 +16,9 @@ Every engine step the scheduler picks which tokens run through the model, under 
 
 A sequence's blocks are freed the moment it finishes (`finish`). A request for n completions
 (parallel sampling) runs its prompt once, then `fork`s into n sequences that share its blocks; it is
-admitted only while the batch has seats for all n.
+admitted only while the batch has seats for all n. The beams of a beam search (`beam.py`) are
+preempted and re-admitted together, and a beam with nothing to run (it waits for its group) is
+skipped.
 """
 from __future__ import annotations
 
@@ -64,13 +66,18 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:   # preempted earlier in this loop
                 continue
             n = seq.num_uncomputed_tokens
+            if n == 0:   # a beam whose candidates are in, waiting for the rest of its group
+                continue
             if n == 1:   # a decode step: its slot may need a new block (or a copy-on-write)
                 while not self.blocks.can_append(seq):
                     preempted = True
-                    victim = self.running[-1]        # the latest arrival: never one already batched
-                    self._preempt(victim)
-                    if victim is seq:
+                    for victim in reversed(self._group(self.running[-1], self.running)):   # the latest arrival
+                        self._preempt(victim)
+                    if seq.status != SequenceStatus.RUNNING:
                         break
+                # a preempted beam group may hold sequences batched earlier in this loop: they leave it
+                batch = [(s, k) for s, k in batch if s.status == SequenceStatus.RUNNING]
+                budget = self.max_num_batched_tokens - sum(k for _, k in batch)
                 if seq.status != SequenceStatus.RUNNING:
                     continue
                 seq.copies = self.blocks.may_append(seq)  # (src, dst) block copies for the runner
@@ -81,27 +88,48 @@ class Scheduler:
         # step: a prefix-cache hit on blocks another sequence allocated then reads K/V written no later
         # than this step's forward (each layer writes all new K/V before any attention reads them).
         while self.waiting and not preempted and budget > 0:
-            seq = self.waiting[0]
-            cache = not seq.wants_prompt_logprobs   # those compute their whole prompt
-            if self.seats() + seq.seats > self.max_num_seqs or not self.blocks.can_allocate(seq, cache):
+            group = self._group(self.waiting[0], self.waiting)   # one sequence, or a preempted request's beams
+            if self.seats() + sum(s.seats for s in group) > self.max_num_seqs or not self._allocate(group):
                 break
-            self.blocks.allocate(seq, cache)
-            seq.num_computed_tokens = seq.num_cached_tokens
-            self.num_cached_tokens += seq.num_cached_tokens
-            n = seq.num_uncomputed_tokens
-            if n > budget and not self.chunked_prefill:
-                self.num_cached_tokens -= seq.num_cached_tokens
-                self.blocks.free(seq)
-                seq.num_computed_tokens = 0
+            # with chunked prefill off a prompt joins only whole (the beams of a group: in chunks if they must)
+            if len(group) == 1 and group[0].num_uncomputed_tokens > budget and not self.chunked_prefill:
+                self._release(group)
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            n = min(n, budget)
-            batch.append((seq, n))
-            budget -= n
+            for seq in group:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                n = min(seq.num_uncomputed_tokens, budget)
+                if n:
+                    batch.append((seq, n))
+                    budget -= n
         assert sum(n for _, n in batch) <= self.max_num_batched_tokens and self.seats() <= self.max_num_seqs
         return batch
+
+    @staticmethod
+    def _group(seq: Sequence, queue) -> list[Sequence]:
+        """`seq`, or with it every beam of its beam search in `queue`: they are preempted and admitted as one."""
+        return [s for s in queue if s.beam is seq.beam] if seq.beam is not None else [seq]
+
+    def _allocate(self, group: list[Sequence]) -> bool:
+        """Blocks for every sequence of `group` (prefix-cache hits first), or for none of them."""
+        for i, seq in enumerate(group):
+            cache = not seq.wants_prompt_logprobs   # those compute their whole prompt
+            if not self.blocks.can_allocate(seq, cache):
+                self._release(group[:i])
+                return False
+            self.blocks.allocate(seq, cache)
+            seq.num_computed_tokens = seq.num_prefix_hits = seq.num_cached_tokens
+            self.num_cached_tokens += seq.num_cached_tokens
+        return True
+
+    def _release(self, group: list[Sequence]) -> None:
+        """Undo `_allocate`: blocks back, no cache hits counted. Last first: a later beam may hold blocks an
+        earlier one allocated and has not computed, which must leave the prefix cache with the earlier one."""
+        for seq in reversed(group):
+            self.num_cached_tokens -= seq.num_cached_tokens
+            self.blocks.free(seq)
+            seq.num_computed_tokens = 0
 
     def seats(self) -> int:
         """Running sequences, and the forks those that asked for n completions will add."""
@@ -123,8 +151,11 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
+        seq.copies = []                  # copies planned for blocks it no longer holds
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        if seq.beam is not None:
+            seq.beam.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

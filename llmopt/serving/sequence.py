@@ -34,7 +34,8 @@ class Sequence:
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        self.num_cached_tokens = 0       # prefix-cache hits when the blocks were allocated
+        self.num_cached_tokens = 0       # prefix-cache hits when the blocks were allocated (0 again once freed)
+        self.num_prefix_hits = 0         # the same, kept after its blocks are freed: reported in its output
         self.num_computed_tokens = 0     # tokens whose K/V are in the cache
         self.copies: list[tuple[int, int]] = []  # copy-on-write block copies due before the next step
         self.cumulative_logprob = 0.0
@@ -52,6 +53,7 @@ class Sequence:
         # into n sharing its blocks (`Scheduler.fork`); `index` is this one's place among the n
         self.index = 0
         self.forks_pending = params.n - 1
+        self.beam = None                 # a beam search's `BeamGroup`, shared by the request's beams (beam.py)
 
     def __len__(self) -> int:
         return len(self.token_ids)
