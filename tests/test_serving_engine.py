@@ -73,6 +73,10 @@ def test_prefix_caching_shares_a_system_prompt(model_tok):
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     assert on.stats.cached_tokens >= 96 * 8 and off.stats.cached_tokens == 0   # 6 full blocks, >= 8 requests
     assert on.stats.computed_tokens < off.stats.computed_tokens
+    # each finished output still says how much of its prompt came from the cache (vLLM's num_cached_tokens)
+    assert sum(o.num_cached_tokens for o in a) == on.stats.cached_tokens and a[-1].num_cached_tokens == 96
+    assert all(o.metrics["num_cached_tokens"] == o.num_cached_tokens for o in a)
+    assert all(o.num_cached_tokens == 0 for o in b)
 
 
 def test_chunked_prefill_off_and_tiny_token_budget_agree(model_tok):

@@ -96,6 +96,26 @@ def test_n_completions_as_choices_and_streamed_by_index(client, bundled):
     assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
 
 
+def test_beam_search_as_choices(client, bundled, server):
+    """vLLM's `use_beam_search` extra parameter: n beams as n choices, best first, as `LLM.beam_search`
+    finds them; it does not stream."""
+    from llmopt.serving import BeamSearchParams
+
+    model, tok = bundled
+    r = client.completions.create(model=NAME, prompt="def add(a, b):", max_tokens=8, n=3,
+                                  extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    (want,) = LLM(model=model, tokenizer=tok).beam_search(["def add(a, b):"], BeamSearchParams(
+        beam_width=3, max_tokens=8, length_penalty=0.5))
+    prompt_len = len(tok("def add(a, b):").input_ids)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [tok.decode(s.tokens[prompt_len:], skip_special_tokens=True)
+                                           for s in want.sequences]
+    with httpx.Client(timeout=30) as h:
+        resp = h.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": "x", "n": 2, "stream": True,
+                                                             "use_beam_search": True})
+    assert resp.status_code == 400 and "cannot stream" in resp.json()["error"]["message"]
+
+
 def test_penalties_reach_the_sampler(client, bundled):
     model, tok = bundled
     kw = dict(temperature=0, max_tokens=12, frequency_penalty=1.5, presence_penalty=0.5)

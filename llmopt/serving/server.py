@@ -19,6 +19,7 @@ import time
 from contextlib import asynccontextmanager
 
 from .async_engine import AsyncEngine, Busy, EngineProcess, EngineStopped, Timeout, load_engine
+from .beam import BeamSearchParams
 from .engine import LLMEngine, RequestOutput
 from .llm import chat_prompt
 from .sampling import SamplingParams
@@ -41,10 +42,16 @@ def _ending(e: Exception) -> tuple[int, str]:
     return 400, "invalid_request_error"   # a ValueError: the engine refused the request
 
 
-def sampling_params(body: dict) -> SamplingParams:
+def sampling_params(body: dict) -> SamplingParams | BeamSearchParams:
     kw = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         kw["max_tokens"] = body["max_completion_tokens"]
+    if body.get("use_beam_search"):   # vLLM's extra parameter: n beams, the best first in the choices
+        if body.get("stream"):
+            raise ValueError("use_beam_search cannot stream: the beams are ranked again at every step")
+        return BeamSearchParams(beam_width=kw.get("n", 1), max_tokens=kw.get("max_tokens", 16),
+                                ignore_eos=kw.get("ignore_eos", False), temperature=kw.get("temperature", 0.0),
+                                length_penalty=body.get("length_penalty", 1.0))
     if isinstance(kw.get("logprobs"), bool):   # chat: logprobs=true with top_logprobs=k
         kw["logprobs"] = body.get("top_logprobs") or 0 if kw["logprobs"] else None
     try:
