@@ -274,3 +274,45 @@ def test_scheduler_random_walk_with_beam_groups():
             bm.check()
         assert not sched.has_unfinished(), f"trial {trial} did not drain"
         assert bm.num_free_blocks() == bm.num_blocks
+
+
+def test_beams_through_the_graph_replay_path_with_a_stand_in_graph(model_tok, monkeypatch):
+    """Beams decode through the CUDA-graph path (static inputs, padded batch sizes: 3 beams + 1 greedy
+    request run in the graph of 4, then 3 in the graph of 4 padded) on a CPU, with stand-in graphs."""
+    from test_serving_engine import _StandInGraph
+
+    from llmopt.serving.runner import ModelRunner
+
+    model, tok = model_tok
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(_StandInGraph.record))
+    engine = LLMEngine(model, tok, block_size=4, num_kv_blocks=128, max_num_seqs=5, enforce_eager=True,
+                       max_model_len=128)
+    engine.runner.capture_cuda_graphs(5)
+    replays = []
+    for size, (g, *_) in engine.runner.graphs.items():
+        real = g.replay
+        g.replay = lambda real=real, size=size: (replays.append(size), real())
+    params = BeamSearchParams(beam_width=3, max_tokens=10, ignore_eos=True)
+    rid = engine.add_request([5, 6, 7, 8, 9], params)
+    other = engine.add_request([9, 8, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    final = engine.run()
+    assert_same_beams(final[rid], beam_search_reference(model, [5, 6, 7, 8, 9], params, engine.eos))
+    assert len(final[other].outputs[0].token_ids) == 4
+    assert {4} <= set(replays)
+    engine.blocks.check()
+
+
+@pytest.mark.gpu
+def test_gpu_beam_search_with_cuda_graphs_equals_the_reference():
+    import llmopt
+
+    model, tok = llmopt.load("tinypy", device="cuda", dtype=torch.float32)
+    model.eval()
+    engine = LLMEngine(model, tok, block_size=16, num_kv_blocks=256, max_num_seqs=8)
+    assert engine.runner.graphs
+    params = BeamSearchParams(beam_width=4, max_tokens=16, length_penalty=0.7)
+    engine.eos = {tok("\n").input_ids[-1]}
+    outs = run(engine, PROMPTS, params)
+    for prompt, out in zip(PROMPTS, outs):
+        assert_same_beams(out, beam_search_reference(model, prompt, params, engine.eos))
