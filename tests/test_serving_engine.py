@@ -175,6 +175,42 @@ def test_repetition_penalty_equals_hf_generate_and_skips_multi_step(model_tok):
             SamplingParams(**bad)
 
 
+def test_logit_bias_allowed_tokens_and_bad_words_equal_hf_generate(model_tok):
+    """vLLM's `logit_bias`, `allowed_token_ids` and `bad_words` against HF `generate`'s `sequence_bias`,
+    `prefix_allowed_tokens_fn` and `bad_words_ids`; such rows leave multi-step decoding."""
+    model, tok = model_tok
+    q = tok("def main():\n    ").input_ids
+    llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64, num_scheduler_steps=4)
+
+    def ours(**kw):
+        out = llm.generate({"prompt_token_ids": q}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **kw))
+        return out[0].outputs[0].token_ids
+
+    def hf(**kw):
+        with torch.no_grad():
+            return model.generate(torch.tensor([q]), attention_mask=torch.ones(1, len(q), dtype=torch.long),
+                                  max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
+                                  **kw)[0, len(q):].tolist()
+
+    greedy = ours()
+    assert greedy == hf_greedy(model, q, 16)
+    biased = ours(logit_bias={greedy[0]: -100.0, "17": 3.0})             # OpenAI sends the ids as strings
+    assert biased == hf(sequence_bias={(greedy[0],): -100.0, (17,): 3.0}) != greedy and greedy[0] not in biased
+    allowed = sorted(set(greedy[1::2])) + [5, 6]
+    limited = ours(allowed_token_ids=allowed)
+    assert limited == hf(prefix_allowed_tokens_fn=lambda b, ids: allowed) and set(limited) <= set(allowed)
+    assert "CAPITAL LETTER" in tok.decode(greedy)
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, bad_words=["CAPITAL LETTER"])
+    clean = llm.generate({"prompt_token_ids": q}, p)[0].outputs[0].token_ids
+    assert clean == hf(bad_words_ids=p.bad_words_token_ids) != greedy
+    assert "CAPITAL LETTER" not in tok.decode(clean)
+    for bad, field in ((dict(logit_bias={"x": 1}), "logit_bias"), (dict(allowed_token_ids=[]), "allowed_token_ids")):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.generate("x", SamplingParams(allowed_token_ids=[10 ** 6]))
+
+
 @pytest.mark.parametrize("engine_kw", [dict(), dict(max_num_batched_tokens=7), dict(num_kv_blocks=9, block_size=4)],
                          ids=["whole", "chunked", "preempted"])
 def test_prompt_logprobs_score_every_prompt_token(model_tok, engine_kw):

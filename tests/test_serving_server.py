@@ -124,6 +124,15 @@ def test_penalties_reach_the_sampler(client, bundled):
     want = LLM(model=model, tokenizer=tok).generate(["def add(a, b):"], SamplingParams(
         ignore_eos=True, repetition_penalty=1.2, **kw))[0].outputs[0].text
     assert r.choices[0].text == want != reference_text(bundled, "def add(a, b):", 12)
+    # OpenAI's logit_bias (token ids as strings) and vLLM's bad_words reach it too
+    first = LLM(model=model, tokenizer=tok).generate(["def add(a, b):"], SamplingParams(
+        temperature=0, max_tokens=1))[0].outputs[0].token_ids[0]             # greedy's first token, banned below
+    kw = dict(temperature=0, max_tokens=6, logit_bias={str(first): -100})
+    r = client.completions.create(model=NAME, prompt="def add(a, b):", extra_body={"ignore_eos": True,
+                                                                                   "bad_words": ["return"]}, **kw)
+    want = LLM(model=model, tokenizer=tok).generate(["def add(a, b):"], SamplingParams(
+        ignore_eos=True, bad_words=["return"], **kw))[0].outputs[0]
+    assert r.choices[0].text == want.text and first not in want.token_ids
 
 
 @pytest.mark.parametrize("body, status, needle", [

@@ -131,6 +131,14 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt_token_ids must lie in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        for name, toks in (("logit_bias", params.logit_bias or ()),
+                           ("allowed_token_ids", params.allowed_token_ids or ())):
+            if any(not 0 <= t < vocab for t in toks):
+                raise ValueError(f"{name} token ids must lie in [0, {vocab})")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs a tokenizer")
+            params.update_from_tokenizer(self.tokenizer)
         seq = Sequence(ids, params, request_id, prompt=text)
         if seq.request_id in self.requests and not self._finished(seq.request_id):
             raise ValueError(f"request_id {seq.request_id!r} is already running")
@@ -311,7 +319,7 @@ class LLMEngine:
         longest = 0
         for seq, _ in batch:
             p = seq.params
-            if not p.greedy or p.logprobs is not None or p.penalized or seq.beam is not None:   # argmax alone
+            if not p.greedy or p.logprobs is not None or p.adjusted or seq.beam is not None:   # argmax alone
                 return 1
             room = self.max_model_len - len(seq)
             k = min(k, room)

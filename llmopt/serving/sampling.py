@@ -1,9 +1,9 @@
 """`SamplingParams` (vLLM's names, defaults and checks) and the sampler that applies them.
 
 One batch of next-token logits, one row per running sequence, each row with its own parameters:
-repetition, presence and frequency penalties, greedy (temperature 0), temperature, top-k, top-p
-(nucleus), min-p, a per-request seed, and the log-probabilities of the chosen token and of the
-`logprobs` most likely ones.
+repetition, presence and frequency penalties, a logit bias, allowed and banned tokens, greedy
+(temperature 0), temperature, top-k, top-p (nucleus), min-p, a per-request seed, and the
+log-probabilities of the chosen token and of the `logprobs` most likely ones.
 """
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None   # and of every prompt token (with the top-n there): for scoring
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None      # added to those tokens' logits (OpenAI's logit_bias)
+    allowed_token_ids: list[int] | None = None      # only these may be picked
+    bad_words: list[str] | None = None              # words never to complete (their token ids: the engine's
+    bad_words_token_ids: list[list[int]] | None = None   # tokenizer fills these in, `update_from_tokenizer`)
 
     def __post_init__(self):
         if not isinstance(self.n, int) or self.n < 1:
@@ -58,6 +62,18 @@ class SamplingParams:
             raise ValueError(f"logprobs must be None or >= 0, got {self.logprobs!r}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs!r}")
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(t): float(b) for t, b in dict(self.logit_bias).items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            if not self.allowed_token_ids or not all(isinstance(t, int) for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, "
+                                 f"got {self.allowed_token_ids!r}")
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -70,6 +86,23 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def adjusted(self) -> bool:
+        """The logits are changed before a token is picked: penalties, a bias, allowed or banned tokens."""
+        return self.penalized or bool(self.logit_bias) or self.allowed_token_ids is not None or bool(
+            self.bad_words_token_ids)
+
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """`bad_words` as token ids (vLLM's name): each word as it starts a text and after a space."""
+        if self.bad_words and self.bad_words_token_ids is None:
+            seqs = []
+            for word in self.bad_words:
+                for text in (word.lstrip(), " " + word.lstrip()):
+                    ids = tokenizer(text, add_special_tokens=False).input_ids
+                    if ids and ids not in seqs:
+                        seqs.append(ids)
+            self.bad_words_token_ids = seqs
 
 
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, token_ids: list[int], num_prompt_tokens: int):
@@ -86,6 +119,25 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, token_ids: list[int
     if out and (p.presence_penalty or p.frequency_penalty):
         counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=logits.numel()).float()
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, token_ids: list[int], num_prompt_tokens: int):
+    """One row of logits as `p` wants it picked from: the penalties, then vLLM's `logit_bias`,
+    `allowed_token_ids` (everything else -inf) and `bad_words` (a word's last token is banned when the
+    completion ends with the tokens before it; a one-token word is banned always)."""
+    logits = apply_penalties(logits, p, token_ids, num_prompt_tokens) if p.penalized else logits.clone()
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    if p.allowed_token_ids is not None:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[torch.tensor(p.allowed_token_ids, dtype=torch.long, device=logits.device)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    out = token_ids[num_prompt_tokens:]
+    for word in p.bad_words_token_ids or []:
+        if len(word) == 1 or (len(out) >= len(word) - 1 and out[len(out) - len(word) + 1:] == word[:-1]):
+            logits[word[-1]] = float("-inf")
     return logits
 
 
@@ -116,10 +168,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     penalties, temperature and filtering), as vLLM reports them by default."""
     logits = logits.float()
     penalized = logits
-    if any(p.penalized for p in params):
+    if any(p.adjusted for p in params):
         if histories is None:
-            raise ValueError("penalties need each row's token ids (histories)")
-        penalized = torch.stack([apply_penalties(logits[i], p, *histories[i]) if p.penalized else logits[i]
+            raise ValueError("penalties and banned words need each row's token ids (histories)")
+        penalized = torch.stack([adjust_logits(logits[i], p, *histories[i]) if p.adjusted else logits[i]
                                  for i, p in enumerate(params)])
     elif all(p.greedy and not p.logprobs for p in params):
         # the common case in one pass and one transfer: on a GPU each .cpu() is a wait for the device
