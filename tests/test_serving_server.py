@@ -96,6 +96,33 @@ def test_n_completions_as_choices_and_streamed_by_index(client, bundled):
     assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
 
 
+def test_logprobs_in_openai_form_whole_and_streamed(client, bundled):
+    """`logprobs=k` (completions) and `logprobs=true, top_logprobs=k` (chat) come back in OpenAI's
+    shapes, with the engine's numbers, and streamed chunks carry each token's once."""
+    model, tok = bundled
+    kw = dict(model=NAME, prompt="def add(a, b):", max_tokens=8, temperature=0, logprobs=2,
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw)
+    want = LLM(model=model, tokenizer=tok).generate(["def add(a, b):"], SamplingParams(
+        temperature=0, max_tokens=8, logprobs=2, ignore_eos=True))[0].outputs[0]
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [tok.decode([t]) for t in want.token_ids] and "".join(lp.tokens) == r.choices[0].text
+    assert lp.token_logprobs == pytest.approx([d[t] for t, d in zip(want.token_ids, want.logprobs)], abs=1e-5)
+    assert all(len(d) >= 2 for d in lp.top_logprobs) and lp.text_offset[0] == 0
+    streamed = [t for chunk in client.completions.create(stream=True, **kw) if chunk.choices[0].logprobs
+                for t in chunk.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) >= 2 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    plain = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                           temperature=0, logprobs=True)            # the chosen token alone
+    assert [len(c.top_logprobs) for c in plain.choices[0].logprobs.content] == [1, 1, 1]
+    assert client.completions.create(model=NAME, prompt="x", max_tokens=2).choices[0].logprobs is None
+
+
 def test_beam_search_as_choices(client, bundled, server):
     """vLLM's `use_beam_search` extra parameter: n beams as n choices, best first, as `LLM.beam_search`
     finds them; it does not stream."""

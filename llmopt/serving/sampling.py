@@ -173,7 +173,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             raise ValueError("penalties and banned words need each row's token ids (histories)")
         penalized = torch.stack([adjust_logits(logits[i], p, *histories[i]) if p.adjusted else logits[i]
                                  for i, p in enumerate(params)])
-    elif all(p.greedy and not p.logprobs for p in params):
+    elif all(p.greedy and p.logprobs is None for p in params):
         # the common case in one pass and one transfer: on a GPU each .cpu() is a wait for the device
         tokens = logits.argmax(-1)
         chosen = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
@@ -192,11 +192,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     chosen = logprobs.gather(1, tokens.to(logits.device)[:, None]).squeeze(1).cpu()
     tops = []
     for i, p in enumerate(params):
-        if not p.logprobs:
+        if p.logprobs is None:
             tops.append(None)
             continue
-        v, idx = logprobs[i].topk(p.logprobs)
-        top = dict(zip(idx.tolist(), v.tolist()))
-        top[int(tokens[i])] = float(chosen[i])
+        v, idx = logprobs[i].topk(p.logprobs) if p.logprobs else (torch.zeros(0), torch.zeros(0))
+        top = dict(zip(idx.long().tolist(), v.tolist()))
+        top[int(tokens[i])] = float(chosen[i])    # the chosen token too (alone with logprobs=0, as vLLM)
         tops.append(top)
     return tokens, chosen, tops

@@ -60,6 +60,27 @@ def sampling_params(body: dict) -> SamplingParams | BeamSearchParams:
         raise ValueError(str(e)) from None
 
 
+def logprobs_body(tokenizer, c, start: int, chat: bool) -> dict | None:
+    """OpenAI's `logprobs` object for the tokens of completion `c` from `start` on (None unless the
+    request asked for log-probabilities): chat's {"content": [...]} or completions' four lists."""
+    if c.logprobs is None:
+        return None
+    pairs = list(zip(c.token_ids[start:], c.logprobs[start:]))
+
+    def piece(t: int) -> str:
+        return tokenizer.decode([t])
+
+    if chat:
+        def entry(t, lp):
+            return {"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
+        return {"content": [{**entry(t, top[t]), "top_logprobs": [entry(k, v) for k, v in top.items()]}
+                            for t, top in pairs]}
+    tokens = [piece(t) for t, _ in pairs]
+    offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [top[t] for t, top in pairs],
+            "top_logprobs": [{piece(k): v for k, v in top.items()} for _, top in pairs], "text_offset": offsets}
+
+
 def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int = 256,
               request_timeout: float = 600.0):
     """The FastAPI app serving `engine` under the name `model_name`: an `LLMEngine` (run in a thread of
@@ -158,7 +179,8 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
                 return fail(500, out.error, kind="server_error")
             choices = []
             for c in out.outputs:
-                choice = {"index": c.index, "finish_reason": c.finish_reason, "logprobs": None}
+                choice = {"index": c.index, "finish_reason": c.finish_reason,
+                          "logprobs": logprobs_body(async_engine().tokenizer, c, 0, chat)}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": c.text}
                 else:
@@ -176,6 +198,7 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
 
         async def events():
             sent, closed, out = {}, set(), first   # per completion index: characters sent; those finished
+            sent_tokens = {}                          # per completion index: tokens whose logprobs were sent
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
             try:
                 if chat:
@@ -197,13 +220,18 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
                         text = text_of(c)
                         delta, sent[c.index] = text[sent.get(c.index, 0):], len(text)
                         choice = {"index": c.index, "finish_reason": c.finish_reason}
+                        lps = logprobs_body(async_engine().tokenizer, c, sent_tokens.get(c.index, 0), chat)
+                        sent_tokens[c.index] = len(c.token_ids)
+                        news = bool(delta or c.finish_reason is not None or (lps and (lps.get("content")
+                                                                                    or lps.get("tokens"))))
                         if chat:
                             choice["delta"] = {"content": delta} if delta else {}
+                            choice["logprobs"] = lps
                         else:
-                            choice.update(text=delta, logprobs=None)
+                            choice.update(text=delta, logprobs=lps)
                         if c.finish_reason is not None:
                             closed.add(c.index)
-                        if delta or c.finish_reason is not None:
+                        if news:
                             yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name,
                                         "choices": [choice]})
                     if out.finished:
