@@ -2,6 +2,7 @@
 preemption, prefix caching, chunked prefill), no request lost or duplicated, sampling parameters,
 stop conditions, streaming, bad input, and the vLLM-style API."""
 import copy
+import pickle
 import random
 
 import pytest
@@ -134,6 +135,13 @@ def test_sampling_seed_top_k_top_p_and_logprobs(model_tok):
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True))[0].outputs[0]
     assert len(out.logprobs) == 5 and all(t in lp and len(lp) >= 3 for t, lp in zip(out.token_ids, out.logprobs))
     assert out.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
+    # vLLM's Logprob objects (`.logprob`, `.rank`, `.decoded_token`) that still act as floats; and pickle
+    chosen = out.logprobs[0][out.token_ids[0]]
+    assert chosen.rank == 1 and chosen.logprob == float(chosen)
+    assert chosen.decoded_token == tok.decode(out.token_ids[:1])
+    assert sorted(v.rank for v in out.logprobs[0].values()) == [1, 2, 3]
+    again = pickle.loads(pickle.dumps(chosen))
+    assert again == chosen and (again.rank, again.decoded_token) == (chosen.rank, chosen.decoded_token)
 
 
 def test_penalties_by_hand():
@@ -154,6 +162,10 @@ def test_penalties_by_hand():
     assert tokens.tolist() == [5] and chosen.item() == pytest.approx(torch.log_softmax(logits, -1)[5].item())
     with pytest.raises(ValueError, match="histories"):
         sample(logits[None], [p], [None])
+    # a chosen token outside the top k keeps its true rank: 2.0 and 4.0 are above 1.0
+    tokens, _, (top,) = sample(logits[None], [SamplingParams(temperature=0, allowed_token_ids=[2], logprobs=1)],
+                               [None], [history])
+    assert tokens.tolist() == [2] and {t: v.rank for t, v in top.items()} == {0: 1, 2: 3}
 
 
 def test_repetition_penalty_equals_hf_generate_and_skips_multi_step(model_tok):
@@ -234,6 +246,9 @@ def test_prompt_logprobs_score_every_prompt_token(model_tok, engine_kw):
         assert got[t][prompt[t]] == pytest.approx(want[t - 1, prompt[t]].item(), abs=1e-4)
         top = want[t - 1].topk(3)
         assert set(top.indices.tolist()) <= set(got[t]) and len(got[t]) <= 4
+        # vLLM's Logprob: the token's rank in the distribution and its text
+        assert got[t][prompt[t]].rank == int((want[t - 1] > want[t - 1, prompt[t]]).sum()) + 1
+        assert got[t][prompt[t]].decoded_token == tok.decode([prompt[t]])
     assert final[first].outputs[0].token_ids == hf_greedy(model, prompt, 8)
     if others:
         assert engine.stats.preemptions > 0 and all(final[o].outputs[0].token_ids for o in others)

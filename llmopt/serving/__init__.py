@@ -18,12 +18,12 @@ from .block_manager import Block, BlockManager, NoFreeBlocks
 from .engine import CompletionOutput, EngineStats, LLMEngine, RequestOutput, generate_fn
 from .llm import LLM, load_llm, sampling_params_for
 from .runner import ModelRunner, kv_bytes_per_token
-from .sampling import SamplingParams, sample
+from .sampling import Logprob, SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
 __all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "Block", "BlockManager",
-           "CompletionOutput", "EngineStats", "LLM", "LLMEngine", "ModelRunner", "NoFreeBlocks",
+           "CompletionOutput", "EngineStats", "LLM", "LLMEngine", "Logprob", "ModelRunner", "NoFreeBlocks",
            "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "SequenceStatus",
            "beam_search_reference", "generate_fn", "kv_bytes_per_token", "load_llm", "sample",
            "sampling_params_for"]

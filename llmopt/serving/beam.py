@@ -15,8 +15,9 @@ nothing is copied), a beam no candidate continues is freed at once, and only the
 filled block, the one the two continuations write differently, is copied on write. The beams of a
 request advance together: a beam whose candidates are ready waits (it is scheduled for nothing)
 until the others' are, and the scheduler preempts and re-admits a request's beams as one.
-(vLLM itself now runs beam search outside its engine, as one-token requests that find the beams'
-common blocks in its prefix cache; the results are the same.)
+vLLM itself now runs beam search outside its engine, as one-token requests that find the beams'
+common blocks in its prefix cache: `beam_search_by_requests` does that over our engine, with the
+same results and more tokens computed (lesson 09 measures both).
 
 `beam_search_reference` is the spec: the whole model run on every beam's tokens at each step.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .sampling import SamplingParams, top_logprobs
 from .sequence import Sequence
 
 
@@ -103,7 +105,7 @@ class BeamGroup:
         p, cands = self.params, []
         for b in self.beams:
             ids, lps = self.pending.pop(b.seq_id)
-            top = dict(zip(ids, lps))
+            top = top_logprobs(ids, lps)
             for tok, lp in zip(ids, lps):
                 cum = b.cumulative_logprob + lp
                 if tok in self.eos and not p.ignore_eos:
@@ -181,8 +183,6 @@ def beam_search_by_requests(engine, prompt_ids: list[int], params: BeamSearchPar
     beam is a one-token greedy request asking for its 2 * beam_width best log-probabilities, and the
     engine's prefix cache finds the full blocks the beams share (their last, partial block is computed
     again). Same ranking as `BeamGroup.choose`; the engine's `stats` show the work."""
-    from .sampling import SamplingParams
-
     g = BeamGroup(params, engine.eos, min(len(prompt_ids) + params.max_tokens, engine.max_model_len))
     one_token = SamplingParams(temperature=0, max_tokens=1, logprobs=2 * params.beam_width, ignore_eos=True)
     g.beams = [Sequence(prompt_ids, one_token)]   # beams as plain Sequences: never queued themselves
@@ -222,7 +222,7 @@ def beam_search_reference(model, prompt_ids: list[int], params: BeamSearchParams
         for b in beams:
             logits = model(torch.tensor([b.tokens])).logits[0, -1].float()
             values, ids = torch.log_softmax(logits, -1).topk(k)
-            top = dict(zip(ids.tolist(), values.tolist()))
+            top = top_logprobs(ids.tolist(), values.tolist())
             for tok, lp in top.items():
                 s = BeamSearchSequence(b.tokens + [tok], b.logprobs + [top], b.cum_logprob + lp)
                 if tok in eos and not params.ignore_eos:

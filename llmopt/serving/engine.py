@@ -33,7 +33,7 @@ import torch
 from .beam import BeamGroup, BeamSearchParams
 from .block_manager import BlockManager
 from .runner import ModelRunner, kv_bytes_per_token
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, top_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -272,12 +272,11 @@ class LLMEngine:
             if start <= first < stop:   # one log-softmax, gather and top-k for them all: one transfer, not one a token
                 lps = torch.log_softmax(logits[row + first - start:row + stop - start], -1)
                 targets = seq.token_ids[first + 1:stop + 1]
-                chosen = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])[:, 0].tolist()
+                chosen = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])
+                ranks = ((lps > chosen).sum(1) + 1).tolist()
                 tops = [t.tolist() for t in lps.topk(k, -1)] if k else [[[]] * len(targets)] * 2
-                for tok, lp, values, ids in zip(targets, chosen, *tops):
-                    entry = dict(zip(ids, values))
-                    entry[tok] = lp
-                    seq.prompt_logprobs.append(entry)
+                for tok, lp, rank, values, ids in zip(targets, chosen[:, 0].tolist(), ranks, *tops):
+                    seq.prompt_logprobs.append(self._named(top_logprobs(ids, values, tok, lp, rank)))
             keep += [row + n - 1] if d else []
             row += n
         return logits[keep]
@@ -374,7 +373,7 @@ class LLMEngine:
         seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
         if top is not None:
-            seq.logprobs.append(top)
+            seq.logprobs.append(self._named(top))
         self.stats.generated_tokens += 1
         p = seq.params
         n_out = seq.num_completion_tokens
@@ -392,6 +391,13 @@ class LLMEngine:
                     return self._finish(seq, "stop", s)
         if (p.max_tokens is not None and n_out >= p.max_tokens) or len(seq) >= self.max_model_len:
             self._finish(seq, "length")
+
+    def _named(self, top: dict) -> dict:
+        """Log-probabilities with their tokens' text (vLLM's `Logprob.decoded_token`)."""
+        if self.tokenizer is not None:
+            for t, lp in top.items():
+                lp.decoded_token = self.tokenizer.decode([t])
+        return top
 
     def _decode(self, ids: list[int], p: SamplingParams) -> str:
         if self.tokenizer is None:

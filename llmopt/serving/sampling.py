@@ -12,6 +12,36 @@ from dataclasses import dataclass
 import torch
 
 
+class Logprob(float):
+    """vLLM's `Logprob` (`.logprob`, `.rank`: 1 for the most likely token, `.decoded_token`), kept a
+    float, so code written for vLLM (`lp[t].logprob`) and plain arithmetic (`lp[t] + 1`) both work."""
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, value: float, rank: int | None = None, decoded_token: str | None = None):
+        obj = super().__new__(cls, value)
+        obj.rank, obj.decoded_token = rank, decoded_token
+        return obj
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __reduce__(self):   # through the engine process's pipe
+        return Logprob, (float(self), self.rank, self.decoded_token)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
+def top_logprobs(ids: list[int], values: list[float], token: int | None = None, token_logprob: float = 0.0,
+                 token_rank: int | None = None) -> dict[int, Logprob]:
+    """{token: Logprob} of the top-k (`ids`, `values`, best first: ranks 1..k) and the chosen `token`."""
+    top = {t: Logprob(v, r) for r, (t, v) in enumerate(zip(ids, values), start=1)}
+    if token is not None and token not in top:
+        top[token] = Logprob(token_logprob, token_rank)
+    return top
+
+
 @dataclass
 class SamplingParams:
     """How to pick each request's next tokens and when to stop (vLLM's fields and defaults)."""
@@ -196,7 +226,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             tops.append(None)
             continue
         v, idx = logprobs[i].topk(p.logprobs) if p.logprobs else (torch.zeros(0), torch.zeros(0))
-        top = dict(zip(idx.long().tolist(), v.tolist()))
-        top[int(tokens[i])] = float(chosen[i])    # the chosen token too (alone with logprobs=0, as vLLM)
-        tops.append(top)
+        rank = int((logprobs[i] > chosen[i].to(logprobs.device)).sum()) + 1
+        # the chosen token too (alone with logprobs=0, as vLLM)
+        tops.append(top_logprobs(idx.long().tolist(), v.tolist(), int(tokens[i]), float(chosen[i]), rank))
     return tokens, chosen, tops
