@@ -120,6 +120,28 @@ def test_vllm_style_code_runs_unchanged(model_tok):
     assert one[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
 
 
+def test_vllm_step_api_argument_order_and_names(model_tok):
+    """vLLM's `llm.llm_engine.add_request(request_id, prompt, params)`, `step()`, `abort_request([...])`
+    run on ours; our own order (prompt, params, request_id=) gives the same."""
+    model, tok = model_tok
+    llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64)
+    engine = llm.llm_engine
+    assert engine is llm.engine
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert engine.add_request("a", "def add(a, b):", greedy) == "a"
+    assert engine.add_request("b", [5, 6, 7], greedy) == "b"
+    assert engine.add_request(request_id="c", prompt={"prompt_token_ids": [8, 9]}, params=greedy) == "c"
+    assert engine.add_request("def add(a, b):", greedy, request_id="d") == "d"
+    assert engine.add_request("x = 1", greedy) not in "abcd"           # ours: the prompt first
+    engine.abort_request(["b", "c"])
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert final["a"].outputs[0].token_ids == final["d"].outputs[0].token_ids
+    assert final["a"].prompt == "def add(a, b):" and len(final["a"].outputs[0].token_ids) == 6
+    assert final["b"].outputs[0].finish_reason == final["c"].outputs[0].finish_reason == "abort"
+
+
 def test_sampling_seed_top_k_top_p_and_logprobs(model_tok):
     model, tok = model_tok
     llm = LLM(model=model, tokenizer=tok)

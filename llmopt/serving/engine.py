@@ -111,7 +111,11 @@ class LLMEngine:
                     request_id: str | None = None) -> str:
         """Queue a request: a string, a list of token ids, or vLLM's {"prompt": ...} /
         {"prompt_token_ids": [...]} dict. Returns its request id. With `BeamSearchParams` it is a
-        beam search: its beams run as greedy sequences, one seat each."""
+        beam search: its beams run as greedy sequences, one seat each. vLLM's order,
+        `add_request(request_id, prompt, params)`, works too."""
+        if isinstance(params, (str, list, dict)) and (request_id is None or isinstance(
+                request_id, (SamplingParams, BeamSearchParams))):
+            prompt, params, request_id = params, request_id, prompt     # vLLM's LLMEngine.add_request order
         params, beam = params or SamplingParams(), None
         if isinstance(params, BeamSearchParams):
             beam, params = params, SamplingParams(n=params.beam_width, temperature=0, max_tokens=params.max_tokens,
@@ -187,7 +191,13 @@ class LLMEngine:
         seqs = self.requests[request_id]
         return seqs[0].beam.done if seqs[0].beam is not None else all(s.is_finished for s in seqs)
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id) -> None:
+        """Abort a request (or, as vLLM's, an iterable of request ids): its blocks are freed now, and the
+        next step reports it finished with finish_reason "abort"."""
+        if not isinstance(request_id, str):
+            for rid in list(request_id):
+                self.abort_request(rid)
+            return
         if request_id in self.requests and self.requests[request_id][0].beam is not None:
             return self._finish(self.requests[request_id][0], "abort")
         for seq in self.requests.get(request_id, []):

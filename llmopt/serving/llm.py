@@ -60,6 +60,11 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for the engine behind this `LLM` (its step-wise API: add_request, step, abort)."""
+        return self.engine
+
     def chat(self, messages, sampling_params=None, use_tqdm: bool = False, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
