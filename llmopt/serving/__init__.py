@@ -11,7 +11,8 @@ with vLLM's API.
   plug in);
 - `LLMEngine` (`add_request`, `step`, streaming) and `LLM`, `SamplingParams`, `RequestOutput`:
   vLLM's names, so `from llmopt.serving import LLM, SamplingParams` runs code written for vLLM;
-- `BeamSearchParams`, `LLM.beam_search`: beam search whose beams share KV blocks (copy-on-write).
+- `BeamSearchParams`, `LLM.beam_search`: beam search whose beams share KV blocks (copy-on-write);
+- `speculative`: speculative decoding by n-gram lookup (`speculative_config`), greedy output unchanged.
 """
 from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence, beam_search_reference
 from .block_manager import Block, BlockManager, NoFreeBlocks

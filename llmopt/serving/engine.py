@@ -36,6 +36,7 @@ from .runner import ModelRunner, kv_bytes_per_token
 from .sampling import SamplingParams, sample, top_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
+from .speculative import SpeculativeConfig, ngram_propose, verify
 
 
 @dataclass
@@ -71,6 +72,8 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     copied_blocks: int = 0          # copy-on-write block copies (forked sequences writing a shared block)
+    spec_proposed: int = 0          # speculative decoding: tokens guessed, and of them accepted
+    spec_accepted: int = 0
     kv_used_slots: list = field(default_factory=list)       # per step: tokens held in the cache
     kv_reserved_slots: list = field(default_factory=list)   # per step: slots of the blocks in use
 
@@ -80,9 +83,12 @@ class LLMEngine:
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  chunked_prefill: bool = True, backend: str = "auto", enforce_eager: bool = False, seed: int = 0,
-                 num_scheduler_steps: int = 1):
+                 num_scheduler_steps: int = 1, speculative_config: dict | SpeculativeConfig | None = None):
         if num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1, got {num_scheduler_steps!r}")
+        self.spec = SpeculativeConfig.of(speculative_config)
+        if self.spec is not None and num_scheduler_steps > 1:
+            raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine: choose one")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.num_scheduler_steps = num_scheduler_steps
         cfg = model.config
@@ -231,7 +237,13 @@ class LLMEngine:
         if k > 1:
             return self._flush(self._multi_step(batch, k), detokenize)
         every = [seq.wants_prompt_logprobs for seq, _ in batch]
+        guesses = self._propose(batch) if self.spec is not None else {}
+        if guesses:   # each guessed token runs beside its sequence's last one, every position's logits kept
+            batch = [(seq, n + len(guesses[seq.seq_id][1]) if seq.seq_id in guesses else n) for seq, n in batch]
+            every = [e or seq.seq_id in guesses for e, (seq, _) in zip(every, batch)]
         logits = self.runner.forward(batch, done, every if any(every) else None)
+        if guesses:
+            logits, every, accepted = self._verify(batch, done, every, logits, guesses)
         if any(every):
             logits = self._prompt_logprobs(batch, done, every, logits)
         self.stats.steps += 1
@@ -240,6 +252,11 @@ class LLMEngine:
             seq.num_computed_tokens += n
         ready = [seq for (seq, _), d in zip(batch, done) if d]
         touched = []
+        if guesses:
+            touched += self._accept(accepted)
+            if any(seq.is_finished for seq in ready):    # a stop among the accepted tokens: no bonus token
+                keep = [i for i, seq in enumerate(ready) if not seq.is_finished]
+                ready, logits = [ready[i] for i in keep], logits[keep]
         if any(seq.beam is not None for seq in ready):   # beams rank candidates instead of sampling
             rows = [i for i, seq in enumerate(ready) if seq.beam is not None]
             touched += self._beam_step([ready[i] for i in rows], logits[rows])
@@ -290,6 +307,65 @@ class LLMEngine:
             keep += [row + n - 1] if d else []
             row += n
         return logits[keep]
+
+    # ------------------------------------------------------------------ speculative decoding
+
+    def _propose(self, batch) -> dict[int, tuple[int, list[int]]]:
+        """n-gram guesses for the greedy decodes of this step, within the step's token budget, each
+        sequence's max_tokens and context, and the free blocks (reserved now for their K/V). Each guess
+        is appended to its sequence for the forward; returns {seq_id: (length before, guess)}."""
+        cfg, guesses = self.spec, {}
+        budget = self.scheduler.max_num_batched_tokens - sum(n for _, n in batch)
+        for seq, n in batch:
+            p = seq.params
+            if (n != 1 or budget < 1 or seq.beam is not None or not p.greedy or p.logprobs is not None or p.adjusted
+                    or seq.forks_pending or seq.num_computed_tokens + 1 != len(seq)):
+                continue
+            room = min(cfg.num_speculative_tokens, budget, self.max_model_len - len(seq) - 1)
+            if p.max_tokens is not None:
+                room = min(room, p.max_tokens - seq.num_completion_tokens - 1)   # the bonus token fits too
+            guess = ngram_propose(seq.token_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min) if room > 0 else []
+            if not guess or self.blocks.blocks_to_reserve(seq, 1 + len(guess)) > self.blocks.num_free_blocks():
+                continue
+            self.blocks.reserve(seq, 1 + len(guess))
+            guesses[seq.seq_id] = (len(seq), guess)
+            seq.token_ids += guess
+            budget -= len(guess)
+        return guesses
+
+    def _verify(self, batch, done, every, logits, guesses):
+        """Check each guess against the logits at its positions (`speculative.verify`): the logits
+        rows keep, for a guessing sequence, the one its next token comes from."""
+        rows, row, every, accepted = [], 0, list(every), {}
+        for i, ((seq, n), d) in enumerate(zip(batch, done)):
+            if seq.seq_id in guesses:
+                length, guess = guesses[seq.seq_id]
+                m, lps, _ = verify(logits[row:row + n], guess)
+                accepted[seq.seq_id] = (seq, length, guess[:m], lps)
+                rows.append(row + m)
+                every[i] = False
+                self.stats.spec_proposed += len(guess)
+                self.stats.spec_accepted += m
+            elif every[i]:
+                rows.extend(range(row, row + n))
+            elif d:
+                rows.append(row)
+            row += n if (every[i] or seq.seq_id in guesses) else int(d)
+        return logits[rows], every, accepted
+
+    def _accept(self, accepted) -> list[str]:
+        """Take back the guesses, then append the accepted ones as decoded tokens (their K/V are already
+        in the cache; stop conditions apply to each). The rejected ones' slots are written again later."""
+        for seq, length, tokens, lps in accepted.values():
+            del seq.token_ids[length:]
+            seq.num_computed_tokens = length
+            for token, lp in zip(tokens, lps):
+                self._append(seq, token, lp, None)
+                if seq.is_finished:
+                    break
+                self.blocks.may_append(seq)
+                seq.num_computed_tokens += 1
+        return [seq.request_id for seq, *_ in accepted.values()]
 
     # ------------------------------------------------------------------ beam search
 

@@ -25,7 +25,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1, quantization=None,
                  trust_remote_code: bool = False, device=None, num_kv_blocks: int | None = None,
-                 backend: str = "auto", enforce_eager: bool = False, num_scheduler_steps: int = 1, **kwargs):
+                 backend: str = "auto", enforce_eager: bool = False, num_scheduler_steps: int = 1,
+                 speculative_config: dict | None = None, **kwargs):
         unknown = set(kwargs) - set(IGNORED)
         if unknown:
             raise ValueError(f"unsupported LLM arguments: {sorted(unknown)}")
@@ -55,7 +56,8 @@ class LLM:
                                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                                 enable_prefix_caching=enable_prefix_caching,
                                 chunked_prefill=enable_chunked_prefill, backend=backend,
-                                enforce_eager=enforce_eager, seed=seed, num_scheduler_steps=num_scheduler_steps)
+                                enforce_eager=enforce_eager, seed=seed, num_scheduler_steps=num_scheduler_steps,
+                                speculative_config=speculative_config)
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -1,0 +1,120 @@
+"""Speculative decoding by n-gram lookup: the guesses, their verification, and the engine's outputs,
+which must be exactly greedy decoding's (HF `generate`, the engine without speculation) under
+preemption, chunked prefill, stops, sampled neighbours and max_tokens."""
+import random
+
+import pytest
+import torch
+
+from llmopt.serving import LLM, LLMEngine, SamplingParams
+from llmopt.serving.speculative import SpeculativeConfig, ngram_propose, verify
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+CODE = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
+        "        self.items.append(x)\n\n    def pop(self):\n"]
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    import llmopt
+
+    model, tok = llmopt.load("tinypy", device="cpu", dtype=torch.float32)
+    return model.eval(), tok
+
+
+def test_ngram_propose_takes_the_longest_latest_match():
+    assert ngram_propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]     # "1 2 3" last seen before 7 5
+    assert ngram_propose([4, 1, 2, 8, 9, 3, 2, 6, 1, 2], 3, max_n=2) == [8, 9, 3]   # the bigram beats "2 6"
+    assert ngram_propose([5, 6, 7, 5], 3, max_n=1) == [6, 7, 5]
+    assert ngram_propose([1, 2, 3], 4) == [] and ngram_propose([7], 2) == []
+    assert ngram_propose([1, 2, 1, 2], 4, max_n=2) == [1, 2]                    # runs up to the end
+    assert ngram_propose([3, 1, 2, 9, 1, 2], 4, max_n=2, min_n=2) == [9, 1, 2]
+
+
+def test_verify_keeps_the_guesses_greedy_would_pick():
+    logits = torch.full((4, 10), -5.0)
+    for row, best in enumerate([7, 2, 4, 1]):
+        logits[row, best] = 5.0
+    m, lps, nxt = verify(logits, [7, 2, 9])
+    assert m == 2 and nxt.argmax().item() == 4                    # 9 was wrong: greedy's 4 comes instead
+    assert lps == pytest.approx(torch.log_softmax(logits[:2], -1)[[0, 1], [7, 2]].tolist())
+    m, _, nxt = verify(logits, [7, 2, 4])
+    assert m == 3 and nxt.argmax().item() == 1                    # all right: the bonus token from the last row
+    assert verify(logits, [3])[0] == 0
+
+
+def test_config_is_checked():
+    for bad, field in ((dict(method="draft_model"), "ngram"), (dict(num_speculative_tokens=0), "num_speculative"),
+                       (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup")):
+        with pytest.raises(ValueError, match=field):
+            SpeculativeConfig(**bad)
+    assert SpeculativeConfig.of(NGRAM).num_speculative_tokens == 4 and SpeculativeConfig.of(None) is None
+
+
+def test_speculation_and_multi_step_do_not_combine(model_tok):
+    model, tok = model_tok
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        LLMEngine(model, tok, num_kv_blocks=8, num_scheduler_steps=4, speculative_config=NGRAM)
+
+
+def _workload(tok, vocab, n=24, seed=0):
+    rng = random.Random(seed)
+    prompts = [tok(p).input_ids for p in CODE]
+    prompts += [[rng.randrange(1, vocab) for _ in range(rng.randint(1, 40))] for _ in range(n - len(prompts))]
+    return [(p, rng.randint(1, 40)) for p in prompts]
+
+
+@pytest.mark.parametrize("kw", [dict(num_kv_blocks=256), dict(num_kv_blocks=22, block_size=4),
+                                dict(num_kv_blocks=256, max_num_batched_tokens=9),
+                                dict(num_kv_blocks=256, enable_prefix_caching=False, chunked_prefill=False)],
+                         ids=["plain", "preempted", "tiny-budget", "no-cache-no-chunks"])
+def test_speculative_outputs_are_greedy_decodings(model_tok, kw):
+    model, tok = model_tok
+    reqs = _workload(tok, model.config.vocab_size)
+    sampled = SamplingParams(temperature=0.9, seed=3, max_tokens=20, ignore_eos=True)
+
+    def run(**extra):
+        engine = LLMEngine(model, tok, max_num_seqs=8, **kw, **extra)
+        ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
+        ids.append(engine.add_request(CODE[0], sampled))                  # a sampled neighbour: never guessed for
+        final = engine.run()
+        assert sorted(final) == sorted(ids)
+        assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
+        engine.blocks.check()
+        return [final[i].outputs[0] for i in ids], engine.stats
+
+    want, base = run()
+    got, stats = run(speculative_config=NGRAM)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.cumulative_logprob for o in got] == pytest.approx([o.cumulative_logprob for o in want], abs=1e-3)
+    assert stats.spec_accepted > 0 and stats.steps <= base.steps
+    if "max_num_batched_tokens" not in kw:     # a 9-token budget leaves few tokens to guess with
+        assert stats.steps < base.steps
+    if "block_size" in kw:
+        assert stats.preemptions > 0
+    (prompt, n) = reqs[0]
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        hf = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert got[0].token_ids == hf
+
+
+def test_stops_inside_an_accepted_run_and_max_tokens(model_tok):
+    """A stop string, a stop token or max_tokens reached among the accepted guesses ends the request
+    there, as greedy decoding would have."""
+    model, tok = model_tok
+    base = LLM(model=model, tokenizer=tok, num_kv_blocks=128)
+    spec = LLM(model=model, tokenizer=tok, num_kv_blocks=128, speculative_config=NGRAM)
+    plain = base.generate(CODE[2], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))[0].outputs[0]
+    stop_token = plain.token_ids[25]
+    for params in (SamplingParams(temperature=0, max_tokens=60, stop=["append"]),
+                   SamplingParams(temperature=0, max_tokens=60, stop_token_ids=[stop_token], ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=23, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=60)):
+        a = base.generate(CODE[2], params)[0].outputs[0]
+        b = spec.generate(CODE[2], params)[0].outputs[0]
+        assert (b.token_ids, b.text, b.finish_reason, b.stop_reason) == (a.token_ids, a.text, a.finish_reason,
+                                                                          a.stop_reason)
+    assert spec.engine.stats.spec_accepted > 0
