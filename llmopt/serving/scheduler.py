@@ -69,15 +69,16 @@ class Scheduler:
             if n == 0:   # a beam whose candidates are in, waiting for the rest of its group
                 continue
             if n == 1:   # a decode step: its slot may need a new block (or a copy-on-write)
-                while not self.blocks.can_append(seq):
+                if not self.blocks.can_append(seq):
                     preempted = True
-                    for victim in reversed(self._group(self.running[-1], self.running)):   # the latest arrival
-                        self._preempt(victim)
-                    if seq.status != SequenceStatus.RUNNING:
-                        break
-                # a preempted beam group may hold sequences batched earlier in this loop: they leave it
-                batch = [(s, k) for s, k in batch if s.status == SequenceStatus.RUNNING]
-                budget = self.max_num_batched_tokens - sum(k for _, k in batch)
+                    while not self.blocks.can_append(seq):
+                        for victim in reversed(self._group(self.running[-1], self.running)):   # the latest arrival
+                            self._preempt(victim)
+                        if seq.status != SequenceStatus.RUNNING:
+                            break
+                    # a preempted beam group may hold sequences batched earlier in this loop: they leave it
+                    batch = [(s, k) for s, k in batch if s.status == SequenceStatus.RUNNING]
+                    budget = self.max_num_batched_tokens - sum(k for _, k in batch)
                 if seq.status != SequenceStatus.RUNNING:
                     continue
                 seq.copies = self.blocks.may_append(seq)  # (src, dst) block copies for the runner

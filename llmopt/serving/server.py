@@ -14,6 +14,7 @@ request aborted, which frees its KV blocks at once.
 """
 
 import asyncio
+import itertools
 import json
 import time
 from contextlib import asynccontextmanager
@@ -76,7 +77,7 @@ def logprobs_body(tokenizer, c, start: int, chat: bool) -> dict | None:
         return {"content": [{**entry(t, top[t]), "top_logprobs": [entry(k, v) for k, v in top.items()]}
                             for t, top in pairs]}
     tokens = [piece(t) for t, _ in pairs]
-    offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate((len(x) for x in tokens[:-1]), initial=0)) if tokens else []
     return {"tokens": tokens, "token_logprobs": [top[t] for t, top in pairs],
             "top_logprobs": [{piece(k): v for k, v in top.items()} for _, top in pairs], "text_offset": offsets}
 
