@@ -105,6 +105,9 @@ def cases():
         yield f"paged decode{' split' if split else ''}{' + rope + cache write' if rope else ''}" \
               f"{', PDL' if pdl else ''}", attention._paged_decode_kernel, {**paged, "slots_ptr": "*i64"}, dict(
                 BLOCK_SIZE=16, GROUP_P=8, D_P=64, SPLIT=split, ROPE=rope, PDL=pdl), 4
+    fp8 = {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}   # kv_cache_dtype="fp8": the new token rounded in the kernel
+    yield "paged decode split + rope + cache write, FP8 cache", attention._paged_decode_kernel, {
+        **paged, "slots_ptr": "*i64", **fp8}, dict(BLOCK_SIZE=16, GROUP_P=8, D_P=64, SPLIT=True, ROPE=True), 4
     for pdl in (False, True):
         yield f"paged decode merge{', PDL' if pdl else ''}", attention._paged_decode_reduce_kernel, paged, dict(
             BLOCK_SIZE=16, SPLITS_P=64, D_P=64, PDL=pdl), 4
@@ -115,8 +118,9 @@ def cases():
     for pdl in (False, True):
         yield f"greedy advance{', PDL' if pdl else ''}", multistep._greedy_advance_kernel, {**ints, **floats}, dict(
             KV_BLOCK=16, BLOCK_V=4096, PDL=pdl), 4
-    yield "rope + cache write", attention._rope_write_kernel, {"slots_ptr": "*i64"}, dict(
-        BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=32, D_P=64), 4
+    for cache in ("*bf16", "*fp8e4nv"):
+        yield f"rope + cache write{', FP8 cache' if 'fp8' in cache else ''}", attention._rope_write_kernel, {
+            "slots_ptr": "*i64", "kc_ptr": cache, "vc_ptr": cache}, dict(BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=32, D_P=64), 4
 
 
 def main() -> int:

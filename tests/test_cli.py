@@ -96,3 +96,16 @@ def test_bench_decode_rows_and_floor(tmp_path):
     w4 = rows[("llmopt engine, W4 + fused kernels", 1)]
     assert w4["weight_MB"] < 0.5 * b1["weight_MB"]          # 4-bit codes and group scales
     assert "x HF generate" in r.stdout
+
+
+def test_serve_passes_the_engine_flags(monkeypatch):
+    """`llmopt serve --kv-cache-dtype fp8 --num-scheduler-steps 4`: the flags reach the engine's
+    arguments (the server itself is not started)."""
+    from llmopt.serving import server
+
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda model, **kw: got.update(kw, model=model))
+    assert cli.main(["serve", "--model", "tinypy", "--kv-cache-dtype", "fp8", "--num-scheduler-steps", "4"]) == 0
+    assert got["model"] == "tinypy" and got["kv_cache_dtype"] == "fp8" and got["num_scheduler_steps"] == 4
+    with pytest.raises(SystemExit):                                       # not a choice: a one-line error
+        cli.main(["serve", "--kv-cache-dtype", "int4"])

@@ -45,8 +45,25 @@ def _rotate(x_ptr, o_ptr, stride_h, stride_oh, H, HALF, cos1, cos2, sin1, sin2,
     o1 = x1 * cos1[None, :] - x2 * sin1[None, :]
     o2 = x2 * cos2[None, :] + x1 * sin2[None, :]
     o_at = o_ptr + heads * stride_oh + cols
-    tl.store(o_at, o1.to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_at + HALF, o2.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_at, _saturate(o1.to(x_ptr.dtype.element_ty), o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_at + HALF, _saturate(o2.to(x_ptr.dtype.element_ty), o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _saturate(x, dtype: tl.constexpr):
+    """x (already rounded to the input's dtype) in `dtype`. Into FP8 e4m3 (a serving KV cache,
+    `serving.attention`): clamped to +-448 as `attention.to_cache` does, and rounded to FP8's grid in
+    float32 first (to nearest, ties to even: 3 mantissa bits, or steps of 2**-9 below 2**-6), so that
+    the cast itself is exact. Triton's interpreter loses the carry when a value rounds up into the
+    next power of two (31.46 became 16, not 32); a GPU's cast would round the same way as this."""
+    if dtype == tl.float8e4nv:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        bits = x.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)  # -1048576: 0xFFF00000
+        tiny = ((tl.abs(x) * 512.0 + 12582912.0) - 12582912.0) / 512.0   # 1.5 * 2**23: rounds to an integer
+        tiny = (tiny.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)   # x's sign
+        x = tl.where(tl.abs(x) < 0.015625, tiny, normal)
+    return x.to(dtype)
 
 
 @triton.jit

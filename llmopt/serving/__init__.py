@@ -16,8 +16,9 @@ with vLLM's API.
 """
 from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence, beam_search_reference
 from .block_manager import Block, BlockManager, NoFreeBlocks
-from .engine import CompletionOutput, EngineStats, LLMEngine, RequestOutput, generate_fn
+from .engine import EngineStats, LLMEngine, generate_fn
 from .llm import LLM, load_llm, sampling_params_for
+from .outputs import CompletionOutput, RequestOutput
 from .runner import ModelRunner, kv_bytes_per_token
 from .sampling import Logprob, SamplingParams, sample
 from .scheduler import Scheduler

@@ -21,6 +21,13 @@ instead of from one slice; everything else is ordinary attention.
   context into pieces that run side by side and merges their partial softmaxes (Flash-Decoding).
   `paged_decode_rope` also rotates q and the new k and stores the new k and v, in the same kernel.
 
+FP8 cache (vLLM's `kv_cache_dtype="fp8"`): the cache tensors may be float8_e4m3fn, one byte per value
+where bf16 takes two (fp32 four), so the same memory holds twice (four times) the tokens. Keys and
+values are rounded to FP8 as they are written (`to_cache`: saturating at +-448, FP8's largest finite
+value, with no scale: vLLM's default without calibrated scales) and widened back to float32 (or q's
+dtype) as attention reads them; everything else is unchanged. Every writer here, PyTorch or kernel,
+rounds first to the dtype the model computes in and then to FP8, so all paths store the same bytes.
+
 GQA: with Hq query heads and Hk kv heads (Hq a multiple of Hk), query head h reads kv head h // (Hq // Hk);
 the Hq // Hk query heads sharing a kv head are its group (MHA: groups of 1; MQA: Hk = 1, one group).
 """
@@ -32,13 +39,32 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.common import next_power_of_2, pdl, pdl_launch, tl, triton, use_triton
-from ..kernels.rope import _angles, _rotate, rope_reference
+from ..kernels.rope import _angles, _rotate, _saturate, rope_reference
 
 # scaled_dot_product_attention took enable_gqa in torch 2.5; before that the kv heads are repeated by hand
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 # ---------------------------------------------------------------- cache access
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0        # float8_e4m3fn's largest finite value (it has no infinity)
+
+
+def to_cache(x, dtype: torch.dtype):
+    """x rounded to the cache's dtype; into FP8 saturating at +-FP8_MAX instead of overflowing."""
+    if dtype == FP8:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
+
+
+def _store(cache, slots, x):
+    """cache slots[i] <- x[i] (rounded by `to_cache`), the cache viewed as (slots, Hk, D)."""
+    flat, x = cache.view(-1, *cache.shape[2:]), to_cache(x, cache.dtype)
+    if cache.dtype == FP8:   # index_copy_ has no FP8 kernel on the CPU: copy the bytes
+        flat, x = flat.view(torch.uint8), x.view(torch.uint8)
+    flat.index_copy_(0, slots, x)
+
 
 def _check_cache(k_cache, v_cache):
     if k_cache.dim() != 4:
@@ -65,8 +91,8 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
     slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)
     keep = slots >= 0
     # (num_blocks, block_size, ...) is row-major, so flattening the first two dims numbers the slots
-    k_cache.view(-1, Hk, D)[slots[keep]] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, Hk, D)[slots[keep]] = v[keep].to(v_cache.dtype)
+    _store(k_cache, slots[keep], k[keep])
+    _store(v_cache, slots[keep], v[keep])
 
 
 def gather_kv(k_cache, v_cache, block_table, length: int, check: bool = True):
@@ -99,9 +125,8 @@ def rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
     k (T, Hk, D) by cos/sin (T, D) (lesson 08's `rope_reference`), store the rotated k and v (T, Hk, D)
     at their cache slots (T,), all valid. Returns the rotated q."""
     q_rot, k_rot = rope_reference(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
-    _, _, Hk, D = k_cache.shape
-    k_cache.view(-1, Hk, D).index_copy_(0, slots, k_rot[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(-1, Hk, D).index_copy_(0, slots, v.to(v_cache.dtype))
+    _store(k_cache, slots, k_rot[0].transpose(0, 1))
+    _store(v_cache, slots, v)
     return q_rot[0].transpose(0, 1)
 
 
@@ -121,7 +146,7 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc
     d = tl.arange(0, D_P)[None, :]
     vmask = (heads < HK) & (d < D)
     x = tl.load(v_ptr + t * sv_t + heads * sv_h + d, mask=vmask, other=0.0)
-    tl.store(vc_ptr + slot * s_slot + heads * s_head + d, x.to(vc_ptr.dtype.element_ty), mask=vmask)
+    tl.store(vc_ptr + slot * s_slot + heads * s_head + d, _saturate(x, vc_ptr.dtype.element_ty), mask=vmask)
 
 
 def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, backend: str = "auto"):
@@ -317,9 +342,10 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, m_p
         kn_at = kn_ptr + seq * stride_knb + kv_head * stride_knh
         kn = tl.load(kn_at + d, mask=d < D, other=0.0).to(tl.float32)
         kp = tl.load(kn_at + partner, mask=d < D, other=0.0).to(tl.float32)
-        k_new = (kn * cs + sign * kp * sn).to(k_ptr.dtype.element_ty)
+        # rounded to k's dtype, as the rotary kernel's output would be, then to the cache's
+        k_new = _saturate((kn * cs + sign * kp * sn).to(kn_ptr.dtype.element_ty), k_ptr.dtype.element_ty)
         v_new = tl.load(vn_ptr + seq * stride_vnb + kv_head * stride_vnh + d, mask=d < D, other=0.0)
-        v_new = v_new.to(v_ptr.dtype.element_ty)
+        v_new = _saturate(v_new, v_ptr.dtype.element_ty)
         if (pos // BLOCK_SIZE) // blocks_per_split == split:   # the piece that holds the new token stores it
             slot = tl.load(slots_ptr + seq).to(tl.int64)
             at = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kv_head * stride_kh

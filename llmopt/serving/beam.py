@@ -91,6 +91,20 @@ class BeamGroup:
         self.finish_time: float | None = None
         self.num_preemptions = 0        # beams preempted (a group is preempted all at once)
 
+    @classmethod
+    def for_request(cls, seq: Sequence, params: BeamSearchParams, eos: set[int], max_model_len: int,
+                    blocks) -> BeamGroup:
+        """The group of a new request whose prompt is `seq`; refused when its beams might not fit in the
+        cache by themselves (beam_width x the blocks of prompt + max_tokens), so a group can always run."""
+        max_len = min(len(seq) + params.max_tokens, max_model_len)
+        need = params.beam_width * -(-max_len // blocks.block_size)
+        if need > blocks.num_blocks:
+            raise ValueError(f"beam search with beam_width {params.beam_width} to {max_len} tokens may need {need} "
+                             f"KV blocks; the cache has {blocks.num_blocks}")
+        group = cls(params, eos, max_len)
+        group.request_id, group.beams = seq.request_id, [seq]
+        return group
+
     def ready(self) -> bool:
         """Every live beam has its candidates: the group can take its step."""
         return all(b.seq_id in self.pending for b in self.beams)
@@ -176,6 +190,25 @@ class BeamGroup:
         """The answer so far: the best beam_width of the finished beams and, while running, the live ones."""
         live = [self.snapshot(b, None) for b in self.beams]
         return sorted(self.completed + live, key=self.score, reverse=True)[:self.params.beam_width]
+
+
+def beam_step(seqs: list[Sequence], logits: torch.Tensor, scheduler) -> tuple[list[str], int]:
+    """In an engine step, the beams whose logits (rows of `logits`) are in: keep each one's 2 * beam_width
+    best tokens (one log-softmax, top-k and transfer for all), then advance every group whose beams
+    are all in. Returns those groups' request ids and the number of tokens they added."""
+    k = min(2 * max(s.beam.params.beam_width for s in seqs), logits.shape[-1])
+    values, ids = torch.log_softmax(logits.float(), -1).topk(k)
+    both = torch.stack([ids.double(), values.double()]).cpu()   # token ids are exact in float64
+    ids, values = both[0].long().tolist(), both[1].tolist()
+    groups = []
+    for i, seq in enumerate(seqs):
+        g, kk = seq.beam, 2 * seq.beam.params.beam_width
+        g.pending[seq.seq_id] = (ids[i][:kk], values[i][:kk])
+        if g not in groups:
+            groups.append(g)
+    stepped = [g for g in groups if g.ready()]
+    new_tokens = sum(g.advance(scheduler) for g in stepped)
+    return [g.request_id for g in stepped], new_tokens
 
 
 def beam_search_by_requests(engine, prompt_ids: list[int], params: BeamSearchParams) -> list[BeamSearchSequence]:

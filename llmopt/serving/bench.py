@@ -149,6 +149,23 @@ def run_engine(model, tokenizer, reqs: list[Request], **engine_kw) -> dict:
     return _summary("llmopt engine (paged, continuous batching)", reqs, wall, ttft, tpot, engine.kv_waste(), extra)
 
 
+def teacher_forced(engine: LLMEngine, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' prefill through `engine` with `prompt_logprobs=1`, nothing generated: at every
+    position after the first, the model's top token and the log-probability it gave the real next
+    token. Two engines that differ in one thing (an FP8 KV cache, a quantized model) compared on the
+    same prompts say how much that thing moves the predictions: top-token agreement, log-probability
+    drift, perplexity (exp of the mean negative log-probability)."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    ids = [engine.add_request(list(p), params) for p in prompts]
+    final = engine.run()
+    tops, logprobs = [], []
+    for rid, prompt in zip(ids, prompts):
+        for token, entry in zip(prompt[1:], final[rid].prompt_logprobs[1:]):
+            tops.append(next(t for t, lp in entry.items() if lp.rank == 1))
+            logprobs.append(entry[token].logprob)
+    return torch.tensor(tops), torch.tensor(logprobs)
+
+
 def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: int = 0, device=None,
                     systems=("single", "static", "engine"), prompt_range=(16, 512), output_range=(16, 256),
                     shared_prefix: int = 0, repeats: int = 1, **engine_kw) -> dict:

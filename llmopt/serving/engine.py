@@ -21,7 +21,11 @@ tokens in one go: the host's per-token work (above) is paid once per k tokens, a
 CUDA-graph replays run back to back. The tokens are the same as k single steps'.
 
 A request with `BeamSearchParams` is a beam search (`beam.py`): its beams are sequences that share
-blocks, forked and freed as the search goes, and its output lists the best beams.
+blocks, forked and freed as the search goes, and its output lists the best beams. With
+`speculative_config` decodes run n-gram guesses beside their last token and keep the ones the model
+agrees with (greedy), or that speculative sampling's rule accepts (sampled) (`speculative.py`).
+The planning of those three lives beside them (`steps_ahead`, `beam_step`, `propose`/`verify_batch`);
+the engine calls them from its step.
 """
 from __future__ import annotations
 
@@ -30,37 +34,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .beam import BeamGroup, BeamSearchParams
+from .beam import BeamGroup, BeamSearchParams, beam_step
 from .block_manager import BlockManager
-from .runner import ModelRunner, kv_bytes_per_token
-from .sampling import SamplingParams, sample, top_logprobs
+from .multistep import steps_ahead
+from .outputs import CompletionOutput, RequestOutput
+from .runner import ModelRunner, cache_dtype, kv_bytes_per_token
+from .sampling import SamplingParams, prompt_logprobs, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
-from .speculative import SpeculativeConfig, ngram_propose, verify
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict] | None
-    finish_reason: str | None = None     # "stop", "length", "abort" or "error"
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: dict = field(default_factory=dict)  # arrival, first token and finish times (perf_counter s)
-    error: str | None = None
-    prompt_logprobs: list[dict | None] | None = None   # with SamplingParams(prompt_logprobs=k): per prompt token
-    num_cached_tokens: int = 0      # prompt tokens found in the prefix cache (at its latest admission)
+from .speculative import SpeculativeConfig, propose, verify_batch
 
 
 @dataclass
@@ -83,7 +65,8 @@ class LLMEngine:
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  chunked_prefill: bool = True, backend: str = "auto", enforce_eager: bool = False, seed: int = 0,
-                 num_scheduler_steps: int = 1, speculative_config: dict | SpeculativeConfig | None = None):
+                 num_scheduler_steps: int = 1, speculative_config: dict | SpeculativeConfig | None = None,
+                 kv_cache_dtype: str = "auto"):
         if num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1, got {num_scheduler_steps!r}")
         self.spec = SpeculativeConfig.of(speculative_config)
@@ -93,9 +76,10 @@ class LLMEngine:
         self.num_scheduler_steps = num_scheduler_steps
         cfg = model.config
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
-        if num_kv_blocks is None:
-            dtype = next(model.parameters()).dtype
-            per_block = kv_bytes_per_token(cfg, dtype if dtype.is_floating_point else torch.float32) * block_size
+        dtype = next(model.parameters()).dtype
+        kv_dtype = cache_dtype(kv_cache_dtype, dtype if dtype.is_floating_point else torch.float32)
+        if num_kv_blocks is None:   # an FP8 cache ("fp8") holds 2-4x the tokens in the same memory
+            per_block = kv_bytes_per_token(cfg, kv_dtype) * block_size
             budget = kv_cache_memory or _default_kv_memory(model, max_num_seqs * self.max_model_len * per_block
                                                            // block_size)
             num_kv_blocks = max(1, budget // per_block)
@@ -103,7 +87,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, chunked_prefill)
         # on a GPU the runner records its decode steps as CUDA graphs, unless enforce_eager (vLLM's name)
         self.runner = ModelRunner(model, num_kv_blocks, block_size, backend, max_num_seqs, self.max_model_len,
-                                  enforce_eager, num_scheduler_steps)
+                                  enforce_eager, num_scheduler_steps, kv_cache_dtype)
         self.eos = _eos_ids(model, tokenizer)
         self.seed = seed
         self.stats = EngineStats()
@@ -153,7 +137,7 @@ class LLMEngine:
         if seq.request_id in self.requests and not self._finished(seq.request_id):
             raise ValueError(f"request_id {seq.request_id!r} is already running")
         if beam is not None:
-            seq.beam = self._beam_group(seq, beam)
+            seq.beam = BeamGroup.for_request(seq, beam, self.eos, self.max_model_len, self.blocks)
         self.scheduler.add(seq)
         self.requests[seq.request_id] = [seq]
         self._seed(seq)
@@ -182,16 +166,6 @@ class LLMEngine:
             self.requests[parent.request_id].append(child)
             children.append(child)
         return children
-
-    def _beam_group(self, seq: Sequence, p: BeamSearchParams) -> BeamGroup:
-        max_len = min(len(seq) + p.max_tokens, self.max_model_len)
-        need = p.beam_width * -(-max_len // self.blocks.block_size)
-        if need > self.blocks.num_blocks:   # so that a request's beams always fit in the cache alone
-            raise ValueError(f"beam search with beam_width {p.beam_width} to {max_len} tokens may need {need} KV "
-                             f"blocks; the cache has {self.blocks.num_blocks}")
-        group = BeamGroup(p, self.eos, max_len)
-        group.request_id, group.beams = seq.request_id, [seq]
-        return group
 
     def _finished(self, request_id: str) -> bool:
         seqs = self.requests[request_id]
@@ -233,19 +207,24 @@ class LLMEngine:
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.cached_tokens = self.scheduler.num_cached_tokens
         done = [seq.num_computed_tokens + n == len(seq) for seq, n in batch]
-        k = self._steps_ahead(batch, done)
+        k = steps_ahead(batch, done, self.num_scheduler_steps, self.scheduler, self.max_model_len)
         if k > 1:
             return self._flush(self._multi_step(batch, k), detokenize)
         every = [seq.wants_prompt_logprobs for seq, _ in batch]
-        guesses = self._propose(batch) if self.spec is not None else {}
+        guesses = {}
+        if self.spec is not None:
+            budget = self.scheduler.max_num_batched_tokens - sum(n for _, n in batch)
+            guesses = propose(batch, self.spec, self.blocks, budget, self.max_model_len)
         if guesses:   # each guessed token runs beside its sequence's last one, every position's logits kept
             batch = [(seq, n + len(guesses[seq.seq_id][1]) if seq.seq_id in guesses else n) for seq, n in batch]
             every = [e or seq.seq_id in guesses for e, (seq, _) in zip(every, batch)]
         logits = self.runner.forward(batch, done, every if any(every) else None)
         if guesses:
-            logits, every, accepted = self._verify(batch, done, every, logits, guesses)
+            logits, every, accepted = verify_batch(batch, done, every, logits, guesses, self._generators)
+            self.stats.spec_proposed += sum(len(guess) for _, guess in guesses.values())
+            self.stats.spec_accepted += sum(len(a[2]) for a in accepted.values())
         if any(every):
-            logits = self._prompt_logprobs(batch, done, every, logits)
+            logits = prompt_logprobs(batch, done, every, logits, self._named)
         self.stats.steps += 1
         self.stats.computed_tokens += sum(n for _, n in batch)
         for seq, n in batch:
@@ -254,12 +233,16 @@ class LLMEngine:
         touched = []
         if guesses:
             touched += self._accept(accepted)
-            if any(seq.is_finished for seq in ready):    # a stop among the accepted tokens: no bonus token
-                keep = [i for i, seq in enumerate(ready) if not seq.is_finished]
+            # a stop among the accepted tokens: no next token; a sampled sequence drew its own already
+            keep = [i for i, seq in enumerate(ready) if not seq.is_finished
+                    and (seq.seq_id not in accepted or accepted[seq.seq_id][4] is None)]
+            if len(keep) < len(ready):
                 ready, logits = [ready[i] for i in keep], logits[keep]
         if any(seq.beam is not None for seq in ready):   # beams rank candidates instead of sampling
             rows = [i for i, seq in enumerate(ready) if seq.beam is not None]
-            touched += self._beam_step([ready[i] for i in rows], logits[rows])
+            stepped, new_tokens = beam_step([ready[i] for i in rows], logits[rows], self.scheduler)
+            touched += stepped
+            self.stats.generated_tokens += new_tokens
             rows = [i for i, seq in enumerate(ready) if seq.beam is None]
             ready, logits = [ready[i] for i in rows], logits[rows]
         if ready:
@@ -282,81 +265,13 @@ class LLMEngine:
         self._record_kv_use()
         return self._flush(touched, detokenize)
 
-    def _prompt_logprobs(self, batch, done, every, logits) -> torch.Tensor:
-        """Record the prompt log-probabilities the rows of `every`-position sequences give (the logits
-        at position j score token j + 1; a recompute after preemption records nothing twice), and
-        return the rows to sample from, one per sequence whose prompt is done."""
-        keep, row = [], 0
-        for (seq, n), d, all_rows in zip(batch, done, every):
-            if not all_rows:
-                keep += [row] if d else []
-                row += int(d)
-                continue
-            # the positions whose next token is a prompt token not yet scored (none twice after a recompute)
-            start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
-            first = len(seq.prompt_logprobs) - 1          # the position that scores the next unscored token
-            stop = min(start + n, seq.num_prompt_tokens - 1)
-            if start <= first < stop:   # one log-softmax, gather and top-k for them all: one transfer, not one a token
-                lps = torch.log_softmax(logits[row + first - start:row + stop - start], -1)
-                targets = seq.token_ids[first + 1:stop + 1]
-                chosen = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])
-                ranks = ((lps > chosen).sum(1) + 1).tolist()
-                tops = [t.tolist() for t in lps.topk(k, -1)] if k else [[[]] * len(targets)] * 2
-                for tok, lp, rank, values, ids in zip(targets, chosen[:, 0].tolist(), ranks, *tops):
-                    seq.prompt_logprobs.append(self._named(top_logprobs(ids, values, tok, lp, rank)))
-            keep += [row + n - 1] if d else []
-            row += n
-        return logits[keep]
-
     # ------------------------------------------------------------------ speculative decoding
-
-    def _propose(self, batch) -> dict[int, tuple[int, list[int]]]:
-        """n-gram guesses for the greedy decodes of this step, within the step's token budget, each
-        sequence's max_tokens and context, and the free blocks (reserved now for their K/V). Each guess
-        is appended to its sequence for the forward; returns {seq_id: (length before, guess)}."""
-        cfg, guesses = self.spec, {}
-        budget = self.scheduler.max_num_batched_tokens - sum(n for _, n in batch)
-        for seq, n in batch:
-            p = seq.params
-            if (n != 1 or budget < 1 or seq.beam is not None or not p.greedy or p.logprobs is not None or p.adjusted
-                    or seq.forks_pending or seq.num_computed_tokens + 1 != len(seq)):
-                continue
-            room = min(cfg.num_speculative_tokens, budget, self.max_model_len - len(seq) - 1)
-            if p.max_tokens is not None:
-                room = min(room, p.max_tokens - seq.num_completion_tokens - 1)   # the bonus token fits too
-            guess = ngram_propose(seq.token_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min) if room > 0 else []
-            if not guess or self.blocks.blocks_to_reserve(seq, 1 + len(guess)) > self.blocks.num_free_blocks():
-                continue
-            self.blocks.reserve(seq, 1 + len(guess))
-            guesses[seq.seq_id] = (len(seq), guess)
-            seq.token_ids += guess
-            budget -= len(guess)
-        return guesses
-
-    def _verify(self, batch, done, every, logits, guesses):
-        """Check each guess against the logits at its positions (`speculative.verify`): the logits
-        rows keep, for a guessing sequence, the one its next token comes from."""
-        rows, row, every, accepted = [], 0, list(every), {}
-        for i, ((seq, n), d) in enumerate(zip(batch, done)):
-            if seq.seq_id in guesses:
-                length, guess = guesses[seq.seq_id]
-                m, lps, _ = verify(logits[row:row + n], guess)
-                accepted[seq.seq_id] = (seq, length, guess[:m], lps)
-                rows.append(row + m)
-                every[i] = False
-                self.stats.spec_proposed += len(guess)
-                self.stats.spec_accepted += m
-            elif every[i]:
-                rows.extend(range(row, row + n))
-            elif d:
-                rows.append(row)
-            row += n if (every[i] or seq.seq_id in guesses) else int(d)
-        return logits[rows], every, accepted
 
     def _accept(self, accepted) -> list[str]:
         """Take back the guesses, then append the accepted ones as decoded tokens (their K/V are already
-        in the cache; stop conditions apply to each). The rejected ones' slots are written again later."""
-        for seq, length, tokens, lps in accepted.values():
+        in the cache; stop conditions apply to each), and a sampled sequence's drawn next token. The
+        rejected ones' slots are written again later."""
+        for seq, length, tokens, lps, drawn in accepted.values():
             del seq.token_ids[length:]
             seq.num_computed_tokens = length
             for token, lp in zip(tokens, lps):
@@ -365,55 +280,11 @@ class LLMEngine:
                     break
                 self.blocks.may_append(seq)
                 seq.num_computed_tokens += 1
+            if drawn is not None and not seq.is_finished:
+                self._append(seq, *drawn, None)
         return [seq.request_id for seq, *_ in accepted.values()]
 
-    # ------------------------------------------------------------------ beam search
-
-    def _beam_step(self, seqs: list[Sequence], logits: torch.Tensor) -> list[str]:
-        """Beams whose logits are in: keep each one's 2 * beam_width best tokens (one log-softmax, top-k
-        and transfer for all), then step every request whose beams are all in. Returns those requests."""
-        k = min(2 * max(s.beam.params.beam_width for s in seqs), logits.shape[-1])
-        values, ids = torch.log_softmax(logits.float(), -1).topk(k)
-        both = torch.stack([ids.double(), values.double()]).cpu()   # token ids are exact in float64
-        ids, values = both[0].long().tolist(), both[1].tolist()
-        groups = []
-        for i, seq in enumerate(seqs):
-            g, kk = seq.beam, 2 * seq.beam.params.beam_width
-            g.pending[seq.seq_id] = (ids[i][:kk], values[i][:kk])
-            if g not in groups:
-                groups.append(g)
-        stepped = [g for g in groups if g.ready()]
-        for g in stepped:
-            self.stats.generated_tokens += g.advance(self.scheduler)
-        return [g.request_id for g in stepped]
-
     # ------------------------------------------------------------------ multi-step decoding
-
-    def _steps_ahead(self, batch, done) -> int:
-        """How many decode steps this batch may run before the host looks again (vLLM's multi-step
-        scheduling, `num_scheduler_steps`): more than 1 only for a pure greedy decode batch that no
-        waiting request could join now (it would wait that many steps for its prefill; one that finds
-        the batch full may wait up to k - 1 steps past a seat freeing up), within every sequence's
-        context, no longer than the longest still to generate (a shorter one runs on, and its extra
-        tokens are dropped), and with the blocks for all of them free."""
-        k, sched = self.num_scheduler_steps, self.scheduler
-        if k == 1 or not all(done) or any(n != 1 for _, n in batch):
-            return 1
-        if sched.waiting and len(sched.running) < sched.max_num_seqs:
-            return 1
-        longest = 0
-        for seq, _ in batch:
-            p = seq.params
-            if not p.greedy or p.logprobs is not None or p.adjusted or seq.beam is not None:   # argmax alone
-                return 1
-            room = self.max_model_len - len(seq)
-            k = min(k, room)
-            longest = max(longest, room if p.max_tokens is None else p.max_tokens - seq.num_completion_tokens)
-        k = min(k, longest)
-        need = sum(self.blocks.blocks_to_reserve(seq, k) for seq, _ in batch)
-        if need > self.blocks.num_free_blocks():   # then only as far as the blocks they hold reach
-            k = min(k, *(len(seq.block_table) * self.blocks.block_size - len(seq) + 1 for seq, _ in batch))
-        return max(k, 1)
 
     def _multi_step(self, batch, k: int) -> list[str]:
         """Run k decode steps on the device, then take their tokens in order as k single steps would:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
-from .engine import LLMEngine, RequestOutput
+from .engine import LLMEngine
+from .outputs import RequestOutput
 from .sampling import SamplingParams
 
 IGNORED = ("swap_space", "disable_log_stats", "trust_remote_code_for_tokenizer", "tokenizer_mode")
@@ -26,7 +27,7 @@ class LLM:
                  enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1, quantization=None,
                  trust_remote_code: bool = False, device=None, num_kv_blocks: int | None = None,
                  backend: str = "auto", enforce_eager: bool = False, num_scheduler_steps: int = 1,
-                 speculative_config: dict | None = None, **kwargs):
+                 speculative_config: dict | None = None, kv_cache_dtype: str = "auto", **kwargs):
         unknown = set(kwargs) - set(IGNORED)
         if unknown:
             raise ValueError(f"unsupported LLM arguments: {sorted(unknown)}")
@@ -57,7 +58,7 @@ class LLM:
                                 enable_prefix_caching=enable_prefix_caching,
                                 chunked_prefill=enable_chunked_prefill, backend=backend,
                                 enforce_eager=enforce_eager, seed=seed, num_scheduler_steps=num_scheduler_steps,
-                                speculative_config=speculative_config)
+                                speculative_config=speculative_config, kv_cache_dtype=kv_cache_dtype)
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -91,3 +91,30 @@ def greedy_advance(logits, ids, pos, slots, lens, tables, tokens, logprobs, step
                                      KV_BLOCK=block_size, BLOCK_V=min(4096, next_power_of_2(V)), PDL=pdl(logits),
                                      **pdl_launch(pdl(logits)))
     step.add_(1)
+
+
+def steps_ahead(batch, done, k: int, scheduler, max_model_len: int) -> int:
+    """How many decode steps a step's `batch` [(sequence, tokens to run)] may run before the host looks
+    again (vLLM's multi-step scheduling, `num_scheduler_steps=k`): more than 1 only for a pure greedy
+    decode batch that no waiting request could join now (it would wait that many steps for its
+    prefill; one that finds the batch full may wait up to k - 1 steps past a seat freeing up), within
+    every sequence's context, no longer than the longest still to generate (a shorter one runs on,
+    and its extra tokens are dropped), and with the blocks for all of them free."""
+    if k == 1 or not all(done) or any(n != 1 for _, n in batch):
+        return 1
+    if scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs:
+        return 1
+    longest = 0
+    for seq, _ in batch:
+        p = seq.params
+        if not p.greedy or p.logprobs is not None or p.adjusted or seq.beam is not None:   # argmax alone
+            return 1
+        room = max_model_len - len(seq)
+        k = min(k, room)
+        longest = max(longest, room if p.max_tokens is None else p.max_tokens - seq.num_completion_tokens)
+    k = min(k, longest)
+    blocks = scheduler.blocks
+    if sum(blocks.blocks_to_reserve(seq, k) for seq, _ in batch) > blocks.num_free_blocks():
+        # then only as far as the blocks they hold reach
+        k = min(k, *(len(seq.block_table) * blocks.block_size - len(seq) + 1 for seq, _ in batch))
+    return max(k, 1)

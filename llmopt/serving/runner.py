@@ -33,11 +33,24 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..kernels.common import use_triton
 from ..kernels.fuse import FusedRMSNorm
 from ..kernels.gemv import gemv, norm_linear, swiglu_linear
 from .attention import paged_decode, paged_decode_rope, paged_prefill_reference, rope_write_kv
 from .multistep import greedy_advance
 from .sequence import Sequence
+
+# vLLM's kv_cache_dtype names: "auto" keeps the model's dtype
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype for vLLM's `kv_cache_dtype` ("auto": the model's)."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    return KV_CACHE_DTYPES[kv_cache_dtype]
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -75,7 +88,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, backend: str = "auto",
                  max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
-                 num_scheduler_steps: int = 1):
+                 num_scheduler_steps: int = 1, kv_cache_dtype: str = "auto"):
         check_model(model)
         self.model, self.block_size, self.num_blocks, self.backend = model, block_size, num_blocks, backend
         cfg = model.config
@@ -86,12 +99,17 @@ class ModelRunner:
         p = next(model.parameters())
         self.device = p.device
         self.dtype = p.dtype if p.is_floating_point() else torch.float32
+        self.cache_dtype = cache_dtype(kv_cache_dtype, self.dtype)
+        if (self.cache_dtype.itemsize == 1 and self.device.type == "cuda" and use_triton(p, backend)
+                and torch.cuda.get_device_capability(self.device) < (8, 9)):
+            raise ValueError("an FP8 KV cache needs a GPU with FP8 conversions (sm_89+: Ada, Hopper) for the "
+                             "Triton kernels; on older GPUs pass backend='torch'")
         # one block more than the block manager hands out: the scratch block (id num_blocks) that
         # padding rows of a decode batch write into
         shape = (num_blocks + 1, block_size, self.num_kv_heads, self.head_dim)
         n = cfg.num_hidden_layers
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
+        self.k_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(n)]
+        self.v_cache = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(n)]
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
         # multi-step decoding: how many decode steps may run on the device before the host looks
         self.num_scheduler_steps = num_scheduler_steps

@@ -171,7 +171,7 @@ def adjust_logits(logits: torch.Tensor, p: SamplingParams, token_ids: list[int],
     return logits
 
 
-def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Logits of one row with everything outside top-k / top-p / min-p set to -inf."""
     if p.top_k > 0 and p.top_k < logits.numel():
         kth = logits.topk(p.top_k).values[-1]
@@ -216,7 +216,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if p.greedy:
             tokens[i] = greedy[i]
             continue
-        row = _filter(penalized[i] / p.temperature, p)
+        row = filter_logits(penalized[i] / p.temperature, p)
         probs = torch.softmax(row, -1)
         tokens[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i]).item()
     chosen = logprobs.gather(1, tokens.to(logits.device)[:, None]).squeeze(1).cpu()
@@ -230,3 +230,32 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         # the chosen token too (alone with logprobs=0, as vLLM)
         tops.append(top_logprobs(idx.long().tolist(), v.tolist(), int(tokens[i]), float(chosen[i]), rank))
     return tokens, chosen, tops
+
+
+def prompt_logprobs(batch, done, every, logits: torch.Tensor, named=lambda top: top) -> torch.Tensor:
+    """In an engine step (`SamplingParams(prompt_logprobs=k)`): record in each `every`-position
+    sequence of `batch` [(sequence, tokens run)] the log-probabilities its logits rows give its prompt
+    tokens (the logits at position j score token j + 1; a recompute after preemption records nothing
+    twice; `named` adds the tokens' text), and return the rows to sample from, one per sequence whose
+    prompt is `done`."""
+    keep, row = [], 0
+    for (seq, n), d, all_rows in zip(batch, done, every):
+        if not all_rows:
+            keep += [row] if d else []
+            row += int(d)
+            continue
+        # the positions whose next token is a prompt token not yet scored (none twice after a recompute)
+        start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
+        first = len(seq.prompt_logprobs) - 1          # the position that scores the next unscored token
+        stop = min(start + n, seq.num_prompt_tokens - 1)
+        if start <= first < stop:   # one log-softmax, gather and top-k for them all: one transfer, not one a token
+            lps = torch.log_softmax(logits[row + first - start:row + stop - start], -1)
+            targets = seq.token_ids[first + 1:stop + 1]
+            chosen = lps.gather(1, torch.tensor(targets, device=lps.device)[:, None])
+            ranks = ((lps > chosen).sum(1) + 1).tolist()
+            tops = [t.tolist() for t in lps.topk(k, -1)] if k else [[[]] * len(targets)] * 2
+            for tok, lp, rank, values, ids in zip(targets, chosen[:, 0].tolist(), ranks, *tops):
+                seq.prompt_logprobs.append(named(top_logprobs(ids, values, tok, lp, rank)))
+        keep += [row + n - 1] if d else []
+        row += n
+    return logits[keep]

@@ -21,8 +21,9 @@ from contextlib import asynccontextmanager
 
 from .async_engine import AsyncEngine, Busy, EngineProcess, EngineStopped, Timeout, load_engine
 from .beam import BeamSearchParams
-from .engine import LLMEngine, RequestOutput
+from .engine import LLMEngine
 from .llm import chat_prompt
+from .outputs import RequestOutput
 from .sampling import SamplingParams
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "max_tokens", "logprobs",

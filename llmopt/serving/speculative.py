@@ -12,12 +12,23 @@ where the sequence's final n tokens occurred before, and propose what followed t
 On a GPU a forward over 1 + k tokens costs about what a forward over one token does (both read
 the weights once), so every accepted guess is a token for free. On a CPU the extra tokens cost
 some compute; lesson 10 measures both the acceptance and the speed.
+
+Sampled requests (temperature > 0) keep their distribution too, by speculative sampling's rule
+(Leviathan et al., 2023; Chen et al., 2023): a guess g is accepted with probability P(g), the
+probability the request's own sampling (temperature, top-k, top-p, min-p) gives it at that position;
+at the first rejection the token is drawn from P with g removed (the residual max(0, P - Q),
+renormalised, where the draft's Q puts all its mass on g); if every guess is accepted the next token
+is drawn from P at the position after them. Each emitted token is then distributed exactly as one
+drawn from P would be (`verify_sampled`; tested by counting). The random numbers are used
+differently, so a seeded request's text differs from its text without speculation, as in vLLM.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .sampling import filter_logits
 
 
 @dataclass
@@ -68,3 +79,77 @@ def verify(logits: torch.Tensor, proposal: list[int]) -> tuple[int, list[float],
         m += 1
     lps = torch.log_softmax(logits[:m].float(), -1).gather(1, torch.tensor(proposal[:m], device=logits.device)[:, None])
     return m, lps[:, 0].tolist(), logits[m]
+
+
+def verify_sampled(logits: torch.Tensor, proposal: list[int], params, generator: torch.Generator | None):
+    """Speculative sampling's check. `logits` (1 + k, V) as in `verify`; `params`: the request's
+    SamplingParams (temperature > 0, no penalties). Returns (m, the accepted tokens' log-probabilities,
+    the next token and its log-probability): the first m guesses are kept, then one token drawn from
+    the residual (after a rejection) or from the position after the guesses. Log-probabilities are
+    the model's (before temperature and filtering), as `sample` reports them."""
+    rows = logits.float() / params.temperature
+    probs = torch.softmax(torch.stack([filter_logits(r, params) for r in rows]), -1).cpu()
+    coins = torch.rand(len(proposal), generator=generator).tolist()
+    m = 0
+    while m < len(proposal) and coins[m] < probs[m, proposal[m]]:
+        m += 1
+    residual = probs[m].clone()
+    if m < len(proposal):
+        residual[proposal[m]] = 0.0       # P - Q: the rejected guess cannot come back
+    token = int(torch.multinomial(residual, 1, generator=generator))   # multinomial renormalises
+    logprobs = torch.log_softmax(logits[:m + 1].float(), -1)
+    chosen = logprobs.gather(1, torch.tensor(proposal[:m] + [token], device=logits.device)[:, None])[:, 0].tolist()
+    return m, chosen[:m], token, chosen[m]
+
+
+# ---------------------------------------------------------------- in the engine's step
+
+def propose(batch, cfg: SpeculativeConfig, blocks, budget: int, max_model_len: int) -> dict[int, tuple[int, list[int]]]:
+    """n-gram guesses for the decodes of a step's `batch` [(sequence, tokens to run)], within
+    `budget` more tokens, each sequence's max_tokens and context, and the free blocks (reserved now
+    for the guesses' K/V). Each guess is appended to its sequence for the forward; returns
+    {seq_id: (length before, guess)}."""
+    guesses = {}
+    for seq, n in batch:
+        p = seq.params
+        if (n != 1 or budget < 1 or seq.beam is not None or p.logprobs is not None or p.adjusted
+                or seq.forks_pending or seq.num_computed_tokens + 1 != len(seq)):
+            continue
+        room = min(cfg.num_speculative_tokens, budget, max_model_len - len(seq) - 1)
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - seq.num_completion_tokens - 1)   # the bonus token fits too
+        guess = ngram_propose(seq.token_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min) if room > 0 else []
+        if not guess or blocks.blocks_to_reserve(seq, 1 + len(guess)) > blocks.num_free_blocks():
+            continue
+        blocks.reserve(seq, 1 + len(guess))
+        guesses[seq.seq_id] = (len(seq), guess)
+        seq.token_ids += guess
+        budget -= len(guess)
+    return guesses
+
+
+def verify_batch(batch, done, every, logits, guesses, generators):
+    """Check each guess against the logits at its positions (`verify`, or `verify_sampled` with the
+    sequence's generator for a sampled one). `done[i]`: the sequence's last token is in this step;
+    `every[i]`: the forward kept its logits at every position. Returns the logits rows to go on with
+    (for a guessing sequence, the one its next token comes from), the new `every`, and {seq_id:
+    (sequence, length before, accepted tokens, their log-probabilities, (next token, its
+    log-probability) already drawn for a sampled sequence, else None)}."""
+    rows, row, every, accepted = [], 0, list(every), {}
+    for i, ((seq, n), d) in enumerate(zip(batch, done)):
+        if seq.seq_id in guesses:
+            length, guess = guesses[seq.seq_id]
+            if seq.params.greedy:
+                (m, lps, _), drawn = verify(logits[row:row + n], guess), None
+            else:
+                m, lps, token, lp = verify_sampled(logits[row:row + n], guess, seq.params, generators.get(seq.seq_id))
+                drawn = (token, lp)
+            accepted[seq.seq_id] = (seq, length, guess[:m], lps, drawn)
+            rows.append(row + m)
+            every[i] = False
+        elif every[i]:
+            rows.extend(range(row, row + n))
+        elif d:
+            rows.append(row)
+        row += n if (every[i] or seq.seq_id in guesses) else int(d)
+    return logits[rows], every, accepted
