@@ -59,9 +59,12 @@ def _bench(args):
 
         if args.requests < 1 or args.batch_size < 1:
             raise ValueError("--requests and --batch-size must be >= 1")
+        if args.kv_cache_mb is not None and args.kv_cache_mb <= 0:
+            raise ValueError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
         main(args.model, n=args.requests, batch_size=args.batch_size, json_path=args.json, plot_path=args.plot,
              shared_prefix=args.shared_prefix, systems=tuple(args.systems), block_size=args.block_size,
-             repeats=args.repeats or 1)
+             repeats=args.repeats or 1,
+             kv_cache_memory=None if args.kv_cache_mb is None else int(args.kv_cache_mb * 2**20))
 
 
 def _export(args):
@@ -144,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "not in a process of its own")
     t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
     t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
-                   choices=["single", "static", "engine", "engine-no-prefix-cache", "engine-multistep"],
-                   help="serve: which servers to run (engine-multistep: num_scheduler_steps=8)")
+                   choices=["single", "static", "engine", "engine-no-prefix-cache", "engine-multistep", "engine-fp8"],
+                   help="serve: which servers to run (engine-multistep: num_scheduler_steps=8; engine-fp8: "
+                   "kv_cache_dtype='fp8')")
+    t.add_argument("--kv-cache-mb", type=float, default=None, help="serve: the engines' KV cache in MB (default: "
+                   "room for every sequence); a small one shows what an FP8 cache's 2-4x the tokens buy")
     t.add_argument("--block-size", type=int, default=16, help="serve: KV block size of the engine")
     t.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 32], help="decode: batch sizes")
     t.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per sequence")

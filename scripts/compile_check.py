@@ -62,7 +62,7 @@ def cases():
     """(name, kernel, pointer dtypes, constexprs, num_warps): each kernel with what its wrapper passes."""
     import llmopt.kernels  # noqa: F401 - loads the kernel modules; `llmopt.kernels.rope` etc. are functions there
     from llmopt.moe import triton_moe
-    from llmopt.serving import attention
+    from llmopt.serving import attention, kv_cache
 
     rms, swi, sm, rope, w4a16, w8a16 = (sys.modules[f"llmopt.kernels.{m}"]
                                         for m in ("rmsnorm", "swiglu", "softmax", "rope", "w4a16", "w8a16"))
@@ -119,7 +119,7 @@ def cases():
         yield f"greedy advance{', PDL' if pdl else ''}", multistep._greedy_advance_kernel, {**ints, **floats}, dict(
             KV_BLOCK=16, BLOCK_V=4096, PDL=pdl), 4
     for cache in ("*bf16", "*fp8e4nv"):
-        yield f"rope + cache write{', FP8 cache' if 'fp8' in cache else ''}", attention._rope_write_kernel, {
+        yield f"rope + cache write{', FP8 cache' if 'fp8' in cache else ''}", kv_cache._rope_write_kernel, {
             "slots_ptr": "*i64", "kc_ptr": cache, "vc_ptr": cache}, dict(BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=32, D_P=64), 4
 
 

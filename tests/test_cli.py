@@ -81,6 +81,21 @@ def test_bench_serve_small_workload(tmp_path):
     assert (tmp_path / "serve.png").stat().st_size > 1000
 
 
+def test_bench_serve_fp8_cache_in_a_small_memory(tmp_path):
+    """`--systems engine engine-fp8 --kv-cache-mb 3`: in the same bytes the FP8 engine has 4x the
+    blocks of the float32 one (the bundled model runs in float32 on a CPU) and serves every request.
+    (3 MB: 64 float32 blocks, room for the longest single request of the workload.)"""
+    out = tmp_path / "serve.json"
+    r = llmopt("bench", "serve", "--requests", "6", "--systems", "engine", "engine-fp8", "--kv-cache-mb", "3",
+               "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    plain, fp8 = json.loads(out.read_text())["results"]
+    assert fp8["system"].endswith("FP8 KV cache") and fp8["kv_blocks"] >= 4 * plain["kv_blocks"] > 0
+    assert plain["kv_cache_MB"] <= 3.3 and fp8["kv_cache_MB"] <= 3.3
+    assert plain["generated_tokens"] == fp8["generated_tokens"] > 0
+    assert llmopt("bench", "serve", "--kv-cache-mb", "0").returncode != 0
+
+
 
 def test_bench_decode_rows_and_floor(tmp_path):
     out = tmp_path / "decode.json"

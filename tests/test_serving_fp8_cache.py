@@ -12,19 +12,17 @@ pytest.importorskip("triton")
 from test_serving_attention import DEVICE, TOL, Batch, _rotary, lengths_for, randn  # noqa: E402
 
 from llmopt.serving import LLM, LLMEngine, SamplingParams, kv_bytes_per_token  # noqa: E402
-from llmopt.serving.attention import (  # noqa: E402
+from llmopt.serving.attention import paged_decode_reference, paged_decode_rope, paged_decode_triton  # noqa: E402
+from llmopt.serving.bench import teacher_forced  # noqa: E402
+from llmopt.serving.kv_cache import (  # noqa: E402
     FP8,
     FP8_MAX,
     gather_kv,
-    paged_decode_reference,
-    paged_decode_rope,
-    paged_decode_triton,
     rope_write_kv,
     rope_write_kv_reference,
     to_cache,
     write_kv,
 )
-from llmopt.serving.bench import teacher_forced  # noqa: E402
 
 
 def fp8_batch(bs, Hk, D, seed, lengths=None):

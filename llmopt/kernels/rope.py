@@ -52,7 +52,7 @@ def _rotate(x_ptr, o_ptr, stride_h, stride_oh, H, HALF, cos1, cos2, sin1, sin2,
 @triton.jit
 def _saturate(x, dtype: tl.constexpr):
     """x (already rounded to the input's dtype) in `dtype`. Into FP8 e4m3 (a serving KV cache,
-    `serving.attention`): clamped to +-448 as `attention.to_cache` does, and rounded to FP8's grid in
+    `serving.kv_cache`): clamped to +-448 as `kv_cache.to_cache` does, and rounded to FP8's grid in
     float32 first (to nearest, ties to even: 3 mantissa bits, or steps of 2**-9 below 2**-6), so that
     the cast itself is exact. Triton's interpreter loses the carry when a value rounds up into the
     next power of two (31.46 became 16, not 32); a GPU's cast would round the same way as this."""

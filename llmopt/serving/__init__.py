@@ -3,8 +3,10 @@ with vLLM's API.
 
 - `BlockManager`: the KV cache in fixed-size blocks, block tables per sequence, reference counts,
   prefix caching of full blocks, copy-on-write;
-- `attention`: writing K/V into slots, paged attention for prefill (PyTorch) and decode (PyTorch
-  reference and a Triton kernel), grouped-query aware;
+- `kv_cache`: writing K/V into slots and reading them back, in the model's dtype or FP8
+  (`kv_cache_dtype="fp8"`);
+- `attention`: paged attention for prefill (PyTorch) and decode (PyTorch reference and a Triton
+  kernel), grouped-query aware;
 - `Scheduler`: waiting/running queues, token and sequence budgets, chunked prefill, preemption
   by recompute;
 - `ModelRunner`: a Llama-family model's forward over the paged cache (quantized and fused models
@@ -12,7 +14,8 @@ with vLLM's API.
 - `LLMEngine` (`add_request`, `step`, streaming) and `LLM`, `SamplingParams`, `RequestOutput`:
   vLLM's names, so `from llmopt.serving import LLM, SamplingParams` runs code written for vLLM;
 - `BeamSearchParams`, `LLM.beam_search`: beam search whose beams share KV blocks (copy-on-write);
-- `speculative`: speculative decoding by n-gram lookup (`speculative_config`), greedy output unchanged.
+- `speculative`: speculative decoding by n-gram lookup (`speculative_config`), greedy output unchanged,
+  sampled output's distribution unchanged.
 """
 from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence, beam_search_reference
 from .block_manager import Block, BlockManager, NoFreeBlocks

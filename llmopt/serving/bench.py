@@ -195,7 +195,8 @@ def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: in
     runners = {"single": lambda: run_hf_single(model, reqs), "static": lambda: run_hf_static(model, reqs, batch_size),
                "engine": lambda: run_engine(model, tok, reqs, **engine_kw),
                "engine-no-prefix-cache": variant(", no prefix caching", enable_prefix_caching=False),
-               "engine-multistep": variant(", 8 steps a sync", num_scheduler_steps=8)}
+               "engine-multistep": variant(", 8 steps a sync", num_scheduler_steps=8),
+               "engine-fp8": variant(", FP8 KV cache", kv_cache_dtype="fp8")}
     runs = {name: [] for name in systems if name in runners}
     for _ in range(repeats):
         for name, rs in runs.items():
@@ -244,9 +245,13 @@ def plot_results(result: dict, path=None):
 
 
 def main(model=None, n: int = 64, batch_size: int = 16, json_path=None, plot_path=None, shared_prefix: int = 0,
-         systems=("single", "static", "engine"), seed: int = 0, block_size: int = 16, repeats: int = 1) -> dict:
+         systems=("single", "static", "engine"), seed: int = 0, block_size: int = 16, repeats: int = 1,
+         kv_cache_memory: int | None = None) -> dict:
+    """`llmopt bench serve`. `kv_cache_memory`: the engines' KV cache in bytes (default: room for every
+    sequence at once), e.g. small enough that an FP8 cache (`engine-fp8`) admits more than float32."""
+    kw = {} if kv_cache_memory is None else {"kv_cache_memory": kv_cache_memory}
     result = serve_benchmark(model, n=n, batch_size=batch_size, shared_prefix=shared_prefix, systems=systems,
-                             seed=seed, block_size=block_size, repeats=repeats)
+                             seed=seed, block_size=block_size, repeats=repeats, **kw)
     print(format_results(result))
     if json_path:
         with open(json_path, "w") as f:
