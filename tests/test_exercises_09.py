@@ -106,3 +106,23 @@ def test_scheduler_step(capsys):
 def test_stubs_say_not_attempted(check, capsys):
     assert not check(stub)
     assert "not attempted yet" in capsys.readouterr().out
+
+
+def accept(probs, proposal, coins, remove=True, renormalise=True, keep_while=lambda c, p: c < p):
+    m = 0
+    while m < len(proposal) and keep_while(coins[m], float(probs[m, proposal[m]])):
+        m += 1
+    dist = probs[m].clone()
+    if m < len(proposal) and remove:
+        dist[proposal[m]] = 0
+    return m, dist / dist.sum() if renormalise else dist
+
+
+def test_speculative_accept(capsys):
+    assert exercises.check_speculative_accept(accept)
+    for wrong, says in ((dict(remove=False), "must not come back"), (dict(renormalise=False), "renormalise"),
+                        (dict(keep_while=lambda c, p: c > p), "kept")):
+        assert not exercises.check_speculative_accept(lambda *a, w=wrong: accept(*a, **w))
+        assert says in capsys.readouterr().out
+    assert not exercises.check_speculative_accept(stub)
+    assert "not attempted yet" in capsys.readouterr().out

@@ -17,7 +17,13 @@ from .lesson05 import check_distillation_loss, check_soft_targets
 from .lesson06 import check_lowrank_factor, check_rank_for_energy, check_whitened_factor
 from .lesson07 import check_balancing_loss, check_sorted_dispatch, check_top_k_gating
 from .lesson08 import check_int4_gemv, check_rmsnorm_kernel, check_swiglu_kernel
-from .lesson09 import check_block_allocator, check_merge_partials, check_paged_attention, check_scheduler_step
+from .lesson09 import (
+    check_block_allocator,
+    check_merge_partials,
+    check_paged_attention,
+    check_scheduler_step,
+    check_speculative_accept,
+)
 from .lesson11 import check_pareto_front
 
 __all__ = ["check_perplexity", "check_roofline_floor", "check_absmax", "check_zero_point", "check_groupwise",
@@ -26,4 +32,5 @@ __all__ = ["check_perplexity", "check_roofline_floor", "check_absmax", "check_ze
            "check_lowrank_factor", "check_whitened_factor", "check_top_k_gating", "check_balancing_loss",
            "check_sorted_dispatch", "check_rmsnorm_kernel", "check_swiglu_kernel", "check_int4_gemv",
            "check_block_allocator", "check_paged_attention", "check_merge_partials", "check_scheduler_step",
+           "check_speculative_accept",
            "check_pareto_front"]

@@ -1,5 +1,5 @@
 """Lessons 09-10: block allocation with reference counts, attention through a block table, merging the
-pieces of a split attention, and one continuous-batching scheduler step."""
+pieces of a split attention, one continuous-batching scheduler step, and speculative sampling's rule."""
 from __future__ import annotations
 
 import torch
@@ -179,3 +179,50 @@ def check_scheduler_step(fn) -> bool:
         return _result(name, False, f"got {got}, expected {want} for {what}")
     return _result(name, True, "running sequences keep decoding while new ones join as the budget allows: "
                                "continuous batching, with long prompts split into chunks")
+
+
+def check_speculative_accept(fn) -> bool:
+    """Exercise 10.2: fn(probs (1 + k, V), proposal [k token ids], coins [k uniforms]) -> (m, next
+    distribution (V,)): keep guess i while coins[i] < probs[i, guess i]; then the distribution the next
+    token is drawn from: probs[m] without the rejected guess, renormalised, or probs[k] if all were kept."""
+    from ..serving.speculative import speculative_accept
+
+    name = "Exercise 10.2 (speculative sampling's rule)"
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for k, V in ((3, 6), (1, 4), (4, 9), (2, 5)):
+        probs = torch.softmax(torch.randn(k + 1, V, generator=g) * 1.5, -1)
+        proposal = torch.randint(0, V, (k,), generator=g).tolist()
+        accept_all = [0.0] * k                                       # every coin below its probability
+        reject_first = [0.999999] * k
+        middle = [0.0] * (k - 1) + [0.999999]                        # the last guess rejected
+        cases += [(probs, proposal, coins) for coins in (accept_all, reject_first, middle)]
+        cases.append((probs, proposal, torch.rand(k, generator=g).tolist()))
+    for probs, proposal, coins in cases:
+        m_want, want = speculative_accept(probs, proposal, coins)
+        what = f"{len(proposal)} guesses {proposal}, coins {[round(c, 3) for c in coins]}"
+        ok, got = _call(name, fn, probs.clone(), list(proposal), list(coins))
+        if not ok:
+            return _result(name, False, got)
+        try:
+            m, dist = int(got[0]), torch.as_tensor(got[1], dtype=torch.float32)
+        except (TypeError, ValueError, IndexError):
+            return _result(name, False, "return (m, a distribution over the vocabulary)")
+        if m != m_want:
+            return _result(name, False, f"kept {m} guesses, expected {m_want}: keep guess i only while coins[i] < "
+                                        f"probs[i, guess i] ({what})")
+        if dist.shape != want.shape:
+            return _result(name, False, f"the next distribution should have {want.numel()} entries, got "
+                                        f"{tuple(dist.shape)}")
+        if torch.allclose(dist, want, atol=1e-6):
+            continue
+        if m < len(proposal) and torch.allclose(dist, probs[m], atol=1e-6):
+            return _result(name, False, f"after a rejection the rejected guess must not come back: draw from probs[m] "
+                                        f"with it removed, renormalised ({what})")
+        if torch.allclose(dist / dist.sum(), want, atol=1e-6):
+            return _result(name, False, f"right shape of distribution, but it does not sum to 1: renormalise ({what})")
+        return _result(name, False, f"the next distribution differs from the expected one by "
+                                    f"{(dist - want).abs().max().item():.3g} ({what})")
+    return _result(name, True, "a guess survives with exactly its probability, and a rejection draws from the rest: "
+                               "every token is distributed as the model's own sampling, yet several can come "
+                               "from one forward")

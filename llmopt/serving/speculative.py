@@ -19,7 +19,8 @@ probability the request's own sampling (temperature, top-k, top-p, min-p) gives 
 at the first rejection the token is drawn from P with g removed (the residual max(0, P - Q),
 renormalised, where the draft's Q puts all its mass on g); if every guess is accepted the next token
 is drawn from P at the position after them. Each emitted token is then distributed exactly as one
-drawn from P would be (`verify_sampled`; tested by counting). The random numbers are used
+drawn from P would be (`speculative_accept` is the rule, `verify_sampled` runs it on logits;
+tested by counting). The random numbers are used
 differently, so a seeded request's text differs from its text without speculation, as in vLLM.
 """
 from __future__ import annotations
@@ -81,6 +82,20 @@ def verify(logits: torch.Tensor, proposal: list[int]) -> tuple[int, list[float],
     return m, lps[:, 0].tolist(), logits[m]
 
 
+def speculative_accept(probs: torch.Tensor, proposal: list[int], coins: list[float]) -> tuple[int, torch.Tensor]:
+    """The rule itself. probs (1 + k, V): the target's distribution at the last token and at each of
+    the k guesses; coins: k uniform numbers in [0, 1). Guess i is kept while coins[i] < probs[i, guess];
+    returns (m, the distribution the next token is drawn from): after a rejection probs[m] with the
+    rejected guess removed, renormalised; with every guess kept, probs[k]."""
+    m = 0
+    while m < len(proposal) and coins[m] < probs[m, proposal[m]]:
+        m += 1
+    residual = probs[m].clone()
+    if m < len(proposal):
+        residual[proposal[m]] = 0.0       # P - Q: the rejected guess cannot come back
+    return m, residual / residual.sum()
+
+
 def verify_sampled(logits: torch.Tensor, proposal: list[int], params, generator: torch.Generator | None):
     """Speculative sampling's check. `logits` (1 + k, V) as in `verify`; `params`: the request's
     SamplingParams (temperature > 0, no penalties). Returns (m, the accepted tokens' log-probabilities,
@@ -89,14 +104,8 @@ def verify_sampled(logits: torch.Tensor, proposal: list[int], params, generator:
     the model's (before temperature and filtering), as `sample` reports them."""
     rows = logits.float() / params.temperature
     probs = torch.softmax(torch.stack([filter_logits(r, params) for r in rows]), -1).cpu()
-    coins = torch.rand(len(proposal), generator=generator).tolist()
-    m = 0
-    while m < len(proposal) and coins[m] < probs[m, proposal[m]]:
-        m += 1
-    residual = probs[m].clone()
-    if m < len(proposal):
-        residual[proposal[m]] = 0.0       # P - Q: the rejected guess cannot come back
-    token = int(torch.multinomial(residual, 1, generator=generator))   # multinomial renormalises
+    m, residual = speculative_accept(probs, proposal, torch.rand(len(proposal), generator=generator).tolist())
+    token = int(torch.multinomial(residual, 1, generator=generator))
     logprobs = torch.log_softmax(logits[:m + 1].float(), -1)
     chosen = logprobs.gather(1, torch.tensor(proposal[:m] + [token], device=logits.device)[:, None])[:, 0].tolist()
     return m, chosen[:m], token, chosen[m]
