@@ -196,6 +196,26 @@ def test_fp8_engine_on_the_kernels_equals_the_torch_path(model_tok):
     assert outs[0] == outs[1]
 
 
+def test_fp8_cache_copy_on_write_and_prefix_hits(model_tok):
+    """Blocks of an FP8 cache copied on write (three greedy completions forked from one prompt whose
+    last block is partly filled) and found again by the prefix cache keep their bytes: every
+    completion equals a lone request's on a fresh FP8 engine."""
+    model, tok = model_tok
+    prompt = list(range(5, 27))                      # 22 tokens: blocks of 4, the last one half full
+    lone = LLMEngine(model, tok, num_kv_blocks=64, block_size=4, kv_cache_dtype="fp8")
+    one = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    rid = lone.add_request(prompt, one)
+    want = lone.run()[rid]
+    engine = LLMEngine(model, tok, num_kv_blocks=64, block_size=4, kv_cache_dtype="fp8")
+    rid = engine.add_request(prompt, SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True))
+    forked = engine.run()[rid]
+    assert engine.stats.copied_blocks > 0
+    assert [o.token_ids for o in forked.outputs] == [want.outputs[0].token_ids] * 3
+    rid = engine.add_request(prompt, one)
+    again = engine.run()[rid]
+    assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == want.outputs[0].token_ids
+
+
 def test_llm_passes_kv_cache_dtype(model_tok):
     model, tok = model_tok
     llm = LLM(model=model, tokenizer=tok, kv_cache_dtype="fp8", num_kv_blocks=32)

@@ -168,3 +168,30 @@ def test_speculative_sampling_in_the_engine(model_tok):
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     assert all(len(o.outputs[0].token_ids) == 48 for o in a)
     assert spec.engine.stats.spec_accepted > accepted
+
+
+def test_sampled_speculation_with_forks_stops_and_preemption(model_tok):
+    """Sampled speculation beside the engine's other paths: n=3 completions (each fork guessed for
+    with its own generator), top-p and min-p, a stop string, and a cache small enough to preempt.
+    Every request ends as its parameters say, and no block leaks."""
+    model, tok = model_tok
+    engine = LLMEngine(model, tok, num_kv_blocks=26, block_size=4, max_num_seqs=6, speculative_config=NGRAM)
+    reqs = {
+        engine.add_request(CODE[2], SamplingParams(n=3, temperature=0.7, seed=2, max_tokens=30, ignore_eos=True)): 30,
+        engine.add_request(CODE[0], SamplingParams(temperature=0.9, top_p=0.9, min_p=0.05, seed=4, max_tokens=25,
+                                                   ignore_eos=True)): 25,
+        engine.add_request(CODE[1], SamplingParams(temperature=0.8, seed=6, max_tokens=40, stop=["\n\n"])): None,
+    }
+    final = engine.run()
+    assert sorted(final) == sorted(reqs)
+    for rid, n in reqs.items():
+        outs = final[rid].outputs
+        for o in outs:
+            if n is not None:
+                assert len(o.token_ids) == n and o.finish_reason == "length"
+            else:
+                assert o.finish_reason in ("stop", "length") and "\n\n" not in o.text
+    assert len(final[next(iter(reqs))].outputs) == 3
+    assert engine.stats.spec_accepted > 0 and engine.stats.preemptions > 0
+    assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
+    engine.blocks.check()
