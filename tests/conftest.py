@@ -28,6 +28,16 @@ def bundled():
     return llmopt.load("tinypy", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def model_tok():
+    """The bundled model in float32 on CPU, in eval mode, and its tokenizer: a fresh copy per test
+    module (the serving tests)."""
+    import llmopt
+
+    model, tok = llmopt.load("tinypy", device="cpu", dtype=torch.float32)
+    return model.eval(), tok
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """A random 2-layer Llama with the bundled tokenizer: milliseconds to build."""

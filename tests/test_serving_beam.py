@@ -8,14 +8,6 @@ from llmopt.serving import LLM, BeamSearchParams, LLMEngine, SamplingParams, bea
 from llmopt.serving.beam import BeamGroup, beam_score, beam_search_by_requests
 
 
-@pytest.fixture(scope="module")
-def model_tok():
-    import llmopt
-
-    model, tok = llmopt.load("tinypy", device="cpu", dtype=torch.float32)
-    return model.eval(), tok
-
-
 def assert_same_beams(out, ref):
     """An engine `RequestOutput` of a beam search holds the reference's beams, in its order."""
     n = len(out.prompt_token_ids)

@@ -33,14 +33,6 @@ def run_engine(engine, reqs):
     return [final[i] for i in ids]
 
 
-@pytest.fixture(scope="module")
-def model_tok():
-    import llmopt
-
-    model, tok = llmopt.load("tinypy", device="cpu", dtype=torch.float32)
-    return model.eval(), tok
-
-
 def test_greedy_equals_hf_generate_on_200_prompts(model_tok):
     model, tok = model_tok
     reqs = workload(200, model.config.vocab_size)

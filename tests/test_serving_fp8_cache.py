@@ -138,14 +138,6 @@ def test_decode_kernel_with_rope_writes_fp8_as_the_torch_path(splits):
 
 # ---------------------------------------------------------------- the engine
 
-@pytest.fixture(scope="module")
-def model_tok():
-    import llmopt
-
-    model, tok = llmopt.load("tinypy", device="cpu", dtype=torch.float32)
-    return model.eval(), tok
-
-
 def test_fp8_cache_holds_four_times_the_blocks_of_float32(model_tok):
     model, tok = model_tok
     memory = 1 << 20

@@ -16,14 +16,6 @@ CODE = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n",
         "        self.items.append(x)\n\n    def pop(self):\n"]
 
 
-@pytest.fixture(scope="module")
-def model_tok():
-    import llmopt
-
-    model, tok = llmopt.load("tinypy", device="cpu", dtype=torch.float32)
-    return model.eval(), tok
-
-
 def test_ngram_propose_takes_the_longest_latest_match():
     assert ngram_propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]     # "1 2 3" last seen before 7 5
     assert ngram_propose([4, 1, 2, 8, 9, 3, 2, 6, 1, 2], 3, max_n=2) == [8, 9, 3]   # the bigram beats "2 6"
