@@ -188,6 +188,13 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled request draws from, for rows of (already adjusted) logits (..., V):
+    temperature, then top-k / top-p / min-p, then softmax."""
+    rows = (logits.float() / p.temperature).reshape(-1, logits.shape[-1])
+    return torch.softmax(torch.stack([filter_logits(r, p) for r in rows]), -1).reshape(logits.shape)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            histories: list[tuple[list[int], int]] | None = None):
     """Next token of each row of `logits` (B, V) under its own parameters. `histories`: each row's
@@ -216,8 +223,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if p.greedy:
             tokens[i] = greedy[i]
             continue
-        row = filter_logits(penalized[i] / p.temperature, p)
-        probs = torch.softmax(row, -1)
+        probs = sampling_probs(penalized[i], p)
         tokens[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i]).item()
     chosen = logprobs.gather(1, tokens.to(logits.device)[:, None]).squeeze(1).cpu()
     tops = []

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import filter_logits
+from .sampling import sampling_probs
 
 
 @dataclass
@@ -102,8 +102,7 @@ def verify_sampled(logits: torch.Tensor, proposal: list[int], params, generator:
     the next token and its log-probability): the first m guesses are kept, then one token drawn from
     the residual (after a rejection) or from the position after the guesses. Log-probabilities are
     the model's (before temperature and filtering), as `sample` reports them."""
-    rows = logits.float() / params.temperature
-    probs = torch.softmax(torch.stack([filter_logits(r, params) for r in rows]), -1).cpu()
+    probs = sampling_probs(logits, params).cpu()
     m, residual = speculative_accept(probs, proposal, torch.rand(len(proposal), generator=generator).tolist())
     token = int(torch.multinomial(residual, 1, generator=generator))
     logprobs = torch.log_softmax(logits[:m + 1].float(), -1)
