@@ -540,8 +540,10 @@ def test_n_completions_take_n_seats_stream_once_a_step_and_abort_together(model_
 def test_n_greedy_completions_with_multi_step_decoding_and_through_llm(model_tok):
     model, tok = model_tok
     llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64, block_size=4, num_scheduler_steps=4)
-    (out,) = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(n=3, temperature=0, max_tokens=9, ignore_eos=True))
-    assert [o.token_ids for o in out.outputs] == [hf_greedy(model, [5, 6, 7, 8, 9], 9)] * 3
+    # a one-token prompt's prefill is one token, as a decode is: its completions still fork at its first token
+    for prompt in [5, 6, 7, 8, 9], [2306]:
+        (out,) = llm.generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=9, ignore_eos=True))
+        assert [o.token_ids for o in out.outputs] == [hf_greedy(model, prompt, 9)] * 3
 
 
 def test_llm_chat_renders_each_conversation_and_generates_it(model_tok):

@@ -109,6 +109,8 @@ def steps_ahead(batch, done, k: int, scheduler, max_model_len: int) -> int:
         p = seq.params
         if not p.greedy or p.logprobs is not None or p.adjusted or seq.beam is not None:   # argmax alone
             return 1
+        if seq.forks_pending:   # a one-token prompt's prefill: its n completions fork at this token
+            return 1
         room = max_model_len - len(seq)
         k = min(k, room)
         longest = max(longest, room if p.max_tokens is None else p.max_tokens - seq.num_completion_tokens)
