@@ -4,11 +4,12 @@ Each seed draws an engine (block size; a cache from one sequence's worth up, so 
 seats; a token budget down to 4; chunked prefill, prefix caching and an FP8 cache on or off; multi-step
 decoding or n-gram speculation) and a dozen requests (greedy, seeded sampling, n completions, beams,
 stop tokens, stop strings, min_tokens, penalties, logit bias, logprobs, aborts; some sharing a
-system prompt; half arrive while others run). Every step the block manager's invariants hold; at the end every request is reported
-finished exactly once, every block is free, and each request's completions equal those of the same
-request run alone on a plain engine (whose greedy tokens test_serving_engine.py checks against HF
-`generate`), greedy ones up to a near tie of the logits. A random walk of this kind found that a one-token prompt's n completions
-forked late, or not at all, under multi-step decoding."""
+system prompt; half arrive while others run). Every step the block manager's invariants hold; at the
+end every request is reported finished exactly once, every block is free, and each request's
+completions equal those of the same request run alone on a plain engine (whose greedy tokens
+test_serving_engine.py checks against HF `generate`), greedy ones up to a near tie of the logits.
+A random walk of this kind found that a one-token prompt's n completions forked late, or not at all,
+under multi-step decoding."""
 import random
 
 import pytest
