@@ -5,6 +5,7 @@ import copy
 import pickle
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -365,6 +366,26 @@ def test_bad_input_is_a_clear_error(model_tok):
                           (dict(n=0), "n"), (dict(n=2.5), "n")):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
+    # values that pass a range check but would fail inside a batch of other requests (a random walk
+    # of concurrent clients against `llmopt serve` found a float top_k stopping the whole engine)
+    nan = float("nan")
+    for kwargs, field in ((dict(top_k=2.5), "top_k"), (dict(seed=1.5), "seed"), (dict(seed=2**70), "seed"),
+                          (dict(logprobs=1.5), "logprobs"), (dict(prompt_logprobs=0.5), "prompt_logprobs"),
+                          (dict(max_tokens=True), "max_tokens"), (dict(min_tokens=1.5), "min_tokens"),
+                          (dict(temperature=nan), "temperature"), (dict(temperature="0.5"), "temperature"),
+                          (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+                          (dict(logit_bias={5: nan}), "logit_bias"), (dict(stop=[1]), "stop"),
+                          (dict(stop=[""]), "stop"), (dict(stop_token_ids="ab"), "stop_token_ids"),
+                          (dict(stop_token_ids=[1.5]), "stop_token_ids"), (dict(bad_words=[4]), "bad_words"),
+                          (dict(allowed_token_ids=[True]), "allowed_token_ids")):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+    p = SamplingParams(n=2.0, max_tokens=8.0, top_k=np.int64(5), seed=np.int64(3), stop_token_ids=(4,))
+    assert (p.n, p.max_tokens, p.top_k, p.seed, p.stop_token_ids) == (2, 8, 5, 3, [4])
+    assert all(type(v) is int for v in (p.n, p.max_tokens, p.top_k, p.seed))
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.add_request([5, 6], SamplingParams(logprobs=model.config.vocab_size + 1))
+    assert not engine.has_unfinished_requests()   # a refused request leaves nothing behind
     with pytest.raises(ValueError, match="empty"):
         engine.add_request([], SamplingParams())
     with pytest.raises(ValueError, match="max_num_seqs"):

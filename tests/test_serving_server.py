@@ -174,6 +174,19 @@ def test_penalties_reach_the_sampler(client, bundled):
     ({"model": NAME, "prompt": [7] * 5000}, 400, "max_model_len"),
     ({"model": NAME, "prompt": 3}, 400, "prompt must be"),
     ({"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    # these passed the range checks and then stopped the engine inside a batch (every request in
+    # flight answered 503): found by a random walk of concurrent clients
+    ({"model": NAME, "prompt": "x", "top_k": 2.5}, 400, "top_k"),
+    ({"model": NAME, "prompt": "x", "temperature": 0.7, "seed": 1.5}, 400, "seed"),
+    ({"model": NAME, "prompt": "x", "logprobs": 1.5}, 400, "logprobs"),
+    ({"model": NAME, "prompt": "x", "logprobs": 10**6}, 400, "logprobs"),
+    ('{"model": "tinypy", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ('{"model": "tinypy", "prompt": "x", "logit_bias": {"5": Infinity}}', 400, "logit_bias"),
+    ({"model": NAME, "prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"model": NAME, "prompt": "x", "stop_token_ids": "ab"}, 400, "stop_token_ids"),
+    ({"model": NAME, "prompt": "x", "bad_words": [4]}, 400, "bad_words"),
+    ({"model": NAME, "prompt": "x", "use_beam_search": True, "n": 2, "length_penalty": "long"}, 400,
+     "length_penalty"),
 ])
 def test_faults_get_openai_error_bodies(server, body, status, needle):
     path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
@@ -182,6 +195,7 @@ def test_faults_get_openai_error_bodies(server, body, status, needle):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["type"]
+    assert _held(server)["status"] == "ok"   # the engine goes on serving the others
 
 
 def test_openai_client_sees_the_errors(client):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams, top_logprobs
+from .sampling import SamplingParams, _integer, _number, top_logprobs
 from .sequence import Sequence
 
 
@@ -43,9 +43,12 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False   # vLLM's field; beam search has no stop strings
 
     def __post_init__(self):
-        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+        self.beam_width = _integer("beam_width", self.beam_width)
+        self.max_tokens = _integer("max_tokens", self.max_tokens)
+        self.length_penalty = _number("length_penalty", self.length_penalty)
+        if self.beam_width < 1:
             raise ValueError(f"beam_width must be an int >= 1, got {self.beam_width!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if self.temperature != 0:
             raise ValueError(f"temperature must be 0: llmopt's beam search ranks the model's own log-probabilities "

@@ -129,6 +129,9 @@ class LLMEngine:
                            ("allowed_token_ids", params.allowed_token_ids or ())):
             if any(not 0 <= t < vocab for t in toks):
                 raise ValueError(f"{name} token ids must lie in [0, {vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > vocab:
+                raise ValueError(f"{name} ({getattr(params, name)}) exceeds the vocabulary ({vocab} tokens)")
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer")
@@ -138,9 +141,9 @@ class LLMEngine:
             raise ValueError(f"request_id {seq.request_id!r} is already running")
         if beam is not None:
             seq.beam = BeamGroup.for_request(seq, beam, self.eos, self.max_model_len, self.blocks)
+        self._seed(seq)
         self.scheduler.add(seq)
         self.requests[seq.request_id] = [seq]
-        self._seed(seq)
         self.stats.prompt_tokens += len(ids)
         return seq.request_id
 

@@ -7,6 +7,8 @@ log-probabilities of the chosen token and of the `logprobs` most likely ones.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,35 @@ class Logprob(float):
 
     def __repr__(self) -> str:
         return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
+def _integer(name: str, value) -> int:
+    """`value` as an int, else a ValueError naming the field (2.5, "2", True and nan are not ints)."""
+    if (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()):
+        return int(value)
+    raise ValueError(f"{name} must be an int, got {value!r}")
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _list(name: str, values, item=None) -> list:
+    """`values` (None, a list or a tuple) as a list, each item passed through `item` (which raises)."""
+    if values is None:
+        return []
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {values!r}")
+    return [item(name, v) for v in values] if item else list(values)
+
+
+def _string(name: str, value) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must hold non-empty strings, got {value!r}")
+    return value
 
 
 def top_logprobs(ids: list[int], values: list[float], token: int | None = None, token_logprob: float = 0.0,
@@ -69,7 +100,18 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None   # tokenizer fills these in, `update_from_tokenizer`)
 
     def __post_init__(self):
-        if not isinstance(self.n, int) or self.n < 1:
+        # types first (a float top_k or seed, or a nan temperature, would pass the range checks below and
+        # fail inside a batch of other requests); 2.0 counts as the int 2, as JSON may send it
+        for name in ("n", "top_k", "min_tokens"):
+            setattr(self, name, _integer(name, getattr(self, name)))
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _integer(name, getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            setattr(self, name, _number(name, getattr(self, name)))
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a signed 64-bit int, got {self.seed!r}")
+        if self.n < 1:
             raise ValueError(f"n (completions per prompt) must be an int >= 1, got {self.n!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
@@ -94,20 +136,21 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs!r}")
         if self.logit_bias is not None:
             try:
-                self.logit_bias = {int(t): float(b) for t, b in dict(self.logit_bias).items()}
+                self.logit_bias = {int(t): _number("logit_bias", b) for t, b in dict(self.logit_bias).items()}
             except (TypeError, ValueError):
-                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+                raise ValueError(f"logit_bias must map token ids to finite numbers, got {self.logit_bias!r}") from None
         if self.allowed_token_ids is not None:
-            self.allowed_token_ids = list(self.allowed_token_ids)
-            if not self.allowed_token_ids or not all(isinstance(t, int) for t in self.allowed_token_ids):
-                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, "
-                                 f"got {self.allowed_token_ids!r}")
+            self.allowed_token_ids = _list("allowed_token_ids", self.allowed_token_ids, _integer)
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids")
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _list("stop", self.stop, _string)   # an empty one would end every completion at once
+        self.stop_token_ids = _list("stop_token_ids", self.stop_token_ids, _integer)
+        if self.bad_words is not None:
+            self.bad_words = _list("bad_words", self.bad_words, _string)
 
     @property
     def greedy(self) -> bool:

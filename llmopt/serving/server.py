@@ -41,7 +41,9 @@ def _ending(e: Exception) -> tuple[int, str]:
         return 504, "timeout"
     if isinstance(e, EngineStopped):
         return 503, "server_error"
-    return 400, "invalid_request_error"   # a ValueError: the engine refused the request
+    if isinstance(e, ValueError):   # the engine refused the request
+        return 400, "invalid_request_error"
+    return 500, "server_error"
 
 
 def sampling_params(body: dict) -> SamplingParams | BeamSearchParams:
