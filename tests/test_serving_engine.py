@@ -402,6 +402,33 @@ def test_bad_input_is_a_clear_error(model_tok):
         LLM(model=model, tokenizer=tok, bogus=1)
 
 
+def test_a_request_with_nothing_to_pick_ends_alone(model_tok):
+    """Parameters valid one by one can leave a row nothing to pick (every allowed token a banned word),
+    or overflow a logit (a repetition penalty of 1e-300, a temperature of 1e-300): that request ends
+    with an error or picks as the limit would, and the request beside it is untouched."""
+    model, tok = model_tok
+    (word,) = tok("return", add_special_tokens=False).input_ids
+    cases = [(dict(temperature=0.8, seed=1, allowed_token_ids=[word], bad_words=["return"]), "error"),
+             (dict(temperature=0, allowed_token_ids=[word], bad_words=["return"]), "error"),
+             (dict(temperature=0.8, seed=1, repetition_penalty=1e-300), "length"),
+             (dict(temperature=0, repetition_penalty=1e-300), "length"),
+             (dict(temperature=1e-300), "length")]   # under 1e-5: greedy, as in vLLM
+    good = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = hf_greedy(model, [7, 8, 9], 6)
+    for kw, reason in cases:
+        engine = LLMEngine(model, tok, num_kv_blocks=64)
+        engine.add_request([7, 8, 9], SamplingParams(max_tokens=6, ignore_eos=True, **kw), request_id="odd")
+        engine.add_request([7, 8, 9], good, request_id="good")
+        done = engine.run()
+        assert done["good"].outputs[0].token_ids == want, kw
+        odd = done["odd"].outputs[0]
+        assert odd.finish_reason == reason and len(odd.token_ids) == (0 if reason == "error" else 6), kw
+        if reason == "error":
+            assert "no token left to sample" in done["odd"].error
+    assert SamplingParams(temperature=1e-300).greedy and not SamplingParams(temperature=1e-4).greedy
+    assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
+
+
 def test_more_requests_than_the_cache_holds_are_all_served(model_tok):
     model, tok = model_tok
     engine = LLMEngine(model, tok, block_size=4, num_kv_blocks=12, max_num_seqs=64)   # 48 slots

@@ -261,6 +261,8 @@ class LLMEngine:
                                           [self._generators.get(s.seq_id) for s in seqs], histories)
             for i, seq in enumerate(seqs):
                 try:
+                    if tokens[i] < 0:
+                        raise ValueError("no token left to sample: every logit is masked or not a number")
                     self._append(seq, int(tokens[i]), float(chosen[i]), tops[i])
                 except Exception as e:  # one bad request must not stop the batch
                     self._finish(seq, "error", f"{type(e).__name__}: {e}", report=False)

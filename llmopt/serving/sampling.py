@@ -73,6 +73,9 @@ def top_logprobs(ids: list[int], values: list[float], token: int | None = None, 
     return top
 
 
+GREEDY_BELOW = 1e-5   # temperatures under this pick the most likely token
+
+
 @dataclass
 class SamplingParams:
     """How to pick each request's next tokens and when to stop (vLLM's fields and defaults)."""
@@ -154,7 +157,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # a temperature under 1e-5 is greedy too (vLLM's rule): logits / 1e-300 would overflow to inf
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def penalized(self) -> bool:
@@ -235,6 +239,8 @@ def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution a sampled request draws from, for rows of (already adjusted) logits (..., V):
     temperature, then top-k / top-p / min-p, then softmax."""
     rows = (logits.float() / p.temperature).reshape(-1, logits.shape[-1])
+    # an extreme penalty may push a logit to inf: keep it the most likely, not nan after the softmax
+    rows = rows.nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
     return torch.softmax(torch.stack([filter_logits(r, p) for r in rows]), -1).reshape(logits.shape)
 
 
@@ -243,9 +249,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """Next token of each row of `logits` (B, V) under its own parameters. `histories`: each row's
     (token ids so far, number of them in the prompt), needed for the penalties.
 
-    Returns (tokens (B,) int64, logprob of each chosen token (B,), top logprobs per row: a list of
-    {token: logprob} dicts or None). Log-probabilities are of the model's distribution (before
-    penalties, temperature and filtering), as vLLM reports them by default."""
+    Returns (tokens (B,) int64, -1 for a row with nothing left to pick from; logprob of each chosen
+    token (B,); top logprobs per row: a list of {token: logprob} dicts or None). Log-probabilities
+    are of the model's distribution (before penalties, temperature and filtering), as vLLM reports
+    them by default."""
     logits = logits.float()
     penalized = logits
     if any(p.adjusted for p in params):
@@ -261,14 +268,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         return both[0].long(), both[1].float(), [None] * len(params)
     logprobs = torch.log_softmax(logits, -1)
     tokens = torch.empty(len(params), dtype=torch.long)
-    greedy = penalized.argmax(-1).cpu()
+    best = penalized.max(-1)   # -1 where every logit is -inf or a row has a nan: nothing to pick
+    greedy = torch.where(best.values > float("-inf"), best.indices, -1).cpu()
     for i, p in enumerate(params):
         if p.greedy:
             tokens[i] = greedy[i]
             continue
-        probs = sampling_probs(penalized[i], p)
-        tokens[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i]).item()
-    chosen = logprobs.gather(1, tokens.to(logits.device)[:, None]).squeeze(1).cpu()
+        probs = sampling_probs(penalized[i], p).cpu()
+        if not torch.isfinite(probs).all():   # every token masked (or the model's logits nan): the engine
+            tokens[i] = -1                     # ends this request with an error, the others go on
+            continue
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i]).item()
+    chosen = logprobs.gather(1, tokens.clamp(min=0).to(logits.device)[:, None]).squeeze(1).cpu()
     tops = []
     for i, p in enumerate(params):
         if p.logprobs is None:
