@@ -113,6 +113,34 @@ def test_vllm_style_code_runs_unchanged(model_tok):
     assert one[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
 
 
+def test_vllm_prompt_types_and_sampling_fields(model_tok):
+    """vLLM's `TokensPrompt` / `TextPrompt`, and the `SamplingParams` fields `detokenize`,
+    `truncate_prompt_tokens` and `clone()`: each does what vLLM documents."""
+    from llmopt.serving import TextPrompt, TokensPrompt
+
+    model, tok = model_tok
+    llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64)
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    ids = tok("def add(a, b):").input_ids
+    by_ids, by_text = llm.generate([TokensPrompt(prompt_token_ids=ids), TextPrompt(prompt="def add(a, b):")], greedy)
+    assert by_ids.outputs[0].token_ids == by_text.outputs[0].token_ids == hf_greedy(model, ids, 5)
+    silent = llm.generate([ids], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, detokenize=False))[0]
+    assert silent.outputs[0].text == "" and silent.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["\n"], detokenize=False)
+    cut = llm.generate([ids], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, truncate_prompt_tokens=3))[0]
+    assert cut.prompt_token_ids == ids[-3:] and cut.outputs[0].token_ids == hf_greedy(model, ids[-3:], 5)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
+    copy_ = greedy.clone()
+    copy_.stop_token_ids.append(5)
+    assert copy_ != greedy and greedy.stop_token_ids == []
+    for bad in ([True, 5], [1.5, 2], {"prompt_token_ids": [1.5]}):   # token ids are ints, not bools or floats
+        with pytest.raises(ValueError, match="prompt_token_ids"):
+            llm.generate([bad], greedy)
+    assert llm.generate([[np.int64(5), np.int64(6)]], greedy)[0].prompt_token_ids == [5, 6]
+
+
 def test_vllm_step_api_argument_order_and_names(model_tok):
     """vLLM's `llm.llm_engine.add_request(request_id, prompt, params)`, `step()`, `abort_request([...])`
     run on ours; our own order (prompt, params, request_id=) gives the same."""

@@ -20,7 +20,7 @@ with vLLM's API.
 from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence, beam_search_reference
 from .block_manager import Block, BlockManager, NoFreeBlocks
 from .engine import EngineStats, LLMEngine, generate_fn
-from .llm import LLM, load_llm, sampling_params_for
+from .llm import LLM, TextPrompt, TokensPrompt, load_llm, sampling_params_for
 from .outputs import CompletionOutput, RequestOutput
 from .runner import ModelRunner, kv_bytes_per_token
 from .sampling import Logprob, SamplingParams, sample
@@ -29,6 +29,6 @@ from .sequence import Sequence, SequenceStatus
 
 __all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "Block", "BlockManager",
            "CompletionOutput", "EngineStats", "LLM", "LLMEngine", "Logprob", "ModelRunner", "NoFreeBlocks",
-           "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "SequenceStatus",
+           "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "SequenceStatus", "TextPrompt", "TokensPrompt",
            "beam_search_reference", "generate_fn", "kv_bytes_per_token", "load_llm", "sample",
            "sampling_params_for"]

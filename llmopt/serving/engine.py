@@ -39,7 +39,7 @@ from .block_manager import BlockManager
 from .multistep import steps_ahead
 from .outputs import CompletionOutput, RequestOutput
 from .runner import ModelRunner, cache_dtype, kv_bytes_per_token
-from .sampling import SamplingParams, prompt_logprobs, sample
+from .sampling import SamplingParams, _integer, _list, prompt_logprobs, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 from .speculative import SpeculativeConfig, propose, verify_batch
@@ -114,6 +114,8 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams or BeamSearchParams, "
                              f"got {type(params).__name__}")
         text, ids = _prompt_ids(prompt, self.tokenizer)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
         if not ids or text == "":
             raise ValueError("prompt is empty: give at least one token")
         if len(ids) >= self.max_model_len:
@@ -362,7 +364,7 @@ class LLMEngine:
         return top
 
     def _decode(self, ids: list[int], p: SamplingParams) -> str:
-        if self.tokenizer is None:
+        if self.tokenizer is None or not p.detokenize:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
 
@@ -468,14 +470,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def _prompt_ids(prompt, tokenizer) -> tuple[str | None, list[int]]:
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            return prompt.get("prompt"), _list("prompt_token_ids", prompt["prompt_token_ids"], _integer)
         prompt = prompt.get("prompt")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
         return prompt, tokenizer(prompt).input_ids
-    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-        return None, list(prompt)
+    if isinstance(prompt, (list, tuple)):
+        return None, _list("prompt_token_ids", prompt, _integer)
     raise ValueError(f"prompt must be a string, a list of token ids or a dict with 'prompt' or "
                      f"'prompt_token_ids', got {type(prompt).__name__}")
 

@@ -10,6 +10,8 @@ vLLM's `LLM` when vLLM is installed and a GPU is present (`prefer_vllm=True`), e
 """
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 
 from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
@@ -124,6 +126,16 @@ class LLM:
             raise
         final = self.engine.run(use_tqdm=use_tqdm)
         return [final[rid] for rid in ids]
+
+
+class TextPrompt(TypedDict):
+    """vLLM's prompt as text (`vllm.TextPrompt`): `{"prompt": "..."}`."""
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """vLLM's prompt as token ids (`vllm.TokensPrompt`): `{"prompt_token_ids": [...]}`."""
+    prompt_token_ids: list[int]
 
 
 def chat_prompt(tokenizer, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True,

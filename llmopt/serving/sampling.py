@@ -7,6 +7,7 @@ log-probabilities of the chosen token and of the `logprobs` most likely ones.
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass
@@ -101,13 +102,15 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None      # only these may be picked
     bad_words: list[str] | None = None              # words never to complete (their token ids: the engine's
     bad_words_token_ids: list[list[int]] | None = None   # tokenizer fills these in, `update_from_tokenizer`)
+    detokenize: bool = True                         # False: token ids only, no text (no stop strings then)
+    truncate_prompt_tokens: int | None = None       # keep only the prompt's last k tokens
 
     def __post_init__(self):
         # types first (a float top_k or seed, or a nan temperature, would pass the range checks below and
         # fail inside a batch of other requests); 2.0 counts as the int 2, as JSON may send it
         for name in ("n", "top_k", "min_tokens"):
             setattr(self, name, _integer(name, getattr(self, name)))
-        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -154,6 +157,14 @@ class SamplingParams:
         self.stop_token_ids = _list("stop_token_ids", self.stop_token_ids, _integer)
         if self.bad_words is not None:
             self.bad_words = _list("bad_words", self.bad_words, _string)
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need the text: they cannot be used with detokenize=False")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError(f"truncate_prompt_tokens must be None or >= 1, got {self.truncate_prompt_tokens!r}")
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's `SamplingParams.clone`)."""
+        return copy.deepcopy(self)
 
     @property
     def greedy(self) -> bool:
