@@ -457,6 +457,25 @@ def test_a_request_with_nothing_to_pick_ends_alone(model_tok):
     assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
 
 
+def test_step_records_stay_bounded_and_totals_count_every_step(model_tok, monkeypatch):
+    """A server's engine steps for days: the per-step KV records keep the last STEP_HISTORY steps (for
+    plots), while the KV waste and the peak come from totals over every step."""
+    from llmopt.serving import engine as engine_mod
+
+    model, tok = model_tok
+    reqs = workload(6, model.config.vocab_size, seed=3, max_prompt=20, max_new=12)
+    full = LLMEngine(model, tok, block_size=4, num_kv_blocks=64, max_num_seqs=3)
+    run_engine(full, reqs)
+    monkeypatch.setattr(engine_mod, "STEP_HISTORY", 5)
+    short = LLMEngine(model, tok, block_size=4, num_kv_blocks=64, max_num_seqs=3)
+    run_engine(short, reqs)
+    a, b = full.stats, short.stats
+    assert a.steps > 5 and len(b.kv_used_slots) == len(b.kv_reserved_slots) == 5
+    assert list(b.kv_used_slots) == list(a.kv_used_slots)[-5:]
+    assert (b.kv_used_total, b.kv_reserved_total) == (sum(a.kv_used_slots), sum(a.kv_reserved_slots))
+    assert b.kv_reserved_peak == max(a.kv_reserved_slots) and short.kv_waste() == full.kv_waste() > 0
+
+
 def test_more_requests_than_the_cache_holds_are_all_served(model_tok):
     model, tok = model_tok
     engine = LLMEngine(model, tok, block_size=4, num_kv_blocks=12, max_num_seqs=64)   # 48 slots

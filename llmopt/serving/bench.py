@@ -144,8 +144,7 @@ def run_engine(model, tokenizer, reqs: list[Request], **engine_kw) -> dict:
     extra = {"steps": s.steps, "preemptions": s.preemptions, "computed_tokens": s.computed_tokens,
              "cached_tokens": s.cached_tokens, "kv_blocks": engine.blocks.num_blocks,
              "block_size": engine.blocks.block_size, "kv_cache_MB": engine.runner.cache_bytes / 1e6,
-             "kv_peak_usage": max(u / (engine.blocks.num_blocks * engine.blocks.block_size)
-                                  for u in s.kv_reserved_slots) if s.kv_reserved_slots else 0.0}
+             "kv_peak_usage": s.kv_reserved_peak / (engine.blocks.num_blocks * engine.blocks.block_size)}
     return _summary("llmopt engine (paged, continuous batching)", reqs, wall, ttft, tpot, engine.kv_waste(), extra)
 
 

@@ -30,6 +30,7 @@ the engine calls them from its step.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,8 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 from .speculative import SpeculativeConfig, propose, verify_batch
 
+STEP_HISTORY = 100_000
+
 
 @dataclass
 class EngineStats:
@@ -56,8 +59,12 @@ class EngineStats:
     copied_blocks: int = 0          # copy-on-write block copies (forked sequences writing a shared block)
     spec_proposed: int = 0          # speculative decoding: tokens guessed, and of them accepted
     spec_accepted: int = 0
-    kv_used_slots: list = field(default_factory=list)       # per step: tokens held in the cache
-    kv_reserved_slots: list = field(default_factory=list)   # per step: slots of the blocks in use
+    # per step, for the last STEP_HISTORY steps (a server steps for days; the totals count every step)
+    kv_used_slots: deque = field(default_factory=lambda: deque(maxlen=STEP_HISTORY))       # tokens in the cache
+    kv_reserved_slots: deque = field(default_factory=lambda: deque(maxlen=STEP_HISTORY))   # slots of blocks held
+    kv_used_total: int = 0
+    kv_reserved_total: int = 0
+    kv_reserved_peak: int = 0
 
 
 class LLMEngine:
@@ -318,9 +325,13 @@ class LLMEngine:
         return [seq.request_id for seq in seqs]
 
     def _record_kv_use(self) -> None:
-        self.stats.kv_used_slots.append(sum(s.num_computed_tokens for s in self.scheduler.running))
-        self.stats.kv_reserved_slots.append(sum(len(s.block_table) for s in self.scheduler.running)
-                                            * self.blocks.block_size)
+        st = self.stats
+        used = sum(s.num_computed_tokens for s in self.scheduler.running)
+        reserved = sum(len(s.block_table) for s in self.scheduler.running) * self.blocks.block_size
+        st.kv_used_slots.append(used)
+        st.kv_reserved_slots.append(reserved)
+        st.kv_used_total, st.kv_reserved_total = st.kv_used_total + used, st.kv_reserved_total + reserved
+        st.kv_reserved_peak = max(st.kv_reserved_peak, reserved)
 
     def _flush(self, request_ids: list[str], detokenize: bool = True) -> list[RequestOutput]:
         """One output per request: those that ended outside a step (with their text), then `request_ids`."""
@@ -437,8 +448,8 @@ class LLMEngine:
 
     def kv_waste(self) -> float:
         """Share of the reserved KV slots that held no token, over all steps so far."""
-        reserved = sum(self.stats.kv_reserved_slots)
-        return 1 - sum(self.stats.kv_used_slots) / reserved if reserved else 0.0
+        reserved = self.stats.kv_reserved_total
+        return 1 - self.stats.kv_used_total / reserved if reserved else 0.0
 
 
 def _metrics(first: Sequence, first_token_time, finished_time, num_preemptions: int) -> dict:
