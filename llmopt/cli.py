@@ -35,6 +35,8 @@ def _tour(args):
 
 
 def _bench(args):
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.what == "kernels":
         from .kernels.bench import main
 
@@ -81,8 +83,12 @@ def _serve(args):
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for name in ("threads", "max_num_seqs", "num_scheduler_steps", "max_queue"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     serve(args.model, host=args.host, port=args.port, max_queue=args.max_queue, request_timeout=args.request_timeout,
           threads=args.threads, engine_process=not args.engine_thread, fuse=args.fuse,
           served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs,

@@ -263,10 +263,22 @@ def test_http_bench_loses_nothing(engine_thread):
     assert r["kv_blocks_in_use_after"] == 0 and r["tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0
 
 
-def test_serve_cli_rejects_a_bad_port():
+@pytest.mark.parametrize("args", [["serve", "--port", "0"], ["serve", "--max-queue", "0"],
+                                  ["serve", "--request-timeout", "0"], ["serve", "--num-scheduler-steps", "0"],
+                                  ["serve", "--max-num-seqs", "-1"], ["bench", "kernels", "--repeats", "0"]])
+def test_cli_rejects_bad_numbers_before_loading_anything(args, capsys):
+    """`--max-queue 0` once started a server that answered every request 429, and `--repeats 0` ran
+    the default 100 repeats: now each is a one-line error, exit code 2."""
     from llmopt.cli import main
 
-    assert main(["serve", "--port", "0"]) == 2
+    assert main(args) == 2
+    assert args[-2] in capsys.readouterr().err
+
+
+def test_build_app_rejects_an_empty_queue(bundled):
+    model, tok = bundled
+    with pytest.raises(ValueError, match="max_queue"):
+        build_app(LLMEngine(model, tok, num_kv_blocks=16), NAME, max_queue=0)
 
 
 def test_a_lagging_stream_coalesces_its_chunks_and_keeps_the_text(server, bundled):

@@ -95,6 +95,8 @@ class _FrontEnd:
     `tokenizer`, `close()`. Subclasses say how a message reaches the core (`_send`)."""
 
     def __init__(self, tokenizer, max_queue: int):
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an int >= 1 (requests held at once), got {max_queue!r}")
         self.tokenizer, self.max_queue = tokenizer, max_queue
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stopped: str | None = None   # why the engine died, once it has

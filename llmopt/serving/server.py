@@ -92,6 +92,11 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
+    if not isinstance(max_queue, int) or max_queue < 1:
+        raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout!r}")
+
     state = {"engine": engine if isinstance(engine, EngineProcess) else None}
 
     @asynccontextmanager
