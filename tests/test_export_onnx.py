@@ -145,3 +145,46 @@ def test_a_w4_quantized_and_fused_model_exports_what_it_computes(tmp_path, bundl
     assert np.abs(got - want).max() < 1e-3 < np.abs(got - plain).max()
     r = measure_export(files, new_tokens=4, eval_tokens=600)
     assert r["model"] == "w4" and r["rows"][0]["perplexity"] > 1 and r["rows"][0]["same_tokens_as_fp32"] == 1
+
+
+def _small(family: str, **kw):
+    import transformers as tf
+
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    cfg = getattr(tf, f"{family}Config")(**{**base, **kw})
+    torch.manual_seed(0)
+    return getattr(tf, f"{family}ForCausalLM")(cfg).eval()
+
+
+@pytest.mark.parametrize("family, kw", [
+    ("Qwen2", {}),                                                     # biases on q/k/v
+    ("Mistral", {"head_dim": 24, "num_key_value_heads": 1}),           # head_dim not hidden / heads, one KV head
+    ("Llama", {"attention_bias": True, "mlp_bias": True, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+], ids=["qwen2", "mistral", "llama3-rope"])
+def test_other_llama_family_models_export_what_they_compute(tmp_path, bundled, family, kw):
+    _, tok = bundled
+    model = _small(family, **kw)
+    files = export_onnx(model, tmp_path, tokenizer=tok, quantize=())
+    ids = torch.tensor([[5, 17, 60, 3, 25, 7, 90]])
+    with torch.no_grad():
+        want = model(ids).logits
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                                do_sample=False, pad_token_id=0)[0, 7:].tolist()
+    torch.testing.assert_close(torch.as_tensor(onnx_logits(files["fp32"], ids)), want, rtol=1e-4, atol=1e-4)
+    assert onnx_generate(files["fp32"], ids[0].tolist(), 5)[0] == greedy
+
+
+def test_a_rope_that_changes_with_the_context_warns(tmp_path, bundled):
+    """Dynamic NTK scaling recomputes the rotary frequencies past max_position_embeddings; a traced
+    graph cannot, so the export says so (within that length the logits are the model's)."""
+    _, tok = bundled
+    model = _small("Llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.warns(UserWarning, match="past 64 tokens"):
+        files = export_onnx(model, tmp_path, tokenizer=tok, quantize=())
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(onnx_logits(files["fp32"], ids)), model(ids).logits,
+                                   rtol=1e-4, atol=1e-4)

@@ -110,6 +110,15 @@ def export_onnx(model=None, out_dir="onnx_export", tokenizer=None, quantize=("q8
     bad = set(quantize) - {"q8", "q4"}
     if bad:
         raise ValueError(f"quantize takes 'q8' and 'q4', got {sorted(bad)}")
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    rope_type = getattr(rot, "rope_type", "default")
+    if "dynamic" in rope_type or rope_type == "longrope":
+        import warnings
+
+        limit = getattr(rot, "original_max_seq_len", model.config.max_position_embeddings)
+        warnings.warn(f"rope_type {rope_type!r} recomputes its frequencies for contexts past {limit} tokens; the "
+                      "exported graph keeps those of shorter contexts, so its logits differ from the model's past "
+                      "that length", stacklevel=2)
     model = copy.deepcopy(model).float().cpu().eval()   # exported in float32 from the CPU; the caller's stays
     dequantize_linears(model)
     out = Path(out_dir)
