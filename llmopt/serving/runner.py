@@ -119,13 +119,13 @@ class ModelRunner:
             self.capture_cuda_graphs(max_num_seqs)
 
     # rotary types whose frequencies do not depend on the context length: one table serves every step
-    STATIC_ROPE = ("default", "linear", "llama3")
+    STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
     def _rotary_table(self):
         """(cos, sin) for every position, (max_model_len, head_dim), made once by the model's own rotary
         embedding: a step then takes its rows with two gathers instead of the module's ~8 elementwise
         kernels, with the same values (the module's math is per position). None for the rotary types
-        whose frequencies change with the context length ("dynamic", "yarn", ...)."""
+        whose frequencies change with the context length ("dynamic", "longrope", ...)."""
         rot = self.model.model.rotary_emb
         if getattr(rot, "rope_type", "default") not in self.STATIC_ROPE:
             return None
