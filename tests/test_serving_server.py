@@ -64,6 +64,17 @@ def test_completion_round_trip_equals_the_engine(client, bundled):
     assert chunks[-1].choices[0].finish_reason == "length" and len({c.id for c in chunks}) == 1
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, bundled):
+    """vLLM's extra parameter: only the prompt's last k tokens are run."""
+    model, tok = bundled
+    r = client.completions.create(model=NAME, prompt="def add(a, b):", max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True, "truncate_prompt_tokens": 3})
+    ids = tok("def add(a, b):").input_ids[-3:]
+    want = LLM(model=model, tokenizer=tok).generate([ids], SamplingParams(temperature=0, max_tokens=4,
+                                                                          ignore_eos=True))[0].outputs[0].text
+    assert r.usage.prompt_tokens == 3 and r.choices[0].text == want
+
+
 def test_chat_completion_and_stream(client):
     msgs = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A function that adds."}]
     r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)

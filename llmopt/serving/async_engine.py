@@ -61,7 +61,7 @@ class EngineCore:
             _, rid, prompt, params, deadline = msg
             try:
                 self.engine.add_request(prompt, params, request_id=rid)
-            except Exception as e:   # refused (ValueError), or a bug: either way this request's alone
+            except Exception as e:   # refused (ValueError), or a bug: either way it fails alone
                 items.append((rid, e))
             else:
                 self.deadlines[rid] = deadline

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams, _integer, _number, top_logprobs
+from .sampling import SamplingParams, as_int, as_number, top_logprobs
 from .sequence import Sequence
 
 
@@ -43,9 +43,9 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False   # vLLM's field; beam search has no stop strings
 
     def __post_init__(self):
-        self.beam_width = _integer("beam_width", self.beam_width)
-        self.max_tokens = _integer("max_tokens", self.max_tokens)
-        self.length_penalty = _number("length_penalty", self.length_penalty)
+        self.beam_width = as_int("beam_width", self.beam_width)
+        self.max_tokens = as_int("max_tokens", self.max_tokens)
+        self.length_penalty = as_number("length_penalty", self.length_penalty)
         if self.beam_width < 1:
             raise ValueError(f"beam_width must be an int >= 1, got {self.beam_width!r}")
         if self.max_tokens < 1:

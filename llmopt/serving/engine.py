@@ -40,7 +40,7 @@ from .block_manager import BlockManager
 from .multistep import steps_ahead
 from .outputs import CompletionOutput, RequestOutput
 from .runner import ModelRunner, cache_dtype, kv_bytes_per_token
-from .sampling import SamplingParams, _integer, _list, prompt_logprobs, sample
+from .sampling import SamplingParams, as_int, as_list, prompt_logprobs, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 from .speculative import SpeculativeConfig, propose, verify_batch
@@ -481,14 +481,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def _prompt_ids(prompt, tokenizer) -> tuple[str | None, list[int]]:
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), _list("prompt_token_ids", prompt["prompt_token_ids"], _integer)
+            return prompt.get("prompt"), as_list("prompt_token_ids", prompt["prompt_token_ids"], as_int)
         prompt = prompt.get("prompt")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
         return prompt, tokenizer(prompt).input_ids
     if isinstance(prompt, (list, tuple)):
-        return None, _list("prompt_token_ids", prompt, _integer)
+        return None, as_list("prompt_token_ids", prompt, as_int)
     raise ValueError(f"prompt must be a string, a list of token ids or a dict with 'prompt' or "
                      f"'prompt_token_ids', got {type(prompt).__name__}")
 

@@ -36,7 +36,9 @@ class Logprob(float):
         return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
 
 
-def _integer(name: str, value) -> int:
+# the fields' checks (also for BeamSearchParams and prompts): each a ValueError that names the field
+
+def as_int(name: str, value) -> int:
     """`value` as an int, else a ValueError naming the field (2.5, "2", True and nan are not ints)."""
     if (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
             isinstance(value, float) and value.is_integer()):
@@ -44,13 +46,14 @@ def _integer(name: str, value) -> int:
     raise ValueError(f"{name} must be an int, got {value!r}")
 
 
-def _number(name: str, value) -> float:
+def as_number(name: str, value) -> float:
+    """`value` as a float, else a ValueError naming the field (True, "0.5", inf and nan are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
-def _list(name: str, values, item=None) -> list:
+def as_list(name: str, values, item=None) -> list:
     """`values` (None, a list or a tuple) as a list, each item passed through `item` (which raises)."""
     if values is None:
         return []
@@ -59,7 +62,8 @@ def _list(name: str, values, item=None) -> list:
     return [item(name, v) for v in values] if item else list(values)
 
 
-def _string(name: str, value) -> str:
+def as_text(name: str, value) -> str:
+    """`value` if it is a non-empty string, else a ValueError naming the field."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must hold non-empty strings, got {value!r}")
     return value
@@ -109,12 +113,12 @@ class SamplingParams:
         # types first (a float top_k or seed, or a nan temperature, would pass the range checks below and
         # fail inside a batch of other requests); 2.0 counts as the int 2, as JSON may send it
         for name in ("n", "top_k", "min_tokens"):
-            setattr(self, name, _integer(name, getattr(self, name)))
+            setattr(self, name, as_int(name, getattr(self, name)))
         for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens"):
             if getattr(self, name) is not None:
-                setattr(self, name, _integer(name, getattr(self, name)))
+                setattr(self, name, as_int(name, getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            setattr(self, name, _number(name, getattr(self, name)))
+            setattr(self, name, as_number(name, getattr(self, name)))
         if self.seed is not None and not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must be a signed 64-bit int, got {self.seed!r}")
         if self.n < 1:
@@ -142,21 +146,21 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs!r}")
         if self.logit_bias is not None:
             try:
-                self.logit_bias = {int(t): _number("logit_bias", b) for t, b in dict(self.logit_bias).items()}
+                self.logit_bias = {int(t): as_number("logit_bias", b) for t, b in dict(self.logit_bias).items()}
             except (TypeError, ValueError):
                 raise ValueError(f"logit_bias must map token ids to finite numbers, got {self.logit_bias!r}") from None
         if self.allowed_token_ids is not None:
-            self.allowed_token_ids = _list("allowed_token_ids", self.allowed_token_ids, _integer)
+            self.allowed_token_ids = as_list("allowed_token_ids", self.allowed_token_ids, as_int)
             if not self.allowed_token_ids:
                 raise ValueError("allowed_token_ids must be a non-empty list of token ids")
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = _list("stop", self.stop, _string)   # an empty one would end every completion at once
-        self.stop_token_ids = _list("stop_token_ids", self.stop_token_ids, _integer)
+        self.stop = as_list("stop", self.stop, as_text)   # an empty one would end every completion at once
+        self.stop_token_ids = as_list("stop_token_ids", self.stop_token_ids, as_int)
         if self.bad_words is not None:
-            self.bad_words = _list("bad_words", self.bad_words, _string)
+            self.bad_words = as_list("bad_words", self.bad_words, as_text)
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need the text: they cannot be used with detokenize=False")
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:

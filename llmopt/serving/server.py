@@ -28,7 +28,7 @@ from .sampling import SamplingParams
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "max_tokens", "logprobs",
                    "ignore_eos", "min_tokens", "stop_token_ids", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "logit_bias", "allowed_token_ids", "bad_words")
+                   "repetition_penalty", "logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens")
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
