@@ -296,3 +296,95 @@ def test_model_times_runs_on_a_factorised_model(tiny):
     assert set(row) == {"prefill_ms", "tok_s_b1", "tpot_ms", "tok_s_b2"}
     assert row["prefill_ms"] > 0 and row["tok_s_b1"] > 0 and row["tok_s_b2"] > 0
     assert math.isfinite(row["tpot_ms"])  # (total - first token) / steps: noise can push it below 0 on tiny runs
+
+
+@pytest.mark.parametrize("how", [{"ratio": 0.5}, {"energy": 0.5}])
+def test_ranks_in_multiples_let_4bit_groups_quantize_the_factors(tiny, how):
+    """Factorise, then quantize the factors (lesson 06 then lesson 02): a group size must divide
+    each factor's rank, and multiple_of rounds the ranks so that it does."""
+    from llmopt.quant import QuantConfig, QuantLinear, fake_quantize, quantize
+
+    model, tok = tiny
+    plain = factorize(copy.deepcopy(model), "svd", **how)
+    f = factorize(copy.deepcopy(model), "svd", multiple_of=16, **how)
+    rows, plain_rows = rank_report(f), rank_report(plain)
+    factored = [n for n, r in rows.items() if n != "total" and r["rank"] is not None]
+    assert factored and any(plain_rows[n]["rank"] % 16 for n in factored)
+    for name in factored:
+        r, p = rows[name]["rank"], plain_rows[name]["rank"]
+        assert r % 16 == 0 and r < rows[name]["break_even"], name
+        assert r == (max(16, p // 16 * 16) if "ratio" in how else -(-p // 16) * 16), name
+        lin = model.get_submodule(name)
+        u, v = factor(lin.weight, r)          # the truncation at the rounded rank, nothing else
+        assert torch.allclose(f.get_submodule(name).dense_weight(), u @ v, atol=1e-5), name
+    cfg = QuantConfig(bits=4, group_size=16)
+    with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.\d\..*group_size 16 does not divide"):
+        quantize(plain, cfg)
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())   # nothing changed
+    q = quantize(copy.deepcopy(f), cfg)
+    for name in factored:
+        low = q.get_submodule(name)
+        assert isinstance(low.u, QuantLinear) and isinstance(low.v, QuantLinear), name
+    # the quantized model computes what the low-rank one computes with each factor's weight rounded
+    fq = copy.deepcopy(f)
+    for m in fq.model.layers.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data = fake_quantize(m.weight.data, 4, 16)
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fq(ids).logits, q(ids).logits
+    assert torch.allclose(a, b, atol=2e-3 * a.abs().max())
+    with pytest.raises(ValueError, match="this model is quantized"):
+        factorize(q, "svd", ratio=0.5)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="multiple_of must be an int"):
+            factorize(copy.deepcopy(model), "svd", ratio=0.5, multiple_of=bad)
+
+
+def test_awq_and_smoothquant_refuse_a_low_rank_layer_by_name(tiny):
+    from llmopt.quant import QuantConfig, quantize
+
+    f = factorize(copy.deepcopy(tiny[0]), "svd", ratio=0.5, multiple_of=16)
+    calib = torch.randint(1, 100, (2, 16))
+    before = {n: type(m) for n, m in f.named_modules()}
+    for cfg, who in ((QuantConfig(bits=4, group_size=16, method="awq"), "AWQ"),
+                     (QuantConfig(bits=8, method="smoothquant"), "SmoothQuant")):
+        with pytest.raises(ValueError, match=who + r" folds its scales .* LlamaDecoderLayer\.self_attn\.q_proj is a "
+                                                   "LowRankLinear"):
+            quantize(f, cfg, calib)
+        assert {n: type(m) for n, m in f.named_modules()} == before
+
+
+def test_low_rank_and_4bit_save_load_fuse_and_serve(tiny, tmp_path):
+    """The stack a learner builds in lesson 11: low rank, 4-bit factors, saved and loaded back
+    bit for bit, fused (low-rank projections are not merged) and served with greedy tokens equal to
+    the model's own argmax."""
+    from llmopt import models
+    from llmopt.kernels.fuse import fuse
+    from llmopt.quant import QuantConfig, QuantLinear, quantize, save_quantized
+    from llmopt.serving import LLMEngine, SamplingParams
+
+    model, tok = tiny
+    m = factorize(copy.deepcopy(model), "svd", ratio=0.5, multiple_of=16, skip=("k_proj",))
+    quantize(m, QuantConfig(bits=4, group_size=16, skip=("lm_head", r"layers\.0\.mlp\.down_proj\.u")))
+    assert isinstance(m.model.layers[0].mlp.down_proj.u, nn.Linear)
+    assert isinstance(m.model.layers[1].mlp.down_proj.u, QuantLinear)
+    save_quantized(m, tok, tmp_path / "lr-w4")
+    back, _ = models.load(tmp_path / "lr-w4", device="cpu")
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, back(ids).logits)
+    prompt, n = [5, 9, 100, 7], 8
+    want = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            want.append(int(m(torch.tensor([want])).logits[0, -1].argmax()))
+    for mode in ({}, {"merge": True}, {"gemv": True}):
+        f = fuse(copy.deepcopy(m), backend="torch", **mode)
+        mlp = f.model.layers[1].mlp           # gate and up are both low-rank: left as they are
+        assert isinstance(mlp.gate_proj, LowRankLinear) and not hasattr(mlp, "gate_up_proj")
+        with pytest.raises(ValueError, match="save the model before fusing"):
+            save_quantized(f, tok, tmp_path / "fused")
+        engine = LLMEngine(f, tok, block_size=4, num_kv_blocks=32, max_model_len=64)
+        i = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        assert engine.run()[i].outputs[0].token_ids == want[len(prompt):], mode

@@ -109,6 +109,19 @@ def test_bad_input(tiny):
         prune(model, "magnitude-global", nm=(2, 4))
     with pytest.raises(ValueError, match="H must be"):
         sparsegpt_prune(torch.randn(4, 8), torch.eye(4))
+    # structured pruning (lesson 04's prune_ffn) leaves widths N:M cannot split: named before any change
+    from llmopt.prune import prune_ffn
+
+    narrow = prune_ffn(copy.deepcopy(model), 0.3)   # 128 channels -> 90
+    before = {n: p.clone() for n, p in narrow.named_parameters()}
+    for method in ("magnitude", "wanda"):
+        with pytest.raises(ValueError, match=r"cannot prune model\.layers\.0\.mlp\.down_proj \(64x90\) 2:4: "
+                           r"in_features 90 is not a multiple of M = 4\. Nothing was changed"):
+            prune(narrow, method, nm=(2, 4), calibration=torch.randint(1, 100, (2, 16)))
+        assert all(torch.equal(p, before[n]) for n, p in narrow.named_parameters())
+    for bad in ((2.0, 4), (2,), "2:4"):
+        with pytest.raises(ValueError, match="nm must be"):
+            prune(model, "magnitude", nm=bad)
 
 
 def test_is_2to4_and_semi_structured_needs_a_gpu(tiny):

@@ -64,6 +64,34 @@ def test_quantize_errors(tiny):
         quantize(copy.deepcopy(model), QuantConfig(skip=(".",)))
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "nf4"])
+def test_a_layer_that_does_not_fit_the_format_is_named_before_anything_changes(tiny, method):
+    """Structured pruning and low-rank factors make odd widths: every target's shape is checked
+    before the first module is swapped, so a failed quantize() leaves the float model whole."""
+    model = copy.deepcopy(tiny[0])
+    down = model.model.layers[1].mlp.down_proj           # 64 x 128: cut it to 64 x 100
+    model.model.layers[1].mlp.down_proj = nn.Linear(100, 64, bias=False)
+    model.model.layers[1].mlp.up_proj = nn.Linear(64, 100, bias=False)
+    model.model.layers[1].mlp.gate_proj = nn.Linear(64, 100, bias=False)
+    assert down.in_features == 128
+    before = {n: type(m) for n, m in model.named_modules()}
+    calib = torch.randint(1, 100, (2, 16))
+    # nf4's blocks run over all out*in weights: 512 divides the other layers', not 100x64 = 6400
+    cfg = QuantConfig(bits=4, group_size=512 if method == "nf4" else 32, method=method)
+    first = r"gate_proj \(100x64\)" if method == "nf4" else r"down_proj \(64x100\)"
+    with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.1\.mlp\." + first + " with "
+                       + method + r" 4-bit: .*Nothing was changed"):
+        quantize(model, cfg, calib)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    for bits, why in ((4, "packed 2 to a byte"), (2, "packed 4 to a byte")):
+        odd = copy.deepcopy(tiny[0])
+        odd.model.layers[0].mlp.down_proj = nn.Linear(127, 64, bias=False)
+        with pytest.raises(ValueError, match=why):
+            quantize(odd, QuantConfig(bits=bits))
+        assert not any(isinstance(m, QuantLinear) for m in odd.modules())
+    quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=4))   # 4 divides 64 and 100: fine
+
+
 @pytest.mark.slow
 def test_bundled_w8_rtn_keeps_perplexity_and_w4_shrinks_bytes(bundled):
     model, tok = bundled

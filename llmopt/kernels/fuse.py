@@ -160,6 +160,8 @@ def merge_linears(linears: list[nn.Module]) -> nn.Module | None:
     from .qlinear import KernelQuantLinear
 
     first = linears[0]
+    if type(first) not in (nn.Linear, KernelQuantLinear):   # e.g. low-rank factors (lesson 06): kept apart
+        return None
     if any(type(m) is not type(first) or m.in_features != first.in_features for m in linears):
         return None
     if len({m.bias is None for m in linears}) > 1:

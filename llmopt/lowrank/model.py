@@ -83,13 +83,21 @@ def _check_args(method, ratio, energy, calibration, skip):
                          "calibration=llmopt.data.calibration_batches(tokenizer), or use method='svd'")
 
 
-def _factorise_one(root: nn.Module, name: str, lin: nn.Linear, ratio, energy, whiten) -> bool:
-    """Put a LowRankLinear in place of `lin` if it saves weights; True if it did."""
+def _factorise_one(root: nn.Module, name: str, lin: nn.Linear, ratio, energy, whiten, multiple_of: int = 1) -> bool:
+    """Put a LowRankLinear in place of `lin` if it saves weights; True if it did. The rank is
+    rounded to a multiple of `multiple_of`: down for a ratio (a budget), up for an energy (a floor)."""
     out_f, in_f = lin.weight.shape
     rank = None if ratio is None else rank_for_ratio(out_f, in_f, ratio)
+    if rank is not None:
+        rank = max(multiple_of, rank // multiple_of * multiple_of)
     if rank is not None and lowrank_params(out_f, in_f, rank) >= out_f * in_f:
         return False  # skip the SVD: the answer is "stay dense" whatever it says
     new = LowRankLinear.from_linear(lin, rank, energy=energy, whiten=whiten)
+    if new.rank % multiple_of:
+        rank = -(-new.rank // multiple_of) * multiple_of
+        if lowrank_params(out_f, in_f, rank) >= out_f * in_f:
+            return False
+        new = LowRankLinear.from_linear(lin, rank, whiten=whiten)
     if lowrank_params(out_f, in_f, new.rank) >= out_f * in_f:
         return False
     calibrate.replace(root, name, new)
@@ -99,7 +107,7 @@ def _factorise_one(root: nn.Module, name: str, lin: nn.Linear, ratio, energy, wh
 @torch.no_grad()
 def factorize(model: nn.Module, method: str = "svd", ratio: float | None = None, energy: float | None = None,
               calibration=None, skip: tuple = (), batch_size: int = 8, damp: float = 0.01,
-              alpha: float = 0.5) -> nn.Module:
+              alpha: float = 0.5, multiple_of: int = 1) -> nn.Module:
     """Replace the decoder's linears by truncated-SVD `LowRankLinear`s in place; returns the model.
 
     method: "svd" (the weights alone), "whitened" (SVD-LLM: Cholesky whitening by the inputs'
@@ -108,14 +116,23 @@ def factorize(model: nn.Module, method: str = "svd", ratio: float | None = None,
     ratio: keep at most this share of each layer's weights, in (0, 1]; or
     energy: give each layer the smallest rank keeping this share of sum(S^2), in (0, 1].
     skip: regexes of full module names to leave dense (e.g. ("k_proj", "v_proj")).
+    multiple_of: round every rank to a multiple of this (down within a ratio's budget, but at least
+        one multiple; up to keep an energy): a GPU's matrix units like multiples of 8 or 16, and
+        quantizing the factors afterwards needs the group size to divide the rank
+        (`multiple_of=group_size`).
 
     Layers where the rank would be at or above the break-even out*in/(out+in) stay dense, since
     there the factors hold no fewer weights than W (`rank_report` shows what was done).
     """
     _check_args(method, ratio, energy, calibration, skip)
+    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
+    if any(getattr(m, "quantized", False) for m in calibrate.decoder_layers(model).modules()):
+        raise ValueError("this model is quantized, and only float nn.Linears are factorised: factorise the "
+                         "float model, then quantize it (quantize() takes the factors, which are nn.Linear)")
     if method == "svd":
         for name, lin in targets(model, skip, dense_only=True).items():
-            _factorise_one(model, name, lin, ratio, energy, None)
+            _factorise_one(model, name, lin, ratio, energy, None, multiple_of)
         return model
     calibration = calibrate.check_calibration(calibration)
     layers = calibrate.decoder_layers(model)
@@ -130,7 +147,7 @@ def factorize(model: nn.Module, method: str = "svd", ratio: float | None = None,
                 whiten = cholesky_whitening(stats.H[name], damp)
             else:
                 whiten = asvd_scale(stats.absmean[name], alpha)
-            _factorise_one(layer, name, lin, ratio, energy, whiten)
+            _factorise_one(layer, name, lin, ratio, energy, whiten, multiple_of)
         del stats
     return model
 

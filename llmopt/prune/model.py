@@ -63,6 +63,15 @@ def prune(model: nn.Module, method: str = "magnitude", sparsity: float = 0.5, ca
     elif method == "magnitude-global":
         raise ValueError("N:M masks are per group of inputs: use 'magnitude', not 'magnitude-global'")
     lins = targets(model)
+    if nm is not None:   # every shape before the first weight is touched
+        if not (isinstance(nm, tuple | list) and len(nm) == 2 and all(type(v) is int for v in nm)
+                and 0 < nm[0] <= nm[1]):
+            raise ValueError(f"nm must be (N, M), integers with 0 < N <= M, got {nm!r}")
+        for name, lin in lins.items():
+            if lin.in_features % nm[1]:
+                raise ValueError(f"cannot prune {name} ({lin.out_features}x{lin.in_features}) {nm[0]}:{nm[1]}: "
+                                 f"in_features {lin.in_features} is not a multiple of M = {nm[1]}. Nothing was "
+                                 "changed")
     if method == "magnitude-global":
         for name, mask in global_magnitude_masks({n: m.weight for n, m in lins.items()}, sparsity).items():
             lins[name].weight.mul_(mask.to(lins[name].weight.dtype))

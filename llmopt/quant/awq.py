@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import calibrate
 from .primitives import QTensor, _groups, fake_quantize, from_codes, qrange, scale_zero, to_codes
 from .primitives import quantize as quantize_tensor
 
@@ -185,6 +186,7 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
         raise ValueError(f"AWQ knows Llama-family layers (input_layernorm, self_attn.{{q,k,v,o}}_proj, "
                          f"post_attention_layernorm, mlp.{{gate,up,down}}_proj); {type(layer).__name__} "
                          f"has no {', '.join(missing)}")
+    calibrate.require_linears(layer, [n for n in names if n.endswith("_proj")], "AWQ")
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     groups = [ScaleGroup("input_layernorm", attn, "self_attn")]
     if have["self_attn.v_proj"].weight.shape[0] == have["self_attn.o_proj"].weight.shape[1]:
@@ -269,7 +271,6 @@ def awq_model(model: nn.Module, calibration: torch.Tensor, cfg, n_grid: int = 20
     (judged on the first `search_batches` calibration batches), clip, and swap the linears
     for `QuantLinear` (RTN of the scaled, clipped weights). Called by `quantize(model, cfg,
     calibration)`; linears outside the decoder layers (lm_head if not skipped) get plain RTN."""
-    from . import calibrate
     from .linear import QuantLinear, targets
 
     if not isinstance(n_grid, int) or n_grid < 1:

@@ -47,6 +47,18 @@ def linears(layer: nn.Module, skip: tuple = ()) -> dict[str, nn.Linear]:
             if isinstance(m, nn.Linear) and not any(re.search(p, name) for p in skip)}
 
 
+def require_linears(layer: nn.Module, names, method: str) -> None:
+    """ValueError unless every named module of `layer` is a plain nn.Linear: AWQ and SmoothQuant
+    fold their scales into those weights' columns, which a low-rank or fused module does not have."""
+    for name in names:
+        m = layer.get_submodule(name)
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"{method} folds its scales into the weights of the projections that read a "
+                             f"norm's output, so they must be plain nn.Linear; {type(layer).__name__}.{name} "
+                             f"is a {type(m).__name__}. Use {method} on the float model, or rtn / gptq / nf4, "
+                             "which also quantize the factors of a low-rank layer")
+
+
 class _Stop(Exception):
     pass
 

@@ -3,8 +3,10 @@
 A folder holds the Hugging Face `config.json` and tokenizer (so the float architecture can
 be rebuilt), `model.safetensors` (every parameter and buffer: codes, scales, zeros, folded
 norms), and `quant_config.json`: the `QuantConfig` and which quantized module sits at each
-name. Loading rebuilds the float model, swaps in empty quantized modules of the right
-shapes, and loads the tensors strictly, so a missing or extra tensor is an error.
+name (and the shapes of any low-rank layers of lesson 06, whose factors may be quantized).
+Loading rebuilds the float model, puts back the low-rank layers, swaps in empty quantized
+modules of the right shapes, and loads the tensors strictly, so a missing or extra tensor is
+an error.
 
     save_quantized(model, tokenizer, "w4-gptq")
     model, tokenizer = load_quantized("w4-gptq")
@@ -61,7 +63,9 @@ def save_quantized(model: nn.Module, tokenizer, path) -> Path:
     modules = {}
     for name, m in quantized.items():
         if type(m).__name__ not in classes:
-            raise ValueError(f"{name}: cannot save a {type(m).__name__} (known: {sorted(classes)})")
+            fused = " (kernels.fuse() put it there: save the model before fusing, and fuse it again after " \
+                    "loading; `llmopt serve` does)" if type(m).__name__ == "KernelQuantLinear" else ""
+            raise ValueError(f"{name}: cannot save a {type(m).__name__} (known: {sorted(classes)}){fused}")
         modules[name] = {"class": type(m).__name__, "in_features": m.in_features,
                          "out_features": m.out_features, "bias": m.bias is not None, "cfg": _cfg_dict(m.cfg)}
     float_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
@@ -72,9 +76,20 @@ def save_quantized(model: nn.Module, tokenizer, path) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"))  # de-duplicates tied weights
-    meta = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."), "modules": modules}
+    meta = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."), "modules": modules,
+            "lowrank": _lowrank_layers(model)}
     (out / "quant_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _lowrank_layers(model: nn.Module) -> dict:
+    """The shapes of the model's low-rank layers (lesson 06), whose factors may be quantized:
+    loading puts them back before it swaps in the quantized modules."""
+    from ..lowrank.linear import LowRankLinear
+
+    return {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                   "bias": m.u.bias is not None}
+            for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
 def load_quantized(path, device=None):
@@ -96,6 +111,11 @@ def load_quantized(path, device=None):
     dtype = getattr(torch, meta["dtype"])
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from ..lowrank.linear import LowRankLinear
+
+    for name, spec in meta.get("lowrank", {}).items():
+        calibrate.replace(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
+                                                     bias=spec["bias"], dtype=dtype))
     classes = module_classes()
     for name, spec in meta["modules"].items():
         if spec["class"] not in classes:

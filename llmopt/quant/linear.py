@@ -135,7 +135,28 @@ def targets(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
              if isinstance(m, nn.Linear) and not any(re.search(p, name) for p in cfg.skip)]
     if not found:
         raise ValueError(f"no nn.Linear left to quantize (skip={cfg.skip})")
+    for name, m in found:   # every shape is checked before any module is swapped
+        why = shape_problem(m.out_features, m.in_features, cfg)
+        if why:
+            raise ValueError(f"cannot quantize {name} ({m.out_features}x{m.in_features}) with {cfg.method} "
+                             f"{cfg.bits}-bit: {why}. Nothing was changed; pick a size that fits, or leave "
+                             "such layers in float (cfg.skip takes regexes of module names)")
     return found
+
+
+def shape_problem(out_features: int, in_features: int, cfg: QuantConfig) -> str | None:
+    """Why a (out x in) weight cannot be stored in `cfg`'s format, or None. Low-rank factors
+    (lesson 06) and structurally pruned layers (lesson 04) are where odd sizes come from."""
+    if cfg.method == "nf4":
+        block, n = cfg.group_size or 64, out_features * in_features
+        if n % block or block % 2:
+            return f"the NF4 block size {block} must be even and divide its {n} weights"
+        return None
+    if cfg.group_size is not None and in_features % cfg.group_size:
+        return f"group_size {cfg.group_size} does not divide in_features {in_features}"
+    if cfg.bits in (2, 4) and in_features % (8 // cfg.bits):
+        return f"{cfg.bits}-bit codes are packed {8 // cfg.bits} to a byte along in_features ({in_features})"
+    return None
 
 
 def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> nn.Module:

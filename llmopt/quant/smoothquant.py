@@ -218,11 +218,13 @@ def plant_outliers(model: nn.Module, n_channels: int = 4, factor: float = 100.0,
 def _groups(layer: nn.Module):
     """[(norm, {name: linear})] for a Llama-family decoder layer."""
     try:
-        return [(layer.get_submodule(norm), {n: layer.get_submodule(n) for n in names})
-                for norm, names in LLAMA_GROUPS]
+        groups = [(layer.get_submodule(norm), {n: layer.get_submodule(n) for n in names})
+                  for norm, names in LLAMA_GROUPS]
     except AttributeError as e:
         raise ValueError(f"SmoothQuant knows the Llama block layout {LLAMA_GROUPS}; "
                          f"{type(layer).__name__} does not match it ({e})") from None
+    calibrate.require_linears(layer, [n for _, names in LLAMA_GROUPS for n in names], "SmoothQuant")
+    return groups
 
 
 def _smooth_layer(layer: nn.Module, inputs: list, alpha: float) -> dict[str, torch.Tensor]:
@@ -277,6 +279,8 @@ def smoothquant_model(model: nn.Module, calibration: torch.Tensor, cfg) -> nn.Mo
     calibration = calibrate.check_calibration(calibration)
     todo = targets(model, cfg)
     wanted = {id(m) for _, m in todo}
+    for layer in calibrate.decoder_layers(model):
+        _groups(layer)  # fail on a layout it cannot smooth before changing anything
     done = set()
     for _, layer, inputs in calibrate.layerwise(model, calibration, cfg.calib_batch_size):
         _smooth_layer(layer, inputs, cfg.alpha)  # skipped linears are smoothed too: exact in float
