@@ -104,3 +104,18 @@ def test_bundled_w8_rtn_keeps_perplexity_and_w4_shrinks_bytes(bundled):
     layers = lambda m: sum(bench.model_size_bytes(x) for x in m.model.layers)  # noqa: E731
     bf16_layers = 2 * sum(p.numel() for p in model.model.layers.parameters())
     assert layers(w4) <= 0.30 * bf16_layers
+
+
+def test_weights_outside_nn_linear_are_named_in_a_warning(tiny):
+    """A Mixture-of-Experts model keeps its experts in 3-D tensors: quantize() says they stay float."""
+    import warnings
+
+    from llmopt import moe
+
+    big = moe.upcycle(copy.deepcopy(tiny[0]), num_experts=4, top_k=2)
+    with pytest.warns(UserWarning, match=r"\d+% of the decoder layers' weights .* stay in float"):
+        q = quantize(big, QuantConfig(bits=8))
+    assert isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(copy.deepcopy(tiny[0]), QuantConfig(bits=8))    # a dense model: nothing to say

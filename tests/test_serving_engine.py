@@ -521,19 +521,33 @@ def test_scheduler_never_exceeds_its_budgets():
         assert bm.num_free_blocks() == bm.num_blocks
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "upcycled"])
 def test_other_llama_family_models(arch, model_tok):
-    """Mistral (same blocks), Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms) through the runner."""
+    """Mistral (same blocks), Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), and Mixture-of-Experts
+    models, whose MLP the runner calls as it is: Mixtral, Qwen3-MoE and lesson 07's upcycled model."""
     import transformers
+
+    from llmopt import moe
 
     _, tok = model_tok
     common = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    experts = dict(num_experts_per_tok=2, router_jitter_noise=0.0)
     config = {"mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
               "qwen2": lambda: transformers.Qwen2Config(**common),
-              "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16)}[arch]()
+              "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16),
+              "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=4, **experts),
+              "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, head_dim=16, num_experts=4,
+                                                                moe_intermediate_size=48, **experts),
+              "upcycled": lambda: transformers.LlamaConfig(**common)}[arch]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if arch == "upcycled":
+        model = moe.upcycle(model, num_experts=4, top_k=2).eval()
+        with torch.no_grad():   # upcycled experts start as copies: make them differ, so routing matters
+            for name, p in model.named_parameters():
+                if "experts" in name or "gate" in name:
+                    p.add_(torch.randn_like(p) * p.std())
     if arch == "qwen2":
         assert model.model.layers[0].self_attn.q_proj.bias is not None
     with torch.no_grad():   # random biases and norm weights, so a path that skipped them would show

@@ -159,6 +159,28 @@ def shape_problem(out_features: int, in_features: int, cfg: QuantConfig) -> str 
     return None
 
 
+def _warn_left_in_float(model: nn.Module) -> None:
+    """Warn when much of the decoder's weight is in matrices outside any nn.Linear, which quantize()
+    cannot see: a Mixture-of-Experts layer's experts (lesson 07; transformers' Mixtral too) are 3-D
+    tensors, so "W4" would quietly leave most of the model in float."""
+    import warnings
+
+    from .calibrate import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        return
+    in_linears = {id(p) for m in layers.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    matrices = [p for p in layers.parameters() if p.dim() >= 2]
+    outside = sum(p.numel() for p in matrices if id(p) not in in_linears)
+    total = sum(p.numel() for p in matrices)
+    if total and outside > 0.1 * total:
+        warnings.warn(f"{outside / total:.0%} of the decoder layers' weights ({outside / 1e6:.2f}M) are not in "
+                      "nn.Linear modules (a Mixture-of-Experts layer's experts, say) and stay in float: "
+                      "quantize() swaps nn.Linear only", stacklevel=3)
+
+
 def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> nn.Module:
     """Swap every `nn.Linear` not matched by `cfg.skip` for a quantized module, in place.
 
@@ -169,6 +191,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | Non
         raise ValueError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
     if any(getattr(m, "quantized", False) for m in model.modules()):
         raise ValueError("this model is already quantized; quantize a fresh copy of the float model")
+    _warn_left_in_float(model)
     if cfg.method in CALIBRATED:
         from .calibrate import check_calibration
 

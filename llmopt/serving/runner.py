@@ -217,7 +217,7 @@ class ModelRunner:
             a = gemv(out, o_proj.weight, o_proj.bias, backend=norm.backend)
         else:
             a = o_proj(out)
-        if self._gemv(layer, norm, getattr(mlp, "gate_up_proj", None), mlp.down_proj):
+        if self._gemv(layer, norm, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)):
             gate_up, residual = self._norm_linear(norm, mlp.gate_up_proj, a, residual)
             gate, up = gate_up.split(mlp.split, dim=-1)
             return swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias, backend=mlp.backend), residual
