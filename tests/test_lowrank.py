@@ -363,6 +363,7 @@ def test_low_rank_and_4bit_save_load_fuse_and_serve(tiny, tmp_path):
     from llmopt.kernels.fuse import fuse
     from llmopt.quant import QuantConfig, QuantLinear, quantize, save_quantized
     from llmopt.serving import LLMEngine, SamplingParams
+    from llmopt.serving.runner import graph_blocker
 
     model, tok = tiny
     m = factorize(copy.deepcopy(model), "svd", ratio=0.5, multiple_of=16, skip=("k_proj",))
@@ -385,6 +386,7 @@ def test_low_rank_and_4bit_save_load_fuse_and_serve(tiny, tmp_path):
         assert isinstance(mlp.gate_proj, LowRankLinear) and not hasattr(mlp, "gate_up_proj")
         with pytest.raises(ValueError, match="save the model before fusing"):
             save_quantized(f, tok, tmp_path / "fused")
+        assert graph_blocker(f) is None        # dense MLPs, low-rank or not: a GPU records the decode step
         engine = LLMEngine(f, tok, block_size=4, num_kv_blocks=32, max_model_len=64)
         i = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         assert engine.run()[i].outputs[0].token_ids == want[len(prompt):], mode

@@ -558,6 +558,13 @@ def test_other_llama_family_models(arch, model_tok):
     outs = run_engine(LLMEngine(model, tok, num_kv_blocks=64, block_size=4), reqs)
     for (prompt, n), out in zip(reqs, outs):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
+    # experts picked by the data cannot be replayed from a CUDA graph: on a GPU MoE models decode eagerly
+    from llmopt.serving.runner import graph_blocker
+
+    moe_arch = arch in ("mixtral", "qwen3_moe", "upcycled")
+    assert (graph_blocker(model) is not None) == moe_arch
+    if moe_arch:
+        assert "layer 0's MLP" in graph_blocker(model) and "routed" in graph_blocker(model)
 
 
 def test_a_failing_request_ends_alone(model_tok, monkeypatch):
@@ -950,6 +957,23 @@ def test_gpu_cuda_graph_multi_step_equals_single_step():
     for x, y in zip(run_engine(multi, reqs), run_engine(eager, reqs)):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
     assert runs and max(runs) == 8
+
+
+@pytest.mark.gpu
+def test_gpu_moe_model_decodes_eagerly_with_hf_tokens():
+    """On a GPU: lesson 07's upcycled model is served without CUDA graphs (its routing reads counts
+    back on the host), with a warning saying so, and gives HF generate's tokens."""
+    import llmopt
+    from llmopt import moe
+
+    model, tok = llmopt.load("tinypy", device="cuda", dtype=torch.float32)
+    big = moe.upcycle(model, num_experts=4, top_k=2).eval()
+    with pytest.warns(UserWarning, match="decoding without CUDA graphs: layer 0's MLP"):
+        engine = LLMEngine(big, tok, block_size=16, num_kv_blocks=128, max_num_seqs=8)
+    assert not engine.runner.graphs
+    reqs = workload(8, model.config.vocab_size, seed=4, max_prompt=40, max_new=12)
+    for (prompt, n), out in zip(reqs, run_engine(engine, reqs)):
+        assert out.outputs[0].token_ids == hf_greedy(big, prompt, n)
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ that no sequence owns. `enforce_eager=True` (vLLM's name) turns the graphs off.
 """
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -78,6 +79,19 @@ def check_model(model: nn.Module) -> None:
             raise ValueError("sliding-window attention is not supported by llmopt.serving")
 
 
+def graph_blocker(model: nn.Module) -> str | None:
+    """Why the decode step cannot be recorded as a CUDA graph, or None. A graph replays fixed kernels
+    on fixed shapes; a Mixture-of-Experts layer picks its experts from the data (how many tokens each
+    gets is read back on the host), so MoE models decode eagerly."""
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        dense = hasattr(mlp, "down_proj") and (hasattr(mlp, "gate_up_proj") or hasattr(mlp, "gate_proj"))
+        if not dense:
+            return f"layer {i}'s MLP ({type(mlp).__name__}) is not a dense gate/up/down MLP (experts are routed " \
+                   "by the data)"
+    return None
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """The decode batch sizes captured as CUDA graphs: 1, 2, 4, 8, then every 16 (nano-vllm's choice),
     and max_num_seqs itself. A batch runs in the smallest graph that holds it."""
@@ -115,8 +129,11 @@ class ModelRunner:
         self.num_scheduler_steps = num_scheduler_steps
         self._rope_table = self._rotary_table()
         self.graphs: dict[int, tuple] = {}      # batch size -> (CUDA graph, logits, tokens, logprobs)
-        if self.device.type == "cuda" and not enforce_eager:
+        self.eager_reason = "enforce_eager" if enforce_eager else graph_blocker(model)
+        if self.device.type == "cuda" and self.eager_reason is None:
             self.capture_cuda_graphs(max_num_seqs)
+        elif self.device.type == "cuda" and not enforce_eager:
+            warnings.warn(f"decoding without CUDA graphs: {self.eager_reason}", stacklevel=3)
 
     # rotary types whose frequencies do not depend on the context length: one table serves every step
     STATIC_ROPE = ("default", "linear", "llama3", "yarn")
