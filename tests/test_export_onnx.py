@@ -177,6 +177,36 @@ def test_other_llama_family_models_export_what_they_compute(tmp_path, bundled, f
     assert onnx_generate(files["fp32"], ids[0].tolist(), 5)[0] == greedy
 
 
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe", "upcycled"])
+def test_mixture_of_experts_models_export_every_expert(tmp_path, bundled, family):
+    """A traced MoE layer would keep the first run's routing (and the stock blocks' histc has no ONNX
+    op): the export runs every expert, weighted by the router, so the graph is the model for any input.
+    The caller's model keeps its own blocks."""
+    from llmopt import moe
+
+    _, tok = bundled
+    experts = {"Mixtral": {"num_local_experts": 4}, "Qwen3Moe": {"num_experts": 4, "moe_intermediate_size": 24,
+                                                                "head_dim": 16}}
+    if family == "upcycled":
+        model = moe.upcycle(_small("Llama"), num_experts=4, top_k=2).eval()
+    else:
+        model = _small(family, num_experts_per_tok=2, **experts[family])
+    with torch.no_grad():   # routers with opinions, experts that differ: routing decides the output
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") or "experts" in name:
+                p.normal_(std=0.5 if name.endswith("gate.weight") else 0.2)
+    block = type(model.model.layers[0].mlp)
+    files = export_onnx(model, tmp_path, tokenizer=tok, quantize=())
+    assert type(model.model.layers[0].mlp) is block
+    ids = torch.tensor([[5, 17, 60, 3, 25, 7, 90, 11, 42]])
+    with torch.no_grad():
+        want = model(ids).logits
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                                do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    torch.testing.assert_close(torch.as_tensor(onnx_logits(files["fp32"], ids)), want, rtol=1e-4, atol=1e-4)
+    assert onnx_generate(files["fp32"], ids[0].tolist(), 6)[0] == greedy
+
+
 def test_a_rope_that_changes_with_the_context_warns(tmp_path, bundled):
     """Dynamic NTK scaling recomputes the rotary frequencies past max_position_embeddings; a traced
     graph cannot, so the export says so (within that length the logits are the model's)."""

@@ -121,6 +121,7 @@ def export_onnx(model=None, out_dir="onnx_export", tokenizer=None, quantize=("q8
                       "that length", stacklevel=2)
     model = copy.deepcopy(model).float().cpu().eval()   # exported in float32 from the CPU; the caller's stays
     dequantize_linears(model)
+    every_expert(model)
     out = Path(out_dir)
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     dec = OnnxDecoder(model)
@@ -151,6 +152,24 @@ def export_onnx(model=None, out_dir="onnx_export", tokenizer=None, quantize=("q8
         files["q4"] = out / "onnx" / FILES["q4"]
         _quantize_q4(path, files["q4"])
     return files
+
+
+def every_expert(model: nn.Module) -> int:
+    """Mixture-of-Experts layers (lesson 07) in place: dispatch "dense", every expert on every token
+    weighted by the router's top-k weights (zero for the others). Export traces one run, and the other
+    paths' shapes (how many tokens each expert gets) come from that run's data; the dense path's do not,
+    so the graph computes the model's output for any input, at E/k times the expert FLOPs. Stock
+    `transformers` MoE blocks are swapped for `MoEFeedForward` first. Returns how many layers."""
+    from ..moe import layer
+
+    for name, m in list(model.named_modules()):
+        if layer.is_hf_moe_block(m):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.MoEFeedForward.from_hf(m, "dense"))
+    found = layer.moe_layers(model)
+    for m in found:
+        m.experts.dispatch = "dense"      # the capacity factor, if any, stays as it was
+    return len(found)
 
 
 def dequantize_linears(model: nn.Module) -> int:

@@ -68,7 +68,8 @@ class Routing:
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool = True) -> Routing:
     """Top-k gating of (T, E) router logits (softmax in float32, as Mixtral does)."""
-    check_top_k(top_k, logits.shape[-1])
+    if not torch.jit.is_tracing():   # traced for export, a shape is a tensor
+        check_top_k(top_k, logits.shape[-1])
     probs = F.softmax(logits.float(), dim=-1)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     if normalize:
