@@ -115,6 +115,43 @@ def test_fused_model_saves_and_reloads_as_a_plain_llama(tiny, tmp_path):
     torch.testing.assert_close(logits(again), logits(model))
 
 
+@pytest.mark.parametrize("kind", ["upcycled", "mixtral"])
+def test_fused_moe_model_keeps_its_experts_and_the_engines_tokens(tiny, kind):
+    """A Mixture-of-Experts model (lesson 07): attention and norms fused, the MoE block kept as it is;
+    the logits stay, and served by the engine (any fusion mode) it gives the unfused model's tokens."""
+    import transformers
+
+    from llmopt import moe
+    from llmopt.serving import LLMEngine, SamplingParams
+
+    model, tok = tiny
+    if kind == "upcycled":
+        big = moe.upcycle(copy.deepcopy(model), num_experts=4, top_k=2)
+    else:
+        cfg = transformers.MixtralConfig(vocab_size=model.config.vocab_size, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_local_experts=4, num_experts_per_tok=2)
+        torch.manual_seed(0)
+        big = transformers.MixtralForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in big.named_parameters():
+            if "experts" in name or name.endswith("mlp.gate.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    big.eval()
+    block = type(big.model.layers[0].mlp)
+    prompt, n = [5, 9, 100, 7, 31], 8
+    want = big.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    for mode in ({}, {"merge": True}, {"gemv": True}):
+        fused = kernels.fuse(copy.deepcopy(big), **mode)
+        assert type(fused.model.layers[0].mlp) is block
+        assert isinstance(fused.model.layers[0].self_attn, kernels.FusedAttention)
+        torch.testing.assert_close(logits(fused), logits(big), rtol=1e-4, atol=1e-4)
+        engine = LLMEngine(fused, tok, block_size=4, num_kv_blocks=32, max_model_len=64)
+        i = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        assert engine.run()[i].outputs[0].token_ids == want, mode
+
+
 def test_fuse_rejects_what_it_cannot_fuse(tiny):
     model, _ = tiny
     fused = kernels.fuse(copy.deepcopy(model))

@@ -138,7 +138,8 @@ class FusedDecoderLayer(nn.Module):
     def __init__(self, layer: nn.Module, backend: str = "auto"):
         super().__init__()
         self.self_attn = FusedAttention(layer.self_attn, backend)
-        self.mlp = FusedMLP(layer.mlp, backend)
+        # a Mixture-of-Experts layer (lesson 07) keeps its own MLP; attention and the norms are fused
+        self.mlp = FusedMLP(layer.mlp, backend) if _dense_mlp(layer.mlp) else layer.mlp
         self.input_layernorm = _fused_norm(layer.input_layernorm, backend)
         self.post_attention_layernorm = _fused_norm(layer.post_attention_layernorm, backend)
         if hasattr(layer, "attention_type"):  # models with sliding-window layers pick masks by it
@@ -193,17 +194,29 @@ def _fused_norm(norm: nn.Module, backend: str) -> FusedRMSNorm:
     return FusedRMSNorm(norm.weight, eps, backend)
 
 
+def _dense_mlp(mlp: nn.Module) -> bool:
+    return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _moe_mlp(mlp: nn.Module) -> bool:
+    from ..moe.layer import MoEFeedForward, is_hf_moe_block
+
+    return isinstance(mlp, MoEFeedForward) or is_hf_moe_block(mlp)
+
+
 def _check_layer(i: int, layer: nn.Module):
     attn = getattr(layer, "self_attn", None)
-    needs = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-    for part, names in needs.items():
-        module = getattr(layer, part, None)
-        if module is None or not all(hasattr(module, n) for n in names):
-            raise ValueError(f"layer {i}: fuse() needs a Llama-family decoder layer ({part} with {', '.join(names)})")
+    if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise ValueError(f"layer {i}: fuse() needs a Llama-family decoder layer (self_attn with q_proj, k_proj, "
+                         "v_proj, o_proj)")
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None or not (_dense_mlp(mlp) or _moe_mlp(mlp)):
+        raise ValueError(f"layer {i}: fuse() needs a Llama-family decoder layer (mlp with gate_proj, up_proj, "
+                         "down_proj, or a Mixtral-style Mixture-of-Experts block)")
     if hasattr(attn, "q_norm"):
         raise ValueError(f"layer {i}: attention with q/k norms (Qwen3, OLMo 2) is not supported by fuse()")
     act = getattr(getattr(attn, "config", None), "hidden_act", "silu")
-    if act != "silu":
+    if act != "silu" and _dense_mlp(mlp):
         raise ValueError(f"layer {i}: the fused MLP computes SiLU(gate) * up; this model's activation is {act!r}")
 
 
@@ -242,7 +255,8 @@ def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True, merge:
     if merge or gemv:
         for layer in layers:
             layer.self_attn.merge()
-            layer.mlp.merge()
+            if isinstance(layer.mlp, FusedMLP):
+                layer.mlp.merge()
             layer.gemv = gemv
     return model
 
