@@ -216,6 +216,10 @@ def test_bad_inputs(tiny):
         quantize(prepared, QuantConfig(bits=4))
     with pytest.raises(ValueError, match="prepare_qat"):
         convert(copy.deepcopy(model))
+    from llmopt.quant import save_quantized
+
+    with pytest.raises(ValueError, match=r"cannot save a FakeQuantLinear .*quant\.convert\(model\)"):
+        save_quantized(prepared, tok, "unused-folder")
     with pytest.raises(ValueError, match="prepare_qat"):
         qat_finetune(copy.deepcopy(model), tok, steps=1)
     with pytest.raises(ValueError, match="steps"):

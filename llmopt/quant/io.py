@@ -63,9 +63,11 @@ def save_quantized(model: nn.Module, tokenizer, path) -> Path:
     modules = {}
     for name, m in quantized.items():
         if type(m).__name__ not in classes:
-            fused = " (kernels.fuse() put it there: save the model before fusing, and fuse it again after " \
-                    "loading; `llmopt serve` does)" if type(m).__name__ == "KernelQuantLinear" else ""
-            raise ValueError(f"{name}: cannot save a {type(m).__name__} (known: {sorted(classes)}){fused}")
+            hint = {"KernelQuantLinear": " (kernels.fuse() put it there: save the model before fusing, and fuse "
+                                         "it again after loading; `llmopt serve` does)",
+                    "FakeQuantLinear": " (QAT's training form: quant.convert(model) turns it into the QuantLinear "
+                                       "it stands for)"}.get(type(m).__name__, "")
+            raise ValueError(f"{name}: cannot save a {type(m).__name__} (known: {sorted(classes)}){hint}")
         modules[name] = {"class": type(m).__name__, "in_features": m.in_features,
                          "out_features": m.out_features, "bias": m.bias is not None, "cfg": _cfg_dict(m.cfg)}
     float_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
