@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmopt.prune.structured import ffn_importance, prune_ffn
+from llmopt.prune.structured import ffn_importance, prune_ffn, prune_heads
 from llmopt.quant import calibrate
 
 
@@ -63,6 +63,28 @@ def test_prune_ffn_bad_ratio(tiny):
             prune_ffn(copy.deepcopy(tiny[0]), bad)
     with pytest.raises(ValueError, match="every one"):
         prune_ffn(copy.deepcopy(tiny[0]), 0.999)
+
+
+def test_structured_pruning_refuses_quantized_low_rank_and_moe_layers_before_cutting(tiny):
+    """Rows and columns are cut from float nn.Linear weights: a quantized, factorised or Mixture-of-
+    Experts layer is named (the first layer of each kind here) and nothing is changed."""
+    from llmopt import moe
+    from llmopt.lowrank import factorize
+    from llmopt.quant import QuantConfig, quantize
+
+    model = tiny[0]
+    late = copy.deepcopy(model)         # only the last layer's MLP is quantized: layer 0 must stay whole
+    quantize(late, QuantConfig(bits=8, skip=("lm_head", r"layers\.0\.", r"self_attn")))
+    cases = [(late, prune_ffn, 0.25, r"layer 1 has QuantLinear, QuantLinear, QuantLinear"),
+             (factorize(copy.deepcopy(model), "svd", ratio=0.5), prune_heads, 1, r"layer 0 has LowRankLinear"),
+             (moe.upcycle(copy.deepcopy(model), num_experts=2, top_k=1), prune_ffn, 0.25,
+              r"layer 0 has MoEFeedForward.*Mixture-of-Experts")]
+    for m, fn, amount, why in cases:
+        before = {n: t.clone() for n, t in m.state_dict().items()}
+        with pytest.raises(ValueError, match=fn.__name__ + r" cuts rows and columns .*" + why):
+            fn(m, amount)
+        after = m.state_dict()
+        assert set(after) == set(before) and all(torch.equal(after[n], t) for n, t in before.items())
 
 
 def llama(**overrides):

@@ -60,11 +60,26 @@ def _shrink(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     return out
 
 
+def _check_float(model: nn.Module, part: str, names: tuple, who: str) -> None:
+    """ValueError unless every decoder layer's `part` holds `names` as plain nn.Linear: rows and columns
+    are cut out of float weights, so prune before quantizing or factorising. Checked for every layer
+    before the first one is cut."""
+    for i, layer in enumerate(calibrate.decoder_layers(model)):
+        module = getattr(layer, part, None)
+        found = [getattr(module, n, None) for n in names]
+        if not all(type(m) is nn.Linear for m in found):
+            what = type(module).__name__ if None in found else ", ".join(type(m).__name__ for m in found)
+            raise ValueError(f"{who} cuts rows and columns out of float weights ({part}.{{{', '.join(names)}}} as "
+                             f"nn.Linear); layer {i} has {what}. Prune the float model before quantizing or "
+                             "factorising it (a Mixture-of-Experts MLP has no FFN channels to cut this way)")
+
+
 @torch.no_grad()
 def prune_ffn(model: nn.Module, ratio: float, calibration=None, batch_size: int = 8) -> nn.Module:
     """Remove round(ratio * intermediate_size) channels from every MLP, the least important
     by `ffn_importance` (on calibration data if given, layer by layer); in place, returns the model."""
     ratio = check_sparsity(ratio, "ratio")
+    _check_float(model, "mlp", ("gate_proj", "up_proj", "down_proj"), "prune_ffn")
     size = calibrate.decoder_layers(model)[0].mlp.down_proj.in_features
     keep_n = size - round(ratio * size)
     if keep_n < 1:
@@ -106,6 +121,7 @@ def prune_heads(model: nn.Module, n_groups: int, calibration=None, batch_size: i
     attention layer, the least important by `group_importance`; in place, returns the model.
     With grouped-query attention a query head cannot go alone without breaking the sharing,
     so whole groups go; every layer loses the same number, so the config stays uniform."""
+    _check_float(model, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), "prune_heads")
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     n_kv, n_rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
