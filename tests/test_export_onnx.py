@@ -157,6 +157,17 @@ def _small(family: str, **kw):
     return getattr(tf, f"{family}ForCausalLM")(cfg).eval()
 
 
+def assert_export_is_the_model(files, model, prompt, n):
+    """The fp32 file's logits are the model's, and its greedy tokens HF generate's."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        want = model(ids).logits
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    torch.testing.assert_close(torch.as_tensor(onnx_logits(files["fp32"], ids)), want, rtol=1e-4, atol=1e-4)
+    assert onnx_generate(files["fp32"], prompt, n)[0] == greedy
+
+
 @pytest.mark.parametrize("family, kw", [
     ("Qwen2", {}),                                                     # biases on q/k/v
     ("Mistral", {"head_dim": 24, "num_key_value_heads": 1}),           # head_dim not hidden / heads, one KV head
@@ -168,13 +179,7 @@ def test_other_llama_family_models_export_what_they_compute(tmp_path, bundled, f
     _, tok = bundled
     model = _small(family, **kw)
     files = export_onnx(model, tmp_path, tokenizer=tok, quantize=())
-    ids = torch.tensor([[5, 17, 60, 3, 25, 7, 90]])
-    with torch.no_grad():
-        want = model(ids).logits
-        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
-                                do_sample=False, pad_token_id=0)[0, 7:].tolist()
-    torch.testing.assert_close(torch.as_tensor(onnx_logits(files["fp32"], ids)), want, rtol=1e-4, atol=1e-4)
-    assert onnx_generate(files["fp32"], ids[0].tolist(), 5)[0] == greedy
+    assert_export_is_the_model(files, model, [5, 17, 60, 3, 25, 7, 90], 5)
 
 
 @pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe", "upcycled"])
@@ -198,13 +203,7 @@ def test_mixture_of_experts_models_export_every_expert(tmp_path, bundled, family
     block = type(model.model.layers[0].mlp)
     files = export_onnx(model, tmp_path, tokenizer=tok, quantize=())
     assert type(model.model.layers[0].mlp) is block
-    ids = torch.tensor([[5, 17, 60, 3, 25, 7, 90, 11, 42]])
-    with torch.no_grad():
-        want = model(ids).logits
-        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                                do_sample=False, pad_token_id=0)[0, 9:].tolist()
-    torch.testing.assert_close(torch.as_tensor(onnx_logits(files["fp32"], ids)), want, rtol=1e-4, atol=1e-4)
-    assert onnx_generate(files["fp32"], ids[0].tolist(), 6)[0] == greedy
+    assert_export_is_the_model(files, model, [5, 17, 60, 3, 25, 7, 90, 11, 42], 6)
 
 
 def test_a_rope_that_changes_with_the_context_warns(tmp_path, bundled):
