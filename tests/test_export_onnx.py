@@ -182,11 +182,11 @@ def test_other_llama_family_models_export_what_they_compute(tmp_path, bundled, f
     assert_export_is_the_model(files, model, [5, 17, 60, 3, 25, 7, 90], 5)
 
 
-@pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe", "upcycled"])
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe", "upcycled", "Mixtral_w4"])
 def test_mixture_of_experts_models_export_every_expert(tmp_path, bundled, family):
     """A traced MoE layer would keep the first run's routing (and the stock blocks' histc has no ONNX
     op): the export runs every expert, weighted by the router, so the graph is the model for any input.
-    The caller's model keeps its own blocks."""
+    The caller's model keeps its own blocks. Quantized experts (`QuantExperts`) are written dequantized."""
     from llmopt import moe
 
     _, tok = bundled
@@ -195,11 +195,15 @@ def test_mixture_of_experts_models_export_every_expert(tmp_path, bundled, family
     if family == "upcycled":
         model = moe.upcycle(_small("Llama"), num_experts=4, top_k=2).eval()
     else:
-        model = _small(family, num_experts_per_tok=2, **experts[family])
+        model = _small(family.removesuffix("_w4"), num_experts_per_tok=2, **experts[family.removesuffix("_w4")])
     with torch.no_grad():   # routers with opinions, experts that differ: routing decides the output
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight") or "experts" in name:
                 p.normal_(std=0.5 if name.endswith("gate.weight") else 0.2)
+    if family.endswith("_w4"):
+        from llmopt.quant import QuantConfig, quantize
+
+        quantize(model, QuantConfig(bits=4, group_size=8))
     block = type(model.model.layers[0].mlp)
     files = export_onnx(model, tmp_path, tokenizer=tok, quantize=())
     assert type(model.model.layers[0].mlp) is block

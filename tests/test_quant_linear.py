@@ -107,15 +107,28 @@ def test_bundled_w8_rtn_keeps_perplexity_and_w4_shrinks_bytes(bundled):
 
 
 def test_weights_outside_nn_linear_are_named_in_a_warning(tiny):
-    """A Mixture-of-Experts model keeps its experts in 3-D tensors: quantize() says they stay float."""
+    """Matrices held by a module quantize() does not know stay float: it says so. A Mixture-of-Experts
+    model's experts (3-D stacks) are quantized (tests/test_quant_experts.py), so it says nothing."""
     import warnings
 
     from llmopt import moe
 
-    big = moe.upcycle(copy.deepcopy(tiny[0]), num_experts=4, top_k=2)
-    with pytest.warns(UserWarning, match=r"\d+% of the decoder layers' weights .* stay in float"):
-        q = quantize(big, QuantConfig(bits=8))
+    class RawDown(nn.Module):           # a down projection that is not an nn.Linear
+        def __init__(self, linear):
+            super().__init__()
+            self.weight = linear.weight
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight)
+
+    odd = copy.deepcopy(tiny[0])
+    for layer in odd.model.layers:
+        layer.mlp.down_proj = RawDown(layer.mlp.down_proj)
+    with pytest.warns(UserWarning, match=r"\d+% of the decoder layers' weights .* stay in float: rtn quantizes "
+                                         r"nn.Linear modules and Mixture-of-Experts experts"):
+        q = quantize(odd, QuantConfig(bits=8))
     assert isinstance(q.model.layers[0].self_attn.q_proj, QuantLinear)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        quantize(moe.upcycle(copy.deepcopy(tiny[0]), num_experts=4, top_k=2), QuantConfig(bits=8))
         quantize(copy.deepcopy(tiny[0]), QuantConfig(bits=8))    # a dense model: nothing to say

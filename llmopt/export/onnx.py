@@ -175,8 +175,14 @@ def every_expert(model: nn.Module) -> int:
 def dequantize_linears(model: nn.Module) -> int:
     """Swap, in place, every module that holds quantized weights (it has `dequantized_weight`) for an
     `nn.Linear` with those weights, dequantized to float32: ONNX export traces plain matmuls, not the
-    bit unpacking. Returns how many were swapped."""
+    bit unpacking. A Mixture-of-Experts layer's `QuantExperts` becomes float stacked experts first.
+    Returns how many modules were swapped."""
     swapped = 0
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "to_float"):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, module.to_float(torch.float32))
+            swapped += 1
     for name, module in list(model.named_modules()):
         if not hasattr(module, "dequantized_weight"):
             continue

@@ -103,6 +103,19 @@ def sorted_dispatch(x, experts, weights, gate_up, down, act=F.silu):
 DISPATCH = {"dense": dense_dispatch, "loop": loop_dispatch, "sorted": sorted_dispatch}
 
 
+class DispatchChoice:
+    """A `dispatch` attribute holding a path's name, checked when set; `self._fn` is that path."""
+
+    @property
+    def dispatch(self) -> str:
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, name: str) -> None:
+        self._fn = get_dispatch(name)  # raises ValueError for an unknown name
+        self._dispatch = name
+
+
 def get_dispatch(name: str):
     """The dispatch function called `name`: "dense", "loop", "sorted" or "triton"."""
     if name == "triton":

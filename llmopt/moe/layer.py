@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import get_dispatch
+from .dispatch import DispatchChoice
 from .routing import Routing, apply_capacity, check_capacity_factor, check_top_k, route
 
 
@@ -33,7 +33,7 @@ class Router(nn.Module):
         return route(F.linear(x, self.weight), self.top_k, self.normalize)
 
 
-class Experts(nn.Module):
+class Experts(DispatchChoice, nn.Module):
     """E SwiGLU FFNs as stacked weights; `dispatch` picks how tokens reach them (see dispatch.py)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dispatch: str = "sorted"):
@@ -45,15 +45,6 @@ class Experts(nn.Module):
             nn.init.normal_(w, std=1 / math.sqrt(w.shape[-1]))
         self.act = F.silu
         self.dispatch = dispatch
-
-    @property
-    def dispatch(self) -> str:
-        return self._dispatch
-
-    @dispatch.setter
-    def dispatch(self, name: str) -> None:
-        self._fn = get_dispatch(name)  # raises ValueError for an unknown name
-        self._dispatch = name
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self._fn(x, experts, weights, self.gate_up_proj, self.down_proj, self.act)
@@ -102,14 +93,23 @@ class MoEFeedForward(nn.Module):
         if router is None or experts is None or not hasattr(experts, "gate_up_proj"):
             raise ValueError(f"{type(block).__name__} is not a Mixtral-style MoE block (gate + experts "
                              f"with gate_up_proj/down_proj); Qwen2-MoE's shared expert is not supported")
-        E, two_i, H = experts.gate_up_proj.shape
+        quantized = getattr(experts, "quantized", False)   # llmopt.quant.QuantExperts: kept as it is
+        if quantized:
+            E, H, inter = experts.num_experts, experts.hidden_size, experts.intermediate_size
+        else:
+            E, two_i, H = experts.gate_up_proj.shape
+            inter = two_i // 2
         with torch.device("meta"):  # no memory for weights that are replaced at once by the block's
-            layer = cls(H, two_i // 2, E, router.top_k, getattr(router, "norm_topk_prob", True),
+            layer = cls(H, inter, E, router.top_k, getattr(router, "norm_topk_prob", True),
                         capacity_factor, dispatch)
         layer.gate.weight = router.weight
+        if quantized:
+            experts.dispatch, layer.experts = dispatch, experts
+            return layer
         layer.experts.gate_up_proj, layer.experts.down_proj = experts.gate_up_proj, experts.down_proj
-        if getattr(experts, "act_fn", None) is not None:
-            layer.experts.act = experts.act_fn
+        act = getattr(experts, "act_fn", None) or getattr(experts, "act", None)  # transformers' or ours
+        if act is not None:
+            layer.experts.act = act
         return layer
 
 

@@ -17,25 +17,45 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _expert_params(block: nn.Module) -> int:
-    return block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel()
+    """Weights in one expert: 3 * H * I, whether the experts are float (stacked tensors) or quantized
+    (`llmopt.quant.QuantExperts`, one module per matrix)."""
+    ex = block.experts
+    if isinstance(ex.gate_up_proj, torch.Tensor):
+        return ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()
+    return 3 * ex.hidden_size * ex.intermediate_size
+
+
+def _expert_bytes(block: nn.Module) -> int:
+    """Bytes one expert's weights take as stored (codes and scales, when quantized)."""
+    ex = block.experts
+    if isinstance(ex.gate_up_proj, torch.Tensor):
+        return _expert_params(block) * ex.gate_up_proj.element_size()
+    return sum(b.numel() * b.element_size() for m in (ex.gate_up_proj[0], ex.down_proj[0]) for b in m.buffers())
+
+
+def _num_experts(block: nn.Module) -> int:
+    return len(block.experts.gate_up_proj)
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
     """Total parameters and those one token uses ("active"): every MoE block counts its router and
     top_k of its E experts. Embedding rows are counted in both (a lookup touches one row, but the
-    table's size is what a dense model's count includes too)."""
+    table's size is what a dense model's count includes too). For float models: a quantized one holds
+    its weights as codes (`llmopt.bench.model_size_bytes` and `weight_bytes` measure those)."""
+    if any(getattr(m, "quantized", False) for m in model.modules()):
+        raise ValueError("param_counts counts a float model's parameters; this one is quantized (its codes are "
+                         "buffers): use llmopt.bench.model_size_bytes / weight_bytes")
     total = sum(p.numel() for p in model.parameters())
     active = total
     for b in _blocks(model):
-        active -= (b.experts.gate_up_proj.shape[0] - b.gate.top_k) * _expert_params(b)
+        active -= (_num_experts(b) - b.gate.top_k) * _expert_params(b)
     return {"total": total, "active": active}
 
 
 def inactive_expert_bytes(model: nn.Module) -> int:
     """Bytes of the experts one token does not use: (E - top_k) experts of every MoE block
     (0 for a dense model)."""
-    return sum((b.experts.gate_up_proj.shape[0] - b.gate.top_k) * _expert_params(b)
-               * b.experts.gate_up_proj.element_size() for b in _blocks(model))
+    return sum((_num_experts(b) - b.gate.top_k) * _expert_bytes(b) for b in _blocks(model))
 
 
 def flops_per_token(model: nn.Module, context: float = 0.0) -> float:

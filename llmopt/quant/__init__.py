@@ -3,7 +3,8 @@
 - primitives: uniform absmax and zero-point quantization at tensor, channel and group
   granularity (INT8/4/3/2); FP8 e4m3; NF4; bit packing.
 - modules: weight-only `QuantLinear` (W8A16, W4A16 packed, group scales and zeros),
-  `NF4Linear` (with double quantization), `W8A8Linear` (int8 weights and activations).
+  `NF4Linear` (with double quantization), `W8A8Linear` (int8 weights and activations),
+  `QuantExperts` (a Mixture-of-Experts layer's experts, each matrix a QuantLinear / NF4Linear).
 - algorithms, all through `quantize(model, QuantConfig(method=...), calibration)`:
   round-to-nearest, GPTQ, AWQ, NF4, SmoothQuant; QAT in `qat`; bitsandbytes in `bnb`.
 - `save_quantized` / `load_quantized`: the packed model on disk and back.
@@ -13,6 +14,7 @@
     quantize(model, QuantConfig(bits=4, group_size=128, method="gptq"), calibration_batches(tok))
 """
 from . import awq, bnb, calibrate, gptq, qat, smoothquant  # noqa: F401
+from .experts import QuantExperts  # noqa: F401
 from .io import load_quantized, save_quantized  # noqa: F401
 from .linear import QuantConfig, QuantLinear, quantize  # noqa: F401
 from .nf4 import NF4Linear, double_dequantize, double_quantize  # noqa: F401

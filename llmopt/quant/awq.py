@@ -185,7 +185,7 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
     if missing:
         raise ValueError(f"AWQ knows Llama-family layers (input_layernorm, self_attn.{{q,k,v,o}}_proj, "
                          f"post_attention_layernorm, mlp.{{gate,up,down}}_proj); {type(layer).__name__} "
-                         f"has no {', '.join(missing)}")
+                         f"has no {', '.join(missing)}{calibrate.moe_hint(layer)}")
     calibrate.require_linears(layer, [n for n in names if n.endswith("_proj")], "AWQ")
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     groups = [ScaleGroup("input_layernorm", attn, "self_attn")]

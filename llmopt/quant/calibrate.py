@@ -59,6 +59,13 @@ def require_linears(layer: nn.Module, names, method: str) -> None:
                              "which also quantize the factors of a low-rank layer")
 
 
+def moe_hint(layer: nn.Module) -> str:
+    """A pointer for an error about a Mixture-of-Experts layer (lesson 07), else ""."""
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    return "" if experts is None else (". This is a Mixture-of-Experts layer: rtn, gptq and nf4 quantize it, "
+                                       "experts included")
+
+
 class _Stop(Exception):
     pass
 

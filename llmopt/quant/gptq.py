@@ -105,23 +105,38 @@ def gptq_model(model, calibration: torch.Tensor, cfg):
     """GPTQ a whole model, one decoder layer at a time: each layer's Hessians come from
     inputs that already went through the quantized layers before it, so later layers learn
     to absorb the earlier layers' error. Called by `quantize(model, cfg, calibration)`.
-    Linears outside the decoder layers (lm_head, unless cfg.skip lets it through) get RTN."""
+    A Mixture-of-Experts layer's experts get one Hessian each, from the tokens routed to them
+    (`ExpertHessians`). Linears outside the decoder layers (lm_head, unless cfg.skip lets it
+    through) get RTN."""
     from . import calibrate
+    from .experts import ExpertHessians, QuantExperts, expert_targets
     from .linear import QuantLinear, targets
 
-    todo = targets(model, cfg)
-    wanted, done = {id(m) for _, m in todo}, set()
+    todo, expert_todo = targets(model, cfg), expert_targets(model, cfg)
+    wanted, done = {id(m) for _, m in todo + expert_todo}, set()
     for _, layer, inputs in calibrate.layerwise(model, calibration, cfg.calib_batch_size):
         found = {n: m for n, m in calibrate.linears(layer).items() if id(m) in wanted}
-        stats = calibrate.HessianAccumulator()
-        calibrate.collect(layer, inputs, found, stats)
+        experts = {n: m for n, m in layer.named_modules() if id(m) in wanted and n not in found}
+        stats, expert_stats = calibrate.HessianAccumulator(), {n: ExpertHessians() for n in experts}
+        handles = [m.register_forward_hook(expert_stats[n]) for n, m in experts.items()]
+        try:
+            calibrate.collect(layer, inputs, found, stats)
+        finally:
+            for h in handles:
+                h.remove()
         for name, linear in found.items():
             qt = gptq_quantize(linear.weight, stats.H[name], cfg.bits, cfg.group_size, cfg.symmetric,
                                cfg.damp, act_order=cfg.act_order)
             calibrate.replace(layer, name, QuantLinear.from_qtensor(qt, cfg, linear.bias))
             done.add(id(linear))
-        del stats
+        for name, module in experts.items():
+            calibrate.replace(layer, name, QuantExperts.from_experts(module, cfg, expert_stats[name].H))
+            done.add(id(module))
+        del stats, expert_stats
     for name, linear in todo:
         if id(linear) not in done:
             calibrate.replace(model, name, QuantLinear.from_linear(linear, cfg))
+    for name, module in expert_todo:
+        if id(module) not in done:
+            calibrate.replace(model, name, QuantExperts.from_experts(module, cfg))
     return model

@@ -3,7 +3,8 @@
 A folder holds the Hugging Face `config.json` and tokenizer (so the float architecture can
 be rebuilt), `model.safetensors` (every parameter and buffer: codes, scales, zeros, folded
 norms), and `quant_config.json`: the `QuantConfig` and which quantized module sits at each
-name (and the shapes of any low-rank layers of lesson 06, whose factors may be quantized).
+name (a Mixture-of-Experts layer's `QuantExperts` as one entry), and the shapes of any low-rank
+layers of lesson 06, whose factors may be quantized.
 Loading rebuilds the float model, puts back the low-rank layers, swaps in empty quantized
 modules of the right shapes, and loads the tensors strictly, so a missing or extra tensor is
 an error.
@@ -26,9 +27,10 @@ VERSION = 1
 
 def module_classes() -> dict[str, type]:
     """Every quantized module class a folder may name (looked up by class name)."""
+    from .experts import QuantExperts
     from .linear import QuantLinear
 
-    classes = {"QuantLinear": QuantLinear}
+    classes = {"QuantLinear": QuantLinear, "QuantExperts": QuantExperts}
     for mod, name in (("nf4", "NF4Linear"), ("smoothquant", "W8A8Linear")):
         try:
             classes[name] = getattr(__import__(f"{__package__}.{mod}", fromlist=[name]), name)
@@ -62,12 +64,18 @@ def save_quantized(model: nn.Module, tokenizer, path) -> Path:
     classes = module_classes()
     modules = {}
     for name, m in quantized.items():
+        if any(name.startswith(f"{outer}.") for outer in modules):
+            continue   # an expert's matrix inside a QuantExperts: saved with it
         if type(m).__name__ not in classes:
             hint = {"KernelQuantLinear": " (kernels.fuse() put it there: save the model before fusing, and fuse "
                                          "it again after loading; `llmopt serve` does)",
                     "FakeQuantLinear": " (QAT's training form: quant.convert(model) turns it into the QuantLinear "
                                        "it stands for)"}.get(type(m).__name__, "")
             raise ValueError(f"{name}: cannot save a {type(m).__name__} (known: {sorted(classes)}){hint}")
+        if type(m).__name__ == "QuantExperts":
+            modules[name] = {"class": "QuantExperts", "num_experts": m.num_experts, "hidden_size": m.hidden_size,
+                             "intermediate_size": m.intermediate_size, "cfg": _cfg_dict(m.cfg)}
+            continue
         modules[name] = {"class": type(m).__name__, "in_features": m.in_features,
                          "out_features": m.out_features, "bias": m.bias is not None, "cfg": _cfg_dict(m.cfg)}
     float_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
@@ -101,6 +109,7 @@ def load_quantized(path, device=None):
 
     from .. import models
     from . import calibrate
+    from .experts import activation
 
     folder = Path(path)
     meta_path = folder / "quant_config.json"
@@ -122,9 +131,13 @@ def load_quantized(path, device=None):
     for name, spec in meta["modules"].items():
         if spec["class"] not in classes:
             raise ValueError(f"{meta_path}: unknown module class {spec['class']!r} at {name}")
-        cls = classes[spec["class"]]
-        calibrate.replace(model, name, cls(spec["in_features"], spec["out_features"], _cfg_from(spec["cfg"]),
-                                           bias=spec["bias"]))
+        cls, cfg = classes[spec["class"]], _cfg_from(spec["cfg"])
+        if spec["class"] == "QuantExperts":   # stands where the stock model has its float experts
+            new = cls(spec["num_experts"], spec["hidden_size"], spec["intermediate_size"], cfg)
+            new.act = activation(model.get_submodule(name))
+        else:
+            new = cls(spec["in_features"], spec["out_features"], cfg, bias=spec["bias"])
+        calibrate.replace(model, name, new)
     load_model(model, str(folder / "model.safetensors"), strict=True)
     model.to(models.pick_device(device)).eval()
     tokenizer = None

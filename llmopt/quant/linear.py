@@ -159,30 +159,36 @@ def shape_problem(out_features: int, in_features: int, cfg: QuantConfig) -> str 
     return None
 
 
-def _warn_left_in_float(model: nn.Module) -> None:
-    """Warn when much of the decoder's weight is in matrices outside any nn.Linear, which quantize()
-    cannot see: a Mixture-of-Experts layer's experts (lesson 07; transformers' Mixtral too) are 3-D
-    tensors, so "W4" would quietly leave most of the model in float."""
+def _warn_left_in_float(model: nn.Module, cfg: QuantConfig) -> None:
+    """Warn when much of the decoder's weight is in matrices this call leaves in float without being
+    asked to (cfg.skip): held by modules it does not know, so "W4" would quietly keep much of the
+    model in float. (awq and smoothquant swap nn.Linear only, but they refuse Mixture-of-Experts
+    layers outright.)"""
     import warnings
 
     from .calibrate import decoder_layers
+    from .experts import EXPERT_METHODS, is_stacked_experts
 
     try:
         layers = decoder_layers(model)
     except ValueError:
         return
-    in_linears = {id(p) for m in layers.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    experts_too = cfg.method in EXPERT_METHODS
+    seen = {id(p) for m in layers.modules() if isinstance(m, nn.Linear) or (experts_too and is_stacked_experts(m))
+            for p in m.parameters()}
     matrices = [p for p in layers.parameters() if p.dim() >= 2]
-    outside = sum(p.numel() for p in matrices if id(p) not in in_linears)
+    outside = sum(p.numel() for p in matrices if id(p) not in seen)
     total = sum(p.numel() for p in matrices)
     if total and outside > 0.1 * total:
-        warnings.warn(f"{outside / total:.0%} of the decoder layers' weights ({outside / 1e6:.2f}M) are not in "
-                      "nn.Linear modules (a Mixture-of-Experts layer's experts, say) and stay in float: "
-                      "quantize() swaps nn.Linear only", stacklevel=3)
+        what = ("nn.Linear modules and Mixture-of-Experts experts (gate_up_proj / down_proj stacks)" if experts_too
+                else f"nn.Linear modules only ({', '.join(EXPERT_METHODS)} also quantize Mixture-of-Experts experts)")
+        warnings.warn(f"{outside / total:.0%} of the decoder layers' weights ({outside / 1e6:.2f}M) stay in float: "
+                      f"{cfg.method} quantizes {what}", stacklevel=3)
 
 
 def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> nn.Module:
-    """Swap every `nn.Linear` not matched by `cfg.skip` for a quantized module, in place.
+    """Swap every `nn.Linear` not matched by `cfg.skip` for a quantized module, in place; with
+    rtn, nf4 and gptq, a Mixture-of-Experts layer's experts too (`QuantExperts`).
 
     rtn and nf4 look at the weights only; gptq, awq and smoothquant also need `calibration`,
     token ids (n_samples, seq_len) from the train split: `llmopt.data.calibration_batches(tok)`.
@@ -191,7 +197,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | Non
         raise ValueError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
     if any(getattr(m, "quantized", False) for m in model.modules()):
         raise ValueError("this model is already quantized; quantize a fresh copy of the float model")
-    _warn_left_in_float(model)
+    _warn_left_in_float(model, cfg)
     if cfg.method in CALIBRATED:
         from .calibrate import check_calibration
 
@@ -208,14 +214,17 @@ def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | Non
         from .smoothquant import smoothquant_model
 
         return smoothquant_model(model, calibration, cfg)
+    from .calibrate import replace
+    from .experts import QuantExperts, expert_targets
+
+    make = QuantLinear.from_linear
     if cfg.method == "nf4":
         from .nf4 import NF4Linear
 
         make = NF4Linear.from_linear
-    else:
-        make = QuantLinear.from_linear
-    from .calibrate import replace
-
-    for name, linear in targets(model, cfg):
+    linears, experts = targets(model, cfg), expert_targets(model, cfg)   # every shape checked first
+    for name, linear in linears:
         replace(model, name, make(linear, cfg))
+    for name, module in experts:
+        replace(model, name, QuantExperts.from_experts(module, cfg))
     return model

@@ -222,7 +222,7 @@ def _groups(layer: nn.Module):
                   for norm, names in LLAMA_GROUPS]
     except AttributeError as e:
         raise ValueError(f"SmoothQuant knows the Llama block layout {LLAMA_GROUPS}; "
-                         f"{type(layer).__name__} does not match it ({e})") from None
+                         f"{type(layer).__name__} does not match it ({e}){calibrate.moe_hint(layer)}") from None
     calibrate.require_linears(layer, [n for _, names in LLAMA_GROUPS for n in names], "SmoothQuant")
     return groups
 

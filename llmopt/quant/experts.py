@@ -1,0 +1,183 @@
+"""Quantized Mixture-of-Experts weights: lesson 07's experts stored like lessons 01-02's linears.
+
+A Mixtral-style MoE layer keeps its E experts as two stacked 3-D tensors, `gate_up_proj` (E, 2I, H)
+and `down_proj` (E, H, I), not as `nn.Linear` modules, and in an MoE model they are most of the
+weight (94% of the decoder of lesson 07's upcycled model). `QuantExperts` holds each expert's two
+matrices as a `QuantLinear` (or an `NF4Linear`): the same codes, scales and file format as a dense
+layer's, so a 4-bit expert costs what a 4-bit linear costs. Its forward dequantizes the experts the
+batch routes tokens to and runs the same dispatch paths as the float `Experts`.
+
+The codes come from round-to-nearest, NF4 or GPTQ. GPTQ's Hessian for an expert is built from the
+tokens the router sent to that expert only: a rarely chosen expert has few rows to go on, and one
+that calibration never reached is rounded to nearest (`ExpertHessians`).
+
+    quantize(moe_model, QuantConfig(bits=4, group_size=32))   # linears and experts alike
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moe.dispatch import DispatchChoice
+
+EXPERT_METHODS = ("rtn", "nf4", "gptq")   # awq and smoothquant fold scales into a norm the router also reads
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """A float experts module in Mixtral's layout: `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I)
+    as 3-D tensors (transformers' Mixtral and Qwen3-MoE experts, and lesson 07's `Experts`)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
+            and down.dim() == 3 and gate_up.shape[0] == down.shape[0] and gate_up.shape[2] == down.shape[1]
+            and gate_up.shape[1] == 2 * down.shape[2])
+
+
+def activation(module: nn.Module):
+    """The experts' activation: transformers' `act_fn`, lesson 07's `act`, else SiLU."""
+    return getattr(module, "act_fn", None) or getattr(module, "act", None) or F.silu
+
+
+def _linear_class(cfg):
+    from .linear import QuantLinear
+    from .nf4 import NF4Linear
+
+    return NF4Linear if cfg.method == "nf4" else QuantLinear
+
+
+@torch.no_grad()
+def quantize_matrix(w: torch.Tensor, cfg, H: torch.Tensor | None = None) -> nn.Module:
+    """One (out, in) weight as a quantized module of `cfg`'s format: GPTQ with the input Hessian H
+    when given, else round-to-nearest (NF4's codebook for method "nf4")."""
+    from .gptq import gptq_quantize
+    from .linear import QuantLinear
+    from .primitives import quantize as quantize_tensor
+
+    if cfg.method == "nf4":
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(w.detach(), requires_grad=False)
+        return _linear_class(cfg).from_linear(linear, cfg)
+    if H is not None:
+        qt = gptq_quantize(w, H, cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, act_order=cfg.act_order)
+    else:
+        qt = quantize_tensor(w, cfg.bits, cfg.granularity, cfg.symmetric)
+    return QuantLinear.from_qtensor(qt, cfg)
+
+
+class QuantExperts(DispatchChoice, nn.Module):
+    """E SwiGLU experts whose weights are quantized: `gate_up_proj[e]` (H -> 2I) and `down_proj[e]`
+    (I -> H) are `QuantLinear` / `NF4Linear` modules. Called like `Experts`: (x, experts, weights)."""
+    quantized = True  # quantize() refuses a model that holds one; save_quantized records it
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, cfg, dispatch: str = "sorted",
+                 device=None):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size, self.cfg = (num_experts, hidden_size,
+                                                                                 intermediate_size, cfg)
+        make = _linear_class(cfg)
+        self.gate_up_proj = nn.ModuleList(make(hidden_size, 2 * intermediate_size, cfg, device=device)
+                                          for _ in range(num_experts))
+        self.down_proj = nn.ModuleList(make(intermediate_size, hidden_size, cfg, device=device)
+                                       for _ in range(num_experts))
+        self.act = F.silu
+        self.dispatch = dispatch
+
+    @classmethod
+    @torch.no_grad()
+    def from_experts(cls, experts: nn.Module, cfg, hessians: dict | None = None) -> QuantExperts:
+        """Quantize a float experts module (`is_stacked_experts`). `hessians`: {("gate_up_proj", e) or
+        ("down_proj", e): H} for GPTQ; an expert without one is rounded to nearest."""
+        if not is_stacked_experts(experts):
+            raise ValueError(f"{type(experts).__name__} does not hold stacked gate_up_proj / down_proj experts")
+        E, two_i, H = experts.gate_up_proj.shape
+        dispatch = getattr(experts, "dispatch", "sorted")
+        with torch.device("meta"):   # the empty modules are replaced at once by the quantized ones
+            q = cls(E, H, two_i // 2, cfg, dispatch)
+        hessians = hessians or {}
+        for e in range(E):
+            for name in ("gate_up_proj", "down_proj"):
+                getattr(q, name)[e] = quantize_matrix(getattr(experts, name)[e], cfg, hessians.get((name, e)))
+        q.act = activation(experts)
+        return q
+
+    def stacked(self, dtype=torch.float32, only=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float weights, (E, 2I, H) and (E, H, I); with `only` (expert ids), the others are zeros
+        and are not dequantized."""
+        ids = range(self.num_experts) if only is None else only
+        dev = self.down_proj[0].qweight.device
+        gate_up = torch.zeros(self.num_experts, 2 * self.intermediate_size, self.hidden_size, dtype=dtype, device=dev)
+        down = torch.zeros(self.num_experts, self.hidden_size, self.intermediate_size, dtype=dtype, device=dev)
+        for e in ids:
+            gate_up[e] = self.gate_up_proj[e].dequantized_weight(dtype)
+            down[e] = self.down_proj[e].dequantized_weight(dtype)
+        return gate_up, down
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Only the experts this batch uses are dequantized: at decode that is k of E.
+        hit = [e for e in torch.unique(experts).tolist() if e < self.num_experts]
+        gate_up, down = self.stacked(x.dtype, hit)
+        return self._fn(x, experts, weights, gate_up, down, self.act)
+
+    def to_float(self, dtype=torch.float32) -> nn.Module:
+        """lesson 07's float `Experts` holding the dequantized weights (ONNX export traces those)."""
+        from ..moe.layer import Experts
+
+        with torch.device("meta"):
+            out = Experts(self.num_experts, self.hidden_size, self.intermediate_size, self.dispatch)
+        gate_up, down = self.stacked(dtype)
+        out.gate_up_proj, out.down_proj = nn.Parameter(gate_up), nn.Parameter(down)
+        out.act = self.act
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"{self.gate_up_proj[0].extra_repr().split(', ', 2)[-1]}, dispatch={self.dispatch!r}")
+
+
+def expert_targets(model: nn.Module, cfg) -> list[tuple[str, nn.Module]]:
+    """The (name, float experts module) pairs `quantize` replaces: every stacked-experts module that
+    `cfg.skip` does not match, each shape checked first (as `targets` does for linears)."""
+    from .linear import shape_problem
+
+    found = [(name, m) for name, m in model.named_modules()
+             if is_stacked_experts(m) and not any(re.search(p, name) for p in cfg.skip)]
+    for name, m in found:
+        E, two_i, H = m.gate_up_proj.shape
+        for what, (out_f, in_f) in (("gate_up_proj", (two_i, H)), ("down_proj", (H, two_i // 2))):
+            why = shape_problem(out_f, in_f, cfg)
+            if why:
+                raise ValueError(f"cannot quantize {name}.{what} ({E} experts of {out_f}x{in_f}) with "
+                                 f"{cfg.method} {cfg.bits}-bit: {why}. Nothing was changed; leave the experts in "
+                                 "float with cfg.skip (a regex such as 'experts')")
+    return found
+
+
+class ExpertHessians:
+    """GPTQ's statistic per expert: H = 2 X^T X / n over the rows the router sent to expert e, for its
+    gate_up projection (the hidden states) and its down projection (act(gate) * up of those rows).
+    A forward hook on the experts module: it is called with (x, experts, weights)."""
+
+    def __init__(self):
+        from .calibrate import HessianAccumulator
+
+        self.acc = HessianAccumulator()
+
+    def __call__(self, module: nn.Module, args, output) -> None:
+        x, chosen = args[0], args[1]
+        x = x.reshape(-1, x.shape[-1])
+        act = activation(module)
+        for e in range(module.gate_up_proj.shape[0]):
+            rows = (chosen == e).any(dim=-1)
+            if not rows.any():
+                continue
+            xe = x[rows].float()
+            gate, up = F.linear(xe, module.gate_up_proj[e].float()).chunk(2, dim=-1)
+            self.acc(("gate_up_proj", e), xe)
+            self.acc(("down_proj", e), act(gate) * up)
+
+    @property
+    def H(self) -> dict:
+        return self.acc.H
+
