@@ -1,4 +1,5 @@
 """llmopt.moe: routing, balancing losses, capacity, dispatch paths, the layer inside transformers models."""
+import copy
 import math
 
 import pytest
@@ -296,6 +297,10 @@ def test_moe_lm_loss_trains_router_and_experts(tiny):
     assert layer.experts.gate_up_proj.grad.abs().sum() > 0
     balance, z = moe.aux_losses(model)
     assert 1.0 <= balance.item() <= 4.0 and z.item() > 0
+    # a trained model copies (its layers' last routing belongs to the step's graph: the copy drops it)
+    twin = copy.deepcopy(model)
+    assert moe.moe_layers(twin)[0].last_routing is None and layer.last_routing is not None
+    torch.testing.assert_close(twin(x).logits, model(x).logits)
 
 
 def test_counts_of_stock_and_swapped_blocks_agree():

@@ -85,6 +85,11 @@ class MoEFeedForward(nn.Module):
         self.last_routing = routing
         return self.experts(x, routing.experts, routing.weights).reshape(shape)
 
+    def __getstate__(self):
+        # last_routing is one batch's record and, after a training step, part of its autograd graph,
+        # which copy.deepcopy and pickle refuse: a copy starts without it.
+        return {**super().__getstate__(), "last_routing": None}
+
     @classmethod
     def from_hf(cls, block: nn.Module, dispatch: str = "sorted", capacity_factor: float | None = None):
         """This layer sharing the weights of a Mixtral / Qwen3-MoE sparse block (`block.gate`,
