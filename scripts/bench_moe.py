@@ -1,9 +1,11 @@
-"""Lesson 07's measurements: MoE dispatch paths, MoE-shaped transformers models, sparse upcycling.
+"""Lesson 07's measurements: MoE dispatch paths, MoE-shaped transformers models, sparse upcycling,
+the upcycled model quantized with its experts.
 BENCHMARKS.md's MoE tables come from here.
 
     python scripts/bench_moe.py dispatch [--tokens 16 128 1024 4096]
     python scripts/bench_moe.py models
     python scripts/bench_moe.py upcycle [--steps 200] [--out moe_results]
+    python scripts/bench_moe.py quantize [--steps 200] [--out moe_results]
 """
 import argparse
 import copy
@@ -139,9 +141,57 @@ def upcycle(args):
     return rows
 
 
+def quantize(args):
+    """The dense model and its upcycled MoE, fine-tuned as `upcycle` does (the MoE with the balancing
+    loss), then quantized with `llmopt.quant.quantize`, experts included: size, bytes one batch-1 decode
+    step reads, perplexity, decode speed."""
+    from llmopt.quant import QuantConfig
+    from llmopt.quant import quantize as quantize_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dense, tok = llmopt.load(args.model, dtype=torch.float32)
+    calib = data.calibration_batches(tok, args.calib, 256)
+    moe_name = f"upcycled {args.experts}x top-{args.top_k}"
+    tuned = {}
+    for name, model, loss_fn in (("dense", copy.deepcopy(dense), train.lm_loss),
+                                 (moe_name, moe.upcycle(dense, args.experts, args.top_k).train(),
+                                  moe.moe_lm_loss(args.balance, args.z))):
+        t0 = time.perf_counter()
+        train.finetune(model, tok, steps=args.steps, lr=args.lr, loss_fn=loss_fn, progress=False)
+        print(f"{name}: {args.steps} steps in {time.perf_counter() - t0:.0f} s")
+        tuned[name] = model.eval()
+    configs = {"float32": None, "W8 RTN per channel": QuantConfig(bits=8),
+               "W4 RTN g32": QuantConfig(bits=4, group_size=32),
+               "W4 GPTQ g32": QuantConfig(bits=4, group_size=32, method="gptq"),
+               "NF4 (blocks of 64)": QuantConfig(bits=4, method="nf4")}
+    print(bench.environment())
+    print(f"| model (+ {args.steps} steps) | weights | size MB | read per token MB | perplexity | tok/s b=1 | "
+          "quantize s |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for base_name, base in tuned.items():
+        for qname, cfg in configs.items():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                m = base if cfg is None else quantize_model(copy.deepcopy(base), cfg,
+                                                            calib if cfg.method == "gptq" else None)
+            took = time.perf_counter() - t0
+            ppl = evaluate.perplexity(m, tokenizer=tok, split="test", max_tokens=args.ppl_tokens, progress=False)
+            b1 = bench.generation(m, 1, 32, 64, repeats=3).tokens_per_s
+            rows.append(dict(model=base_name, weights=qname, size_mb=bench.model_size_bytes(m) / 1e6,
+                             read_mb=bench.weight_bytes(m) / 1e6, perplexity=ppl, tok_s_b1=b1,
+                             quantize_s=None if cfg is None else took))
+            r = rows[-1]
+            print(f"| {base_name} | {qname} | {r['size_mb']:.2f} | {r['read_mb']:.2f} | {ppl:.3f} | {b1:.0f} | "
+                  f"{'-' if cfg is None else f'{took:.1f}'} |", flush=True)
+    (out / "quantize.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["dispatch", "models", "upcycle"])
+    ap.add_argument("what", choices=["dispatch", "models", "upcycle", "quantize"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 128, 1024, 4096])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
@@ -154,6 +204,7 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--balance", type=float, default=0.01)
     ap.add_argument("--z", type=float, default=0.001)
+    ap.add_argument("--calib", type=int, default=32, help="quantize: calibration windows of 256 tokens")
     ap.add_argument("--ppl-tokens", type=int, default=None, help="default: the whole test split")
     ap.add_argument("--out", default="moe_results")
     ap.add_argument("--threads", type=int, default=None)
@@ -162,7 +213,7 @@ def main():
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"dispatch": dispatch, "models": models, "upcycle": upcycle}[args.what](args)
+    {"dispatch": dispatch, "models": models, "upcycle": upcycle, "quantize": quantize}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from llmopt.quant.experts import ExpertHessians, expert_targets, is_stacked_expe
 from llmopt.quant.primitives import quantize as quantize_tensor
 
 
-
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
@@ -196,3 +195,19 @@ def test_methods_that_fold_scales_into_norms_point_to_those_that_quantize_expert
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize(model, cfg, torch.randint(0, 97, (2, 16)))
+
+
+@pytest.mark.gpu
+def test_gpu_quantized_experts_in_bf16_and_fused():
+    """On a GPU, in bf16: the quantized experts give the float experts' answer (same dequantized weights),
+    plain and after `kernels.fuse` (whose W4 modules then sit inside QuantExperts)."""
+    from llmopt.kernels import fuse
+
+    model = _family("upcycled")
+    quantize(model, QuantConfig(bits=4, group_size=32))
+    model = model.to("cuda", torch.bfloat16)
+    ids = IDS.cuda()
+    want = _dequantized_copy(_family("upcycled").to("cuda", torch.bfloat16), model)(ids).logits.float()
+    torch.testing.assert_close(model(ids).logits.float(), want, rtol=2e-2, atol=2e-2)
+    fused = fuse(model)
+    torch.testing.assert_close(fused(ids).logits.float(), want, rtol=2e-2, atol=2e-2)
