@@ -147,6 +147,7 @@ def quantize(args):
     step reads, perplexity, decode speed."""
     from llmopt.quant import QuantConfig
     from llmopt.quant import quantize as quantize_model
+    from llmopt.quant.linear import CALIBRATED
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,9 @@ def quantize(args):
     configs = {"float32": None, "W8 RTN per channel": QuantConfig(bits=8),
                "W4 RTN g32": QuantConfig(bits=4, group_size=32),
                "W4 GPTQ g32": QuantConfig(bits=4, group_size=32, method="gptq"),
-               "NF4 (blocks of 64)": QuantConfig(bits=4, method="nf4")}
+               "W4 AWQ g32": QuantConfig(bits=4, group_size=32, method="awq"),
+               "NF4 (blocks of 64)": QuantConfig(bits=4, method="nf4"),
+               "W8A8 SmoothQuant": QuantConfig(bits=8, method="smoothquant")}
     print(bench.environment())
     print(f"| model (+ {args.steps} steps) | weights | size MB | read per token MB | perplexity | tok/s b=1 | "
           "quantize s |")
@@ -175,7 +178,7 @@ def quantize(args):
             t0 = time.perf_counter()
             with torch.no_grad():
                 m = base if cfg is None else quantize_model(copy.deepcopy(base), cfg,
-                                                            calib if cfg.method == "gptq" else None)
+                                                            calib if cfg.method in CALIBRATED else None)
             took = time.perf_counter() - t0
             ppl = evaluate.perplexity(m, tokenizer=tok, split="test", max_tokens=args.ppl_tokens, progress=False)
             b1 = bench.generation(m, 1, 32, 64, repeats=3).tokens_per_s

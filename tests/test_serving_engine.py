@@ -521,11 +521,13 @@ def test_scheduler_never_exceeds_its_budgets():
         assert bm.num_free_blocks() == bm.num_blocks
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "upcycled", "upcycled_w4"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "upcycled", "upcycled_w4",
+                                  "upcycled_w8a8"])
 def test_other_llama_family_models(arch, model_tok):
     """Mistral (same blocks), Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), and Mixture-of-Experts
     models, whose MLP the runner calls as it is: Mixtral, Qwen3-MoE and lesson 07's upcycled model, also
-    with its experts quantized (W4, `QuantExperts`)."""
+    with its experts quantized (W4, `QuantExperts`, and SmoothQuant's W8A8, which calls each expert's
+    modules on its tokens)."""
     import transformers
 
     from llmopt import moe
@@ -541,7 +543,8 @@ def test_other_llama_family_models(arch, model_tok):
               "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, head_dim=16, num_experts=4,
                                                                 moe_intermediate_size=48, **experts),
               "upcycled": lambda: transformers.LlamaConfig(**common),
-              "upcycled_w4": lambda: transformers.LlamaConfig(**common)}[arch]()
+              "upcycled_w4": lambda: transformers.LlamaConfig(**common),
+              "upcycled_w8a8": lambda: transformers.LlamaConfig(**common)}[arch]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if arch.startswith("upcycled"):
@@ -561,6 +564,11 @@ def test_other_llama_family_models(arch, model_tok):
 
         quantize(model, QuantConfig(bits=4, group_size=32))
         assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    if arch == "upcycled_w8a8":
+        from llmopt.quant import QuantConfig, quantize
+
+        quantize(model, QuantConfig(bits=8, method="smoothquant"), torch.randint(0, 4096, (4, 32)))
+        assert model.model.layers[0].mlp.experts.calls_modules
     reqs = workload(6, 4096, seed=6, max_prompt=40, max_new=8)
     outs = run_engine(LLMEngine(model, tok, num_kv_blocks=64, block_size=4), reqs)
     for (prompt, n), out in zip(reqs, outs):
@@ -568,7 +576,7 @@ def test_other_llama_family_models(arch, model_tok):
     # experts picked by the data cannot be replayed from a CUDA graph: on a GPU MoE models decode eagerly
     from llmopt.serving.runner import graph_blocker
 
-    moe_arch = arch in ("mixtral", "qwen3_moe", "upcycled", "upcycled_w4")
+    moe_arch = arch in ("mixtral", "qwen3_moe", "upcycled", "upcycled_w4", "upcycled_w8a8")
     assert (graph_blocker(model) is not None) == moe_arch
     if moe_arch:
         assert "layer 0's MLP" in graph_blocker(model) and "routed" in graph_blocker(model)

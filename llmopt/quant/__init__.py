@@ -4,7 +4,8 @@
   granularity (INT8/4/3/2); FP8 e4m3; NF4; bit packing.
 - modules: weight-only `QuantLinear` (W8A16, W4A16 packed, group scales and zeros),
   `NF4Linear` (with double quantization), `W8A8Linear` (int8 weights and activations),
-  `QuantExperts` (a Mixture-of-Experts layer's experts, each matrix a QuantLinear / NF4Linear).
+  `QuantExperts` (a Mixture-of-Experts layer's experts, each matrix a QuantLinear, NF4Linear or
+  W8A8Linear; every method below quantizes them).
 - algorithms, all through `quantize(model, QuantConfig(method=...), calibration)`:
   round-to-nearest, GPTQ, AWQ, NF4, SmoothQuant; QAT in `qat`; bitsandbytes in `bnb`.
 - `save_quantized` / `load_quantized`: the packed model on disk and back.

@@ -17,6 +17,12 @@ the one whose quantized output is closest to the float output on calibration inp
     post_attention_layernorm -> gate_proj, up_proj       (norm weight / s)
     up_proj                  -> down_proj                (up_proj output rows / s)
 
+In a Mixture-of-Experts layer (lesson 07) the second norm feeds the router and every expert:
+
+    post_attention_layernorm -> router, every expert's gate/up  (one s; the router stays in float,
+                                                                 its columns * s keep its logits)
+    expert e's up rows       -> expert e's down                 (one s per expert, from its tokens)
+
 Then weight clipping: for each group of each row, shrink the quantization range (a grid
 of factors down to `max_shrink`) and keep the one with the lowest output error; q_proj and
 k_proj are not clipped (their errors meet in the q.k product, which a per-linear output
@@ -44,6 +50,7 @@ import torch
 from torch import nn
 
 from . import calibrate
+from .experts import ExpertInputs, QuantExperts, expert_targets, is_stacked_experts
 from .primitives import QTensor, _groups, fake_quantize, from_codes, qrange, scale_zero, to_codes
 from .primitives import quantize as quantize_tensor
 
@@ -176,21 +183,37 @@ class ScaleGroup:
     inspect: str
 
 
+def _moe(layer: nn.Module) -> bool:
+    """A decoder layer whose feed-forward is a Mixtral-style MoE block: `mlp.gate` (the router) and
+    `mlp.experts` (stacked float experts)."""
+    mlp = getattr(layer, "mlp", None)
+    return hasattr(mlp, "gate") and hasattr(mlp, "experts")
+
+
 def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
-    """A Llama-family decoder layer's places to fold scales; ValueError for anything else."""
-    names = ("input_layernorm", "post_attention_layernorm", "self_attn", "self_attn.q_proj", "self_attn.k_proj",
-             "self_attn.v_proj", "self_attn.o_proj", "mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    """A Llama-family decoder layer's places to fold scales (its feed-forward dense or a Mixtral-style
+    MoE block); ValueError for anything else."""
+    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    linear_names = attn + ("self_attn.o_proj",)
+    moe = _moe(layer)
+    mlp = ("mlp.gate", "mlp.experts") if moe else ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    names = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp") + linear_names + mlp
     have = dict(layer.named_modules())
     missing = [n for n in names if n not in have]
     if missing:
         raise ValueError(f"AWQ knows Llama-family layers (input_layernorm, self_attn.{{q,k,v,o}}_proj, "
-                         f"post_attention_layernorm, mlp.{{gate,up,down}}_proj); {type(layer).__name__} "
-                         f"has no {', '.join(missing)}{calibrate.moe_hint(layer)}")
-    calibrate.require_linears(layer, [n for n in names if n.endswith("_proj")], "AWQ")
-    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+                         f"post_attention_layernorm, then mlp.{{gate,up,down}}_proj or an MoE block's mlp.gate "
+                         f"and mlp.experts); {type(layer).__name__} has no {', '.join(missing)}")
+    calibrate.require_linears(layer, linear_names + (() if moe else mlp), "AWQ")
+    if moe and not (is_stacked_experts(have["mlp.experts"]) and getattr(have["mlp.gate"], "weight", None) is not None
+                    and have["mlp.gate"].weight.dim() == 2):
+        raise ValueError(f"AWQ knows Mixtral-style MoE blocks (a router with a 2-D weight, float experts in "
+                         f"stacked gate_up_proj / down_proj); {type(have['mlp']).__name__} is not one")
     groups = [ScaleGroup("input_layernorm", attn, "self_attn")]
     if have["self_attn.v_proj"].weight.shape[0] == have["self_attn.o_proj"].weight.shape[1]:
         groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+    if moe:   # the experts' up -> down scales are per expert: `_awq_experts`
+        return groups + [ScaleGroup("post_attention_layernorm", ("mlp.gate", "mlp.experts"), "mlp")]
     return groups + [ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
                      ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj")]
 
@@ -214,9 +237,9 @@ def apply_scale(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
             bias.mul_(s.to(bias.dtype))
         raise ValueError(f"cannot fold AWQ scales into {type(prev).__name__}: its output does not "
                          "scale with its weight")
-    for name in group.consumers:
-        lin = layer.get_submodule(name)
-        lin.weight.mul_(s.to(lin.weight.dtype))
+    for name in group.consumers:   # column j of each reader (every expert's, for an MoE block) * s_j
+        w = calibrate.input_weight(layer.get_submodule(name))
+        w.mul_(s.to(w.dtype))
 
 
 class _InputStats:
@@ -239,27 +262,68 @@ class _InputStats:
             self.kept[name].append(x)
 
 
-def _block_loss(layer: nn.Module, group: ScaleGroup, names: list, batches: list) -> Callable:
-    """loss(w_eff): squared error of the `inspect` module's output on the kept batches when
-    `names` compute with their rows of w_eff, against the float output."""
-    block, lins = layer.get_submodule(group.inspect), [layer.get_submodule(n) for n in names]
+def _block_loss(layer: nn.Module, group: ScaleGroup, weights: list, batches: list) -> Callable:
+    """loss(w_eff): squared error of the `inspect` module's output on the kept batches when the
+    `weights` (parameters, stacked along their rows in w_eff) hold their rows of w_eff, against the
+    float output."""
+    block = layer.get_submodule(group.inspect)
     kwargs = group.inspect == "self_attn"  # attention needs the positions and mask the layer got
 
     def run():
         outs = [block(x, **kw) if kwargs else block(x) for x, kw in batches]
         return [o[0] if isinstance(o, tuple) else o for o in outs]
 
-    target, original = run(), [lin.weight.data for lin in lins]
+    target, original = run(), [p.data for p in weights]
 
     def loss(w_eff: torch.Tensor) -> float:
         try:
-            for lin, w in zip(lins, w_eff.split([lin.out_features for lin in lins])):
-                lin.weight.data = w.to(lin.weight.dtype)
+            for p, w in zip(weights, w_eff.split([p.numel() // p.shape[-1] for p in weights])):
+                p.data = w.reshape(p.shape).to(p.dtype)
             return sum((o.float() - t.float()).pow(2).sum().item() for o, t in zip(run(), target))
         finally:
-            for lin, w in zip(lins, original):
-                lin.weight.data = w
+            for p, w in zip(weights, original):
+                p.data = w
     return loss
+
+
+def _kept(stats, name: str, inputs: list) -> list:
+    """The kept calibration inputs of `name`, back in the shape (and with the kwargs) the layer got."""
+    return [(x.reshape(h.shape[:-1] + x.shape[-1:]).to(h.dtype), kw) for x, (h, kw) in zip(stats.kept[name], inputs)]
+
+
+@torch.no_grad()
+def _awq_experts(layer: nn.Module, group: ScaleGroup, stats, expert_stats, inputs: list, cfg, n_grid: int,
+                 clip: bool, max_shrink: float, duo: bool) -> None:
+    """AWQ an MoE layer's experts in place (float weights, scaled and clipped; rounded afterwards):
+    1. one scale s for what the norm feeds every expert, judged on the whole MoE block's output; the
+       router's columns take s too, and as the router stays in float its logits do not change;
+    2. per expert, a scale between its up rows and its down columns, judged on its own tokens;
+    3. each expert matrix clipped against the tokens routed to it. Experts no token reached keep s=1."""
+    experts = layer.get_submodule("mlp.experts")
+    E, two_i, hidden = experts.gate_up_proj.shape
+    inter = two_i // 2
+    w = experts.gate_up_proj.detach().float().reshape(E * two_i, hidden)
+    loss = _block_loss(layer, group, [experts.gate_up_proj], _kept(stats, "mlp.gate", inputs))
+    s, _, _ = search_scale(w, stats.absmean["mlp.gate"], loss, cfg.bits, cfg.group_size, cfg.symmetric, n_grid, duo)
+    apply_scale(layer, group, s)
+    H = dict(expert_stats.H)
+    for key in [k for k in H if k[0] == "gate_up_proj"]:   # expert e now reads x / s
+        H[key] = H[key] / torch.outer(s, s)
+    for e in range(E):
+        key = ("down_proj", e)
+        if key not in H:
+            continue
+        down = experts.down_proj[e].detach().float()
+        loss = lambda wq, w=down, He=H[key]: _output_error(wq - w, He)  # noqa: E731
+        se, _, _ = search_scale(down, expert_stats.absmean[key], loss, cfg.bits, cfg.group_size, cfg.symmetric,
+                                n_grid, duo)
+        experts.gate_up_proj.data[e, inter:].div_(se[:, None].to(experts.gate_up_proj.dtype))
+        experts.down_proj.data[e].mul_(se.to(experts.down_proj.dtype))
+        H[key] = H[key] / torch.outer(se, se)
+    if clip:
+        for (name, e), He in H.items():
+            w = getattr(experts, name)
+            w.data[e] = clip_weight(w[e], He, cfg.bits, cfg.group_size, cfg.symmetric, n_grid, max_shrink)
 
 
 @torch.no_grad()
@@ -269,16 +333,17 @@ def awq_model(model: nn.Module, calibration: torch.Tensor, cfg, n_grid: int = 20
     layer's inputs come from the layers before it as already quantized). Per layer: record
     the statistics of each linear's input, search and fold the scale of every scale group
     (judged on the first `search_batches` calibration batches), clip, and swap the linears
-    for `QuantLinear` (RTN of the scaled, clipped weights). Called by `quantize(model, cfg,
-    calibration)`; linears outside the decoder layers (lm_head if not skipped) get plain RTN."""
+    for `QuantLinear` (RTN of the scaled, clipped weights), and an MoE layer's experts for
+    `QuantExperts` (`_awq_experts`). Called by `quantize(model, cfg, calibration)`; linears
+    outside the decoder layers (lm_head if not skipped) get plain RTN."""
     from .linear import QuantLinear, targets
 
     if not isinstance(n_grid, int) or n_grid < 1:
         raise ValueError(f"n_grid must be a positive int, got {n_grid!r}")
     if not isinstance(search_batches, int) or search_batches < 1:
         raise ValueError(f"search_batches must be a positive int, got {search_batches!r}")
-    todo = targets(model, cfg)
-    wanted = {id(m) for _, m in todo}
+    todo, expert_todo = targets(model, cfg), expert_targets(model, cfg)
+    wanted = {id(m) for _, m in todo + expert_todo}
     for layer in calibrate.decoder_layers(model):
         scale_groups(layer)  # fail on an unknown architecture before changing anything
     done = set()
@@ -289,9 +354,21 @@ def awq_model(model: nn.Module, calibration: torch.Tensor, cfg, n_grid: int = 20
         reads = [[n for n in g.consumers if n in found] for g in groups]
         blocks = {r[0] for r, g in zip(reads, groups) if r and g.inspect not in r}  # need the inputs
         reads += [[n] for n in found if not any(n in r for r in reads)]  # o_proj under GQA
-        reads = [r for r in reads if r]
+        observed = {r[0]: found[r[0]] for r in reads if r}
+        experts = layer.get_submodule("mlp.experts") if _moe(layer) else None
+        if experts is not None and id(experts) not in wanted:
+            experts = None   # skipped: left as they are
+        expert_stats = ExpertInputs(_InputStats(set(), 0))   # per expert, from the tokens routed to it
+        if experts is not None:   # the router reads what every expert reads: its input stands for theirs
+            observed["mlp.gate"] = layer.get_submodule("mlp.gate")
+            blocks.add("mlp.gate")
         stats = _InputStats(blocks, search_batches)
-        calibrate.collect(layer, inputs, {r[0]: found[r[0]] for r in reads}, stats)
+        handle = None if experts is None else experts.register_forward_hook(expert_stats)
+        try:
+            calibrate.collect(layer, inputs, observed, stats)
+        finally:
+            if handle is not None:
+                handle.remove()
         H = {n: stats.H[r[0]] for r in reads for n in r}
         for group in groups:
             names = [n for n in group.consumers if n in found]
@@ -301,14 +378,16 @@ def awq_model(model: nn.Module, calibration: torch.Tensor, cfg, n_grid: int = 20
             if group.inspect in names:  # one linear: its output error over every token, from H
                 loss = lambda wq, w=w, H0=H[names[0]]: _output_error(wq - w, H0)  # noqa: E731
             else:
-                batches = [(x.reshape(h.shape[:-1] + x.shape[-1:]).to(h.dtype), kw)
-                           for x, (h, kw) in zip(stats.kept[names[0]], inputs)]
-                loss = _block_loss(layer, group, names, batches)
+                loss = _block_loss(layer, group, [found[n].weight for n in names], _kept(stats, names[0], inputs))
             s, _, _ = search_scale(w, stats.absmean[names[0]], loss, cfg.bits, cfg.group_size, cfg.symmetric,
                                    n_grid, duo)
             apply_scale(layer, group, s)
             Hs = H[names[0]] / torch.outer(s, s)  # the consumers now read x / s
             H.update({n: Hs for n in names})
+        if experts is not None:
+            _awq_experts(layer, groups[-1], stats, expert_stats.observe, inputs, cfg, n_grid, clip, max_shrink, duo)
+            calibrate.replace(layer, "mlp.experts", QuantExperts.from_experts(experts, cfg))
+            done.add(id(experts))
         for name, linear in found.items():
             w = linear.weight
             if clip and name.rpartition(".")[2] not in NOT_CLIPPED:
@@ -316,7 +395,10 @@ def awq_model(model: nn.Module, calibration: torch.Tensor, cfg, n_grid: int = 20
             qt = quantize_tensor(w, cfg.bits, cfg.granularity, cfg.symmetric)
             calibrate.replace(layer, name, QuantLinear.from_qtensor(qt, cfg, linear.bias))
             done.add(id(linear))
-        del stats, H
+        del stats, H, expert_stats
+    for name, module in expert_todo:
+        if id(module) not in done:
+            calibrate.replace(model, name, QuantExperts.from_experts(module, cfg))
     for name, linear in todo:
         if id(linear) not in done:
             calibrate.replace(model, name, QuantLinear.from_linear(linear, cfg))

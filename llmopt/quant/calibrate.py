@@ -59,11 +59,12 @@ def require_linears(layer: nn.Module, names, method: str) -> None:
                              "which also quantize the factors of a low-rank layer")
 
 
-def moe_hint(layer: nn.Module) -> str:
-    """A pointer for an error about a Mixture-of-Experts layer (lesson 07), else ""."""
-    experts = getattr(getattr(layer, "mlp", None), "experts", None)
-    return "" if experts is None else (". This is a Mixture-of-Experts layer: rtn, gptq and nf4 quantize it, "
-                                       "experts included")
+def input_weight(module: nn.Module) -> torch.Tensor:
+    """The weight whose last dim is what `module` reads: a linear's or an MoE router's `weight`, or a
+    float experts module's stacked `gate_up_proj` (E, 2I, H). AWQ and SmoothQuant scale its columns."""
+    from .experts import is_stacked_experts
+
+    return module.gate_up_proj if is_stacked_experts(module) else module.weight
 
 
 class _Stop(Exception):

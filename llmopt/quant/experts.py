@@ -4,12 +4,17 @@ A Mixtral-style MoE layer keeps its E experts as two stacked 3-D tensors, `gate_
 and `down_proj` (E, H, I), not as `nn.Linear` modules, and in an MoE model they are most of the
 weight (94% of the decoder of lesson 07's upcycled model). `QuantExperts` holds each expert's two
 matrices as a `QuantLinear` (or an `NF4Linear`): the same codes, scales and file format as a dense
-layer's, so a 4-bit expert costs what a 4-bit linear costs. Its forward dequantizes the experts the
-batch routes tokens to and runs the same dispatch paths as the float `Experts`.
+layer's, so a 4-bit expert costs what a 4-bit linear costs. Its forward touches only the experts the
+batch routes tokens to: it dequantizes them and runs the same dispatch paths as the float `Experts`,
+or, when the matrices compute in their own way (the W4A16 kernels `kernels.fuse` puts here, or
+SmoothQuant's W8A8, which also rounds the activations), calls each hit expert's modules on its tokens.
 
-The codes come from round-to-nearest, NF4 or GPTQ. GPTQ's Hessian for an expert is built from the
-tokens the router sent to that expert only: a rarely chosen expert has few rows to go on, and one
-that calibration never reached is rounded to nearest (`ExpertHessians`).
+Every method of `quantize` covers the experts. Round-to-nearest and NF4 look at the weights only.
+The calibrated methods look at the tokens the router sent to each expert (`ExpertInputs`): GPTQ
+builds each expert's Hessian from them, AWQ scales and clips each expert against them, and an
+expert that calibration never reached is rounded to nearest. AWQ and SmoothQuant fold one scale
+into the norm that feeds the router and every expert; the router's columns take the same scale
+and it stays in float, so the routing does not change.
 
     quantize(moe_model, QuantConfig(bits=4, group_size=32))   # linears and experts alike
 """
@@ -22,8 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moe.dispatch import DispatchChoice
-
-EXPERT_METHODS = ("rtn", "nf4", "gptq")   # awq and smoothquant fold scales into a norm the router also reads
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -41,24 +44,43 @@ def activation(module: nn.Module):
 
 
 def _linear_class(cfg):
+    """The module one expert matrix becomes: NF4Linear for nf4, W8A8Linear for smoothquant (its
+    activations are rounded to int8 too), else QuantLinear."""
+    from .linear import QuantLinear
+    from .nf4 import NF4Linear
+    from .smoothquant import W8A8Linear
+
+    return {"nf4": NF4Linear, "smoothquant": W8A8Linear}.get(cfg.method, QuantLinear)
+
+
+def _dequantizes(module: nn.Module) -> bool:
+    """True for a module whose forward is just "dequantize the weight, then F.linear": the experts
+    can then be dequantized up front and run through any dispatch path with the same result."""
     from .linear import QuantLinear
     from .nf4 import NF4Linear
 
-    return NF4Linear if cfg.method == "nf4" else QuantLinear
+    return type(module) in (QuantLinear, NF4Linear)
+
+
+def as_linear(w: torch.Tensor) -> nn.Linear:
+    """An `nn.Linear` (no bias) holding the (out, in) matrix `w`, not a copy: what the `from_linear`
+    constructors of the quantized modules take."""
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(w.detach(), requires_grad=False)
+    return linear
 
 
 @torch.no_grad()
 def quantize_matrix(w: torch.Tensor, cfg, H: torch.Tensor | None = None) -> nn.Module:
     """One (out, in) weight as a quantized module of `cfg`'s format: GPTQ with the input Hessian H
-    when given, else round-to-nearest (NF4's codebook for method "nf4")."""
+    when given, else round-to-nearest (NF4's codebook for method "nf4", int8 per output channel for
+    "smoothquant")."""
     from .gptq import gptq_quantize
     from .linear import QuantLinear
     from .primitives import quantize as quantize_tensor
 
-    if cfg.method == "nf4":
-        linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        linear.weight = nn.Parameter(w.detach(), requires_grad=False)
-        return _linear_class(cfg).from_linear(linear, cfg)
+    if cfg.method in ("nf4", "smoothquant"):
+        return _linear_class(cfg).from_linear(as_linear(w), cfg)
     if H is not None:
         qt = gptq_quantize(w, H, cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, act_order=cfg.act_order)
     else:
@@ -86,9 +108,10 @@ class QuantExperts(DispatchChoice, nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_experts(cls, experts: nn.Module, cfg, hessians: dict | None = None) -> QuantExperts:
+    def from_experts(cls, experts: nn.Module, cfg, hessians: dict | None = None, make=None) -> QuantExperts:
         """Quantize a float experts module (`is_stacked_experts`). `hessians`: {("gate_up_proj", e) or
-        ("down_proj", e): H} for GPTQ; an expert without one is rounded to nearest."""
+        ("down_proj", e): H} for GPTQ; an expert without one is rounded to nearest. `make(w)`, if given,
+        builds each matrix's module instead (QAT's `FakeQuantLinear`)."""
         if not is_stacked_experts(experts):
             raise ValueError(f"{type(experts).__name__} does not hold stacked gate_up_proj / down_proj experts")
         E, two_i, H = experts.gate_up_proj.shape
@@ -98,7 +121,8 @@ class QuantExperts(DispatchChoice, nn.Module):
         hessians = hessians or {}
         for e in range(E):
             for name in ("gate_up_proj", "down_proj"):
-                getattr(q, name)[e] = quantize_matrix(getattr(experts, name)[e], cfg, hessians.get((name, e)))
+                w = getattr(experts, name)[e]
+                getattr(q, name)[e] = quantize_matrix(w, cfg, hessians.get((name, e))) if make is None else make(w)
         q.act = activation(experts)
         return q
 
@@ -114,11 +138,30 @@ class QuantExperts(DispatchChoice, nn.Module):
             down[e] = self.down_proj[e].dequantized_weight(dtype)
         return gate_up, down
 
+    @property
+    def calls_modules(self) -> bool:
+        """Whether the forward calls each hit expert's modules instead of dequantizing the weights up
+        front: so for modules that compute in their own way, such as the W4A16 / W8A16 kernels that
+        `kernels.fuse` puts here (they read the packed codes) or W8A8 (it rounds the activations too)."""
+        return not all(_dequantizes(m) for m in (self.gate_up_proj[0], self.down_proj[0]))
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # Only the experts this batch uses are dequantized: at decode that is k of E.
+        # Only the experts this batch uses are touched: at decode that is k of E.
         hit = [e for e in torch.unique(experts).tolist() if e < self.num_experts]
+        if self.calls_modules:
+            return self._call_each(x, experts, weights, hit)
         gate_up, down = self.stacked(x.dtype, hit)
         return self._fn(x, experts, weights, gate_up, down, self.act)
+
+    def _call_each(self, x, experts, weights, hit) -> torch.Tensor:
+        """`loop_dispatch` with each expert's own modules in place of its weight matrices."""
+        out = torch.zeros_like(x)
+        for e in hit:
+            token, slot = torch.where(experts == e)
+            gate, up = self.gate_up_proj[e](x[token]).chunk(2, dim=-1)
+            y = self.down_proj[e](self.act(gate) * up) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(x.dtype))
+        return out
 
     def to_float(self, dtype=torch.float32) -> nn.Module:
         """lesson 07's float `Experts` holding the dequantized weights (ONNX export traces those)."""
@@ -154,15 +197,14 @@ def expert_targets(model: nn.Module, cfg) -> list[tuple[str, nn.Module]]:
     return found
 
 
-class ExpertHessians:
-    """GPTQ's statistic per expert: H = 2 X^T X / n over the rows the router sent to expert e, for its
-    gate_up projection (the hidden states) and its down projection (act(gate) * up of those rows).
-    A forward hook on the experts module: it is called with (x, experts, weights)."""
+class ExpertInputs:
+    """What each expert's two matrices read, for calibration: a forward hook on a float experts module
+    (called with (x, experts, weights)) that calls observe(("gate_up_proj", e), rows) with the hidden
+    states the router sent to expert e, and observe(("down_proj", e), act(gate) * up) with that expert's
+    down-projection inputs. Experts no token reached are not observed."""
 
-    def __init__(self):
-        from .calibrate import HessianAccumulator
-
-        self.acc = HessianAccumulator()
+    def __init__(self, observe):
+        self.observe = observe
 
     def __call__(self, module: nn.Module, args, output) -> None:
         x, chosen = args[0], args[1]
@@ -174,10 +216,19 @@ class ExpertHessians:
                 continue
             xe = x[rows].float()
             gate, up = F.linear(xe, module.gate_up_proj[e].float()).chunk(2, dim=-1)
-            self.acc(("gate_up_proj", e), xe)
-            self.acc(("down_proj", e), act(gate) * up)
+            self.observe(("gate_up_proj", e), xe)
+            self.observe(("down_proj", e), act(gate) * up)
+
+
+class ExpertHessians(ExpertInputs):
+    """GPTQ's statistic per expert: H = 2 X^T X / n over the rows the router sent to expert e, for its
+    gate_up projection (the hidden states) and its down projection (act(gate) * up of those rows)."""
+
+    def __init__(self):
+        from .calibrate import HessianAccumulator
+
+        super().__init__(HessianAccumulator())
 
     @property
     def H(self) -> dict:
-        return self.acc.H
-
+        return self.observe.H

@@ -66,12 +66,15 @@ def save_quantized(model: nn.Module, tokenizer, path) -> Path:
     for name, m in quantized.items():
         if any(name.startswith(f"{outer}.") for outer in modules):
             continue   # an expert's matrix inside a QuantExperts: saved with it
-        if type(m).__name__ not in classes:
+        kind = type(m).__name__
+        if kind == "QuantExperts":   # saved with its matrices, which must be of a class loading knows
+            kind = type(m.down_proj[0]).__name__
+        if kind not in classes:
             hint = {"KernelQuantLinear": " (kernels.fuse() put it there: save the model before fusing, and fuse "
                                          "it again after loading; `llmopt serve` does)",
                     "FakeQuantLinear": " (QAT's training form: quant.convert(model) turns it into the QuantLinear "
-                                       "it stands for)"}.get(type(m).__name__, "")
-            raise ValueError(f"{name}: cannot save a {type(m).__name__} (known: {sorted(classes)}){hint}")
+                                       "it stands for)"}.get(kind, "")
+            raise ValueError(f"{name}: cannot save a {kind} (known: {sorted(classes)}){hint}")
         if type(m).__name__ == "QuantExperts":
             modules[name] = {"class": "QuantExperts", "num_experts": m.num_experts, "hidden_size": m.hidden_size,
                              "intermediate_size": m.intermediate_size, "cfg": _cfg_dict(m.cfg)}

@@ -134,7 +134,11 @@ def targets(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and not any(re.search(p, name) for p in cfg.skip)]
     if not found:
-        raise ValueError(f"no nn.Linear left to quantize (skip={cfg.skip})")
+        from .experts import is_stacked_experts
+
+        if not any(is_stacked_experts(m) and not any(re.search(p, name) for p in cfg.skip)
+                   for name, m in model.named_modules()):   # an MoE model's experts alone are enough
+            raise ValueError(f"no nn.Linear (or Mixture-of-Experts experts) left to quantize (skip={cfg.skip})")
     for name, m in found:   # every shape is checked before any module is swapped
         why = shape_problem(m.out_features, m.in_features, cfg)
         if why:
@@ -162,33 +166,30 @@ def shape_problem(out_features: int, in_features: int, cfg: QuantConfig) -> str 
 def _warn_left_in_float(model: nn.Module, cfg: QuantConfig) -> None:
     """Warn when much of the decoder's weight is in matrices this call leaves in float without being
     asked to (cfg.skip): held by modules it does not know, so "W4" would quietly keep much of the
-    model in float. (awq and smoothquant swap nn.Linear only, but they refuse Mixture-of-Experts
-    layers outright.)"""
+    model in float. Every method quantizes nn.Linear modules and Mixture-of-Experts experts."""
     import warnings
 
     from .calibrate import decoder_layers
-    from .experts import EXPERT_METHODS, is_stacked_experts
+    from .experts import is_stacked_experts
 
     try:
         layers = decoder_layers(model)
     except ValueError:
         return
-    experts_too = cfg.method in EXPERT_METHODS
-    seen = {id(p) for m in layers.modules() if isinstance(m, nn.Linear) or (experts_too and is_stacked_experts(m))
+    seen = {id(p) for m in layers.modules() if isinstance(m, nn.Linear) or is_stacked_experts(m)
             for p in m.parameters()}
     matrices = [p for p in layers.parameters() if p.dim() >= 2]
     outside = sum(p.numel() for p in matrices if id(p) not in seen)
     total = sum(p.numel() for p in matrices)
     if total and outside > 0.1 * total:
-        what = ("nn.Linear modules and Mixture-of-Experts experts (gate_up_proj / down_proj stacks)" if experts_too
-                else f"nn.Linear modules only ({', '.join(EXPERT_METHODS)} also quantize Mixture-of-Experts experts)")
         warnings.warn(f"{outside / total:.0%} of the decoder layers' weights ({outside / 1e6:.2f}M) stay in float: "
-                      f"{cfg.method} quantizes {what}", stacklevel=3)
+                      f"{cfg.method} quantizes nn.Linear modules and Mixture-of-Experts experts (gate_up_proj / "
+                      "down_proj stacks) only", stacklevel=3)
 
 
 def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> nn.Module:
-    """Swap every `nn.Linear` not matched by `cfg.skip` for a quantized module, in place; with
-    rtn, nf4 and gptq, a Mixture-of-Experts layer's experts too (`QuantExperts`).
+    """Swap every `nn.Linear` not matched by `cfg.skip` for a quantized module, in place, and a
+    Mixture-of-Experts layer's experts too (`QuantExperts`).
 
     rtn and nf4 look at the weights only; gptq, awq and smoothquant also need `calibration`,
     token ids (n_samples, seq_len) from the train split: `llmopt.data.calibration_batches(tok)`.

@@ -12,6 +12,9 @@ values do the job.
     qat_finetune(model, tokenizer, steps=200)                # a short fine-tune on the train split
     convert(model)                                           # FakeQuantLinear -> QuantLinear (real bits)
 
+A Mixture-of-Experts model's experts (lesson 07) train the same way: each expert matrix becomes a
+`FakeQuantLinear` inside a `QuantExperts`, called on the tokens routed to that expert.
+
 `learn_scales=True` also trains each group's scale, as LSQ does (Esser et al., 2020): the
 scale gets a gradient from every weight of its group, through the rounding (STE) and the
 clamp, scaled by 1/sqrt(n * qmax) so it moves at the same pace as the weights.
@@ -150,7 +153,8 @@ class FakeQuantLinear(nn.Module):
 
 
 def prepare_qat(model: nn.Module, cfg: QuantConfig, learn_scales: bool = False) -> nn.Module:
-    """Swap every targeted `nn.Linear` (all but `cfg.skip`) for a `FakeQuantLinear`, in place."""
+    """Swap every targeted `nn.Linear` (all but `cfg.skip`) for a `FakeQuantLinear`, in place, and a
+    Mixture-of-Experts layer's experts for a `QuantExperts` holding one per expert matrix."""
     if not isinstance(cfg, QuantConfig):
         raise ValueError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
     if cfg.method != "rtn":
@@ -159,14 +163,20 @@ def prepare_qat(model: nn.Module, cfg: QuantConfig, learn_scales: bool = False) 
         raise ValueError(f"learn_scales must be True or False, got {learn_scales!r}")
     if any(getattr(m, "quantized", False) for m in model.modules()):
         raise ValueError("this model is already quantized or prepared for QAT; start from the float model")
-    for name, linear in targets(model, cfg):
+    from .experts import QuantExperts, as_linear, expert_targets
+
+    linears, experts = targets(model, cfg), expert_targets(model, cfg)
+    for name, linear in linears:
         replace(model, name, FakeQuantLinear.from_linear(linear, cfg, learn_scales))
+    for name, module in experts:   # each expert matrix its own FakeQuantLinear, called on its tokens
+        replace(model, name, QuantExperts.from_experts(
+            module, cfg, make=lambda w: FakeQuantLinear.from_linear(as_linear(w), cfg, learn_scales)))
     return model
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Swap every `FakeQuantLinear` for the `QuantLinear` holding its codes, in place. The
-    result computes exactly what the fake-quant model computed, from packed integers."""
+    """Swap every `FakeQuantLinear` (an expert's too) for the `QuantLinear` holding its codes, in
+    place. The result computes what the fake-quant model computed, from packed integers."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     if not found:
         raise ValueError("the model has no FakeQuantLinear to convert: call prepare_qat(model, cfg) first")

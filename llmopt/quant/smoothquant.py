@@ -13,7 +13,9 @@ hands the whole range to the weights, alpha=0 flattens the weights' columns inst
 balance for most models. In a Llama block the input of q/k/v (and of gate/up) is an RMSNorm's output, so 1/s
 folds into that norm's weight and s into the linears' columns: nothing is added at run time.
 o_proj and down_proj have no norm in front and are quantized without smoothing, as in the
-paper's Llama recipe.
+paper's Llama recipe. In a Mixture-of-Experts block (lesson 07) the second norm feeds the
+router and every expert's gate/up: one s for all of them (the router stays in float, so its
+logits do not move), and each expert's matrices become W8A8 (`QuantExperts`).
 
 `W8A8Linear` quantizes each token's activations on the fly (dynamic, symmetric, one scale
 per token), multiplies int8 by int8 into int32 (`torch._int_mm` where it runs, an exact
@@ -24,6 +26,8 @@ may have none to speak of, and `plant_outliers` gives it some without changing i
 to show what smoothing is for.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -38,6 +42,8 @@ LLAMA_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
 )
+# ... and a Mixtral-style MoE block's: its router and its stacked experts read the second norm.
+MOE_GROUPS = (LLAMA_GROUPS[0], ("post_attention_layernorm", ("mlp.gate", "mlp.experts")))
 
 
 # --------------------------------------------------------------------------- int8 matmul
@@ -147,30 +153,32 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
     reads the same input (their columns j all get multiplied by the same s_j)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    w_absmax = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    w_absmax = torch.stack([w.detach().float().abs().reshape(-1, w.shape[-1]).amax(dim=0) for w in weights]).amax(0)
     # a channel that never fired (or has all-zero weights) would give 0 or inf: floor both
     a = act_absmax.float().to(w_absmax.device).clamp(min=1e-5)
     return (a.pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
 
 
 def _check_group(norm: nn.Module, linears: list, what: str, shape) -> None:
-    """The norm has a 1-D weight of n channels; every linear reads n inputs; `what` has shape (n,)."""
+    """The norm has a 1-D weight of n channels; every reader (a linear, a router, stacked experts)
+    reads n inputs; `what` has shape (n,)."""
     weight = getattr(norm, "weight", None)
     if not linears:
         raise ValueError("need at least one linear that reads the norm's output")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         raise ValueError(f"norm must have a 1-D .weight (an RMSNorm/LayerNorm), got {type(norm).__name__}")
     n = weight.numel()
-    if any(lin.in_features != n for lin in linears) or tuple(shape) != (n,):
+    reads = [calibrate.input_weight(lin).shape[-1] for lin in linears]
+    if any(r != n for r in reads) or tuple(shape) != (n,):
         raise ValueError(f"the norm has {n} channels: every linear needs in_features={n} and {what} "
-                         f"shape ({n},), got {[lin.in_features for lin in linears]} and {tuple(shape)}")
+                         f"shape ({n},), got {reads} and {tuple(shape)}")
 
 
 @torch.no_grad()
 def migrate(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """norm.weight /= s and column j of each linear *= s_j, in place. The linears must all read
-    the norm's output; then the block computes the same function (RMSNorm multiplies by its
-    weight last, so dividing the weight divides its output channel by s_j)."""
+    """norm.weight /= s and column j of each linear *= s_j, in place. The linears (or routers, or
+    stacked experts) must all read the norm's output; then the block computes the same function
+    (RMSNorm multiplies by its weight last, so dividing the weight divides its output channel by s_j)."""
     linears = list(linears)
     _check_group(norm, linears, "s", s.shape)
     norm.weight.div_(s.to(norm.weight))
@@ -178,7 +186,8 @@ def migrate(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
     if isinstance(bias, torch.Tensor):  # LayerNorm: (x_hat * g + b) / s
         bias.div_(s.to(bias))
     for lin in linears:
-        lin.weight.mul_(s.to(lin.weight)[None, :])
+        w = calibrate.input_weight(lin)
+        w.mul_(s.to(w))
 
 
 @torch.no_grad()
@@ -187,7 +196,7 @@ def smooth(norm: nn.Module, linears: list[nn.Linear], act_absmax: torch.Tensor, 
     absmax of that output on calibration data: s = `smoothing_scales`, then `migrate`. Returns s."""
     linears = list(linears)
     _check_group(norm, linears, "act_absmax", act_absmax.shape)
-    s = smoothing_scales(act_absmax, [lin.weight for lin in linears], alpha)
+    s = smoothing_scales(act_absmax, [calibrate.input_weight(lin) for lin in linears], alpha)
     migrate(norm, linears, s)
     return s
 
@@ -203,7 +212,7 @@ def plant_outliers(model: nn.Module, n_channels: int = 4, factor: float = 100.0,
         raise ValueError(f"factor must be > 0, got {factor!r}")
     g, chosen = torch.Generator().manual_seed(seed), {}
     for i, layer in enumerate(calibrate.decoder_layers(model)):
-        for norm, lins in _groups(layer):
+        for _, norm, lins in _groups(layer):
             n = norm.weight.numel()
             if not 0 < n_channels <= n:
                 raise ValueError(f"n_channels must be in 1..{n}, got {n_channels!r}")
@@ -215,26 +224,37 @@ def plant_outliers(model: nn.Module, n_channels: int = 4, factor: float = 100.0,
     return chosen
 
 
+def _layout(layer: nn.Module) -> tuple:
+    mlp = getattr(layer, "mlp", None)
+    return MOE_GROUPS if hasattr(mlp, "gate") and hasattr(mlp, "experts") else LLAMA_GROUPS
+
+
 def _groups(layer: nn.Module):
-    """[(norm, {name: linear})] for a Llama-family decoder layer."""
+    """[(norm name, norm, {name: reader})] for a Llama-family decoder layer, dense or MoE."""
+    from .experts import is_stacked_experts
+
+    layout = _layout(layer)
     try:
-        groups = [(layer.get_submodule(norm), {n: layer.get_submodule(n) for n in names})
-                  for norm, names in LLAMA_GROUPS]
+        groups = [(norm, layer.get_submodule(norm), {n: layer.get_submodule(n) for n in names})
+                  for norm, names in layout]
     except AttributeError as e:
-        raise ValueError(f"SmoothQuant knows the Llama block layout {LLAMA_GROUPS}; "
-                         f"{type(layer).__name__} does not match it ({e}){calibrate.moe_hint(layer)}") from None
-    calibrate.require_linears(layer, [n for _, names in LLAMA_GROUPS for n in names], "SmoothQuant")
+        raise ValueError(f"SmoothQuant knows the Llama block layout {LLAMA_GROUPS} (or {MOE_GROUPS[1]} in a "
+                         f"Mixture-of-Experts block); {type(layer).__name__} does not match it ({e})") from None
+    calibrate.require_linears(layer, [n for _, names in layout for n in names if n.endswith("_proj")], "SmoothQuant")
+    if layout is MOE_GROUPS and not is_stacked_experts(layer.get_submodule("mlp.experts")):
+        raise ValueError(f"SmoothQuant knows Mixtral-style experts (stacked float gate_up_proj / down_proj); "
+                         f"{type(layer.get_submodule('mlp.experts')).__name__} is not one")
     return groups
 
 
 def _smooth_layer(layer: nn.Module, inputs: list, alpha: float) -> dict[str, torch.Tensor]:
     """Smooth both groups of one decoder layer from the maxima of its inputs; {norm name: s}."""
     groups = _groups(layer)
-    readers = dict(next(iter(lins.items())) for _, lins in groups)  # one linear per norm: same input
+    readers = dict(next(iter(lins.items())) for _, _, lins in groups)  # one reader per norm: same input
     stats = calibrate.ChannelStats()
     calibrate.collect(layer, inputs, readers, stats)
-    return {norm_name: smooth(norm, list(lins.values()), stats.absmax[next(iter(lins))], alpha)
-            for (norm_name, _), (norm, lins) in zip(LLAMA_GROUPS, groups, strict=True)}
+    return {name: smooth(norm, list(lins.values()), stats.absmax[next(iter(lins))], alpha)
+            for name, norm, lins in groups}
 
 
 @torch.no_grad()
@@ -256,13 +276,19 @@ def _refuse_quantized(model: nn.Module) -> None:
 @torch.no_grad()
 def w8a8_model(model: nn.Module, cfg=None) -> nn.Module:
     """W8A8 *without* smoothing (the baseline SmoothQuant improves on), in place: every linear
-    `cfg.skip` lets through becomes a W8A8Linear. Needs no calibration (activations are
-    quantized per token at run time)."""
+    `cfg.skip` lets through becomes a W8A8Linear (and an MoE layer's experts, W8A8 matrices in a
+    `QuantExperts`). Needs no calibration (activations are quantized per token at run time)."""
+    from .experts import QuantExperts, expert_targets
+
     cfg = QuantConfig(bits=8) if cfg is None else cfg
     _check_cfg(cfg)
     _refuse_quantized(model)
-    for name, linear in targets(model, cfg):
+    linears, experts = targets(model, cfg), expert_targets(model, cfg)
+    for name, linear in linears:
         calibrate.replace(model, name, W8A8Linear.from_linear(linear, cfg))
+    w8a8 = dataclasses.replace(cfg, method="smoothquant")   # the name of the W8A8 format for the experts
+    for name, module in experts:
+        calibrate.replace(model, name, QuantExperts.from_experts(module, w8a8))
     return model
 
 
@@ -273,12 +299,15 @@ def smoothquant_model(model: nn.Module, calibration: torch.Tensor, cfg) -> nn.Mo
     linears for W8A8Linear, and only then compute the next layer's inputs, so each layer is
     calibrated on what the quantized layers before it really produce. Linears outside the
     decoder layers (lm_head, unless cfg.skip keeps it in float) get W8A8 without smoothing.
-    Called by `quantize(model, QuantConfig(method="smoothquant"), calibration)`."""
+    Called by `quantize(model, QuantConfig(method="smoothquant"), calibration)`. An MoE layer's
+    experts become W8A8 too (`QuantExperts`), smoothed with the router (which stays in float)."""
+    from .experts import QuantExperts, expert_targets
+
     _check_cfg(cfg)
     _refuse_quantized(model)
     calibration = calibrate.check_calibration(calibration)
-    todo = targets(model, cfg)
-    wanted = {id(m) for _, m in todo}
+    todo, expert_todo = targets(model, cfg), expert_targets(model, cfg)
+    wanted = {id(m) for _, m in todo + expert_todo}
     for layer in calibrate.decoder_layers(model):
         _groups(layer)  # fail on a layout it cannot smooth before changing anything
     done = set()
@@ -288,9 +317,15 @@ def smoothquant_model(model: nn.Module, calibration: torch.Tensor, cfg) -> nn.Mo
             if id(linear) in wanted:
                 calibrate.replace(layer, name, W8A8Linear.from_linear(linear, cfg))
                 done.add(id(linear))
+        for name, module in [(n, m) for n, m in layer.named_modules() if id(m) in wanted and id(m) not in done]:
+            calibrate.replace(layer, name, QuantExperts.from_experts(module, cfg))
+            done.add(id(module))
     for name, linear in todo:
         if id(linear) not in done:
             calibrate.replace(model, name, W8A8Linear.from_linear(linear, cfg))
+    for name, module in expert_todo:
+        if id(module) not in done:
+            calibrate.replace(model, name, QuantExperts.from_experts(module, cfg))
     return model
 
 
