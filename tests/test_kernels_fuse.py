@@ -174,6 +174,23 @@ def test_backend_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert kernels.use_triton(torch.ones(2), "auto") is False
 
 
+def test_triton_imported_first_is_said_when_a_kernel_is_asked_for_not_at_import():
+    """transformers or bitsandbytes may import triton before llmopt.kernels (no interpreter then): a process
+    that only runs the references hears nothing; asking for the Triton backend on a CPU tensor says why
+    it cannot run and what to do."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('error'); import triton, torch; import llmopt.kernels as k\n"
+            "assert k.use_triton(torch.ones(2), 'auto') is False\n"
+            "try:\n    k.use_triton(torch.ones(2), 'triton')\nexcept ValueError as e:\n    print(e)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "imported before llmopt.kernels" in r.stdout and "restart" in r.stdout
+
+
 def test_bench_checks_every_kernel_on_cpu():
     rows = kbench.check("cpu")
     names = {r["kernel"] for r in rows}

@@ -25,12 +25,10 @@ import torch
 # The interpreter is chosen when `triton` is first imported (triton.language binds tl.sum, tl.zeros,
 # ... then): a triton imported earlier without the flag cannot run kernels on CPU tensors.
 _IMPORTED_TOO_EARLY = "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ
+# (Said when a kernel is asked for on a CPU tensor, not at import: transformers or bitsandbytes may import
+# triton first in a process that only ever runs the references.)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    if _IMPORTED_TOO_EARLY:
-        warnings.warn("triton was imported before llmopt.kernels without TRITON_INTERPRET=1, so its interpreter "
-                      "is off: Triton kernels cannot run on CPU tensors in this process (the references still "
-                      "do). Restart and import llmopt.kernels first, or set TRITON_INTERPRET=1.", stacklevel=2)
 
 try:
     import triton
@@ -119,6 +117,9 @@ def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
     if backend == "triton":
         if not runnable:
             why = "Triton is not installed" if not HAS_TRITON else (
+                "triton was imported before llmopt.kernels without TRITON_INTERPRET=1, so its interpreter is off "
+                "in this process: restart and import llmopt.kernels first, or set TRITON_INTERPRET=1"
+                if _IMPORTED_TOO_EARLY and x.device.type == "cpu" else
                 f"a {x.device.type} tensor needs CUDA, or TRITON_INTERPRET=1 set before llmopt.kernels is imported")
             raise ValueError(f"backend='triton' cannot run here: {why}")
         return True
