@@ -25,12 +25,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act=F.silu) -> torch.Tensor:
-    """One SwiGLU expert on rows x: (n, H) -> (n, H), with gate_up (2I, H) and down (H, I)."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(act(gate) * up, down)
+def _project(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w^T for a weight matrix, or w(x) for a module (a quantized expert matrix, `QuantExperts`)."""
+    return w(x) if isinstance(w, nn.Module) else F.linear(x, w)
+
+
+def expert_ffn(x: torch.Tensor, gate_up, down, act=F.silu) -> torch.Tensor:
+    """One SwiGLU expert on rows x: (n, H) -> (n, H), with gate_up (2I, H) and down (H, I), weight
+    matrices or modules that apply them."""
+    gate, up = _project(x, gate_up).chunk(2, dim=-1)
+    return _project(act(gate) * up, down)
 
 
 def dense_dispatch(x, experts, weights, gate_up, down, act=F.silu):
@@ -42,10 +49,11 @@ def dense_dispatch(x, experts, weights, gate_up, down, act=F.silu):
     return out
 
 
-def loop_dispatch(x, experts, weights, gate_up, down, act=F.silu):
-    E = gate_up.shape[0]
+def loop_dispatch(x, experts, weights, gate_up, down, act=F.silu, only=None):
+    # gate_up / down: stacked weights, or one module per expert (`QuantExperts`); `only`: the expert ids
+    # to visit, when the caller knows which ones have tokens
     out = torch.zeros_like(x)
-    for e in range(E):
+    for e in range(len(gate_up)) if only is None else only:
         token, slot = torch.where(experts == e)
         if token.numel() == 0:
             continue

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe.dispatch import DispatchChoice
+from ..moe.dispatch import DispatchChoice, loop_dispatch
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -148,20 +148,10 @@ class QuantExperts(DispatchChoice, nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # Only the experts this batch uses are touched: at decode that is k of E.
         hit = [e for e in torch.unique(experts).tolist() if e < self.num_experts]
-        if self.calls_modules:
-            return self._call_each(x, experts, weights, hit)
+        if self.calls_modules:   # each of them runs its own modules on its tokens
+            return loop_dispatch(x, experts, weights, self.gate_up_proj, self.down_proj, self.act, only=hit)
         gate_up, down = self.stacked(x.dtype, hit)
         return self._fn(x, experts, weights, gate_up, down, self.act)
-
-    def _call_each(self, x, experts, weights, hit) -> torch.Tensor:
-        """`loop_dispatch` with each expert's own modules in place of its weight matrices."""
-        out = torch.zeros_like(x)
-        for e in hit:
-            token, slot = torch.where(experts == e)
-            gate, up = self.gate_up_proj[e](x[token]).chunk(2, dim=-1)
-            y = self.down_proj[e](self.act(gate) * up) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(x.dtype))
-        return out
 
     def to_float(self, dtype=torch.float32) -> nn.Module:
         """lesson 07's float `Experts` holding the dequantized weights (ONNX export traces those)."""

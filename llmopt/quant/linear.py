@@ -134,10 +134,9 @@ def targets(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and not any(re.search(p, name) for p in cfg.skip)]
     if not found:
-        from .experts import is_stacked_experts
+        from .experts import expert_targets
 
-        if not any(is_stacked_experts(m) and not any(re.search(p, name) for p in cfg.skip)
-                   for name, m in model.named_modules()):   # an MoE model's experts alone are enough
+        if not expert_targets(model, cfg):   # an MoE model's experts alone are enough
             raise ValueError(f"no nn.Linear (or Mixture-of-Experts experts) left to quantize (skip={cfg.skip})")
     for name, m in found:   # every shape is checked before any module is swapped
         why = shape_problem(m.out_features, m.in_features, cfg)
