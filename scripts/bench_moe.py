@@ -6,6 +6,7 @@ BENCHMARKS.md's MoE tables come from here.
     python scripts/bench_moe.py models
     python scripts/bench_moe.py upcycle [--steps 200] [--out moe_results]
     python scripts/bench_moe.py quantize [--steps 200] [--out moe_results]
+    python scripts/bench_moe.py kernels [--tokens 1 4 16]      # a GPU: the experts at decode, float vs W4
 """
 import argparse
 import copy
@@ -192,9 +193,35 @@ def quantize(args):
     return rows
 
 
+def kernels(args):
+    """One Mixtral-8x7B-shaped MoE layer's experts at decode: float against W4 (RTN, groups of 128), run four
+    or five ways (`moe.speed.expert_decode_times`); GB/s of the hit experts' bytes against a copy's."""
+    H, inter = (4096, 14336) if args.device == "cuda" else (256, 768)
+    peak = bench.memory_bandwidth(args.device)
+    print(bench.environment())
+    print(f"experts {args.experts} x (H={H}, I={inter}), top-{args.top_k}, {args.dtype}; copy bandwidth "
+          f"{peak / 1e9:.0f} GB/s")
+    print("| tokens | experts hit | way | us | MB read | GB/s | of copy | vs float sorted |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for T in args.tokens:
+        r = moe.speed.expert_decode_times(T, H, inter, args.experts, args.top_k, device=args.device, dtype=args.dtype,
+                                          repeats=args.repeats)
+        base = r["times"]["float sorted"]
+        for way, t in r["times"].items():
+            rate = r["bytes"][way] / t
+            rows.append(dict(tokens=T, hit=r["hit"], way=way, us=t * 1e6, mb=r["bytes"][way] / 1e6, gbps=rate / 1e9))
+            print(f"| {T} | {r['hit']} | {way} | {t * 1e6:.0f} | {r['bytes'][way] / 1e6:.1f} | {rate / 1e9:.0f} | "
+                  f"{rate / peak:.0%} | {base / t:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": bench.environment(), "copy_gbps": peak / 1e9, "rows": rows},
+                                              indent=2))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["dispatch", "models", "upcycle", "quantize"])
+    ap.add_argument("what", choices=["dispatch", "models", "upcycle", "quantize", "kernels"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 128, 1024, 4096])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
@@ -210,13 +237,15 @@ def main():
     ap.add_argument("--calib", type=int, default=32, help="quantize: calibration windows of 256 tokens")
     ap.add_argument("--ppl-tokens", type=int, default=None, help="default: the whole test split")
     ap.add_argument("--out", default="moe_results")
+    ap.add_argument("--json", default=None, help="kernels: write the rows here")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"dispatch": dispatch, "models": models, "upcycle": upcycle, "quantize": quantize}[args.what](args)
+    run = {"dispatch": dispatch, "models": models, "upcycle": upcycle, "quantize": quantize, "kernels": kernels}
+    run[args.what](args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ for part in $PARTS; do
   quant)  # lesson 08's quantized matmuls and the decode GEMVs only, and every W4A16 GEMV candidate config, timed one by one
     timeout ${QUANT_TIMEOUT:-300} $PY -m llmopt.cli bench kernels --only w4a16 w8a16 gemv --configs --config-rows ${CONFIG_ROWS:-1 8} --repeats 50 \
         --json "$OUT/quant.json" 2>&1 | tee "$OUT/quant.txt" ;;
+  moe)  # lesson 07-08: one Mixtral-8x7B-shaped MoE layer's experts at decode, float vs W4, the grouped W4 MoE kernels
+    timeout ${MOE_TIMEOUT:-180} $PY scripts/bench_moe.py kernels --tokens ${MOE_TOKENS:-1 4 16} --repeats 20 \
+        --json "$OUT/moe.json" 2>&1 | grep -v Warning | tee "$OUT/moe.txt" ;;
   tests)  # the GPU-marked tests (CUDA graphs vs eager vs HF, the kernels in bf16 on the GPU, ...)
     timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors ${TESTS:-tests} 2>&1 | tail -n 25 | tee "$OUT/pytest.txt" ;;
   serve)  # the engine against HF generate on a chat workload (long: HF one request at a time)

@@ -191,6 +191,25 @@ def test_triton_imported_first_is_said_when_a_kernel_is_asked_for_not_at_import(
     assert "imported before llmopt.kernels" in r.stdout and "restart" in r.stdout
 
 
+def test_kernels_run_on_cpu_after_a_model_is_loaded_in_a_fresh_process():
+    """A learner's fresh Jupyter kernel: `import llmopt`, load a model (transformers imports torch._dynamo,
+    which imports triton), then ask for a Triton kernel on a CPU tensor. llmopt sets TRITON_INTERPRET on
+    import, before triton can be imported, so the interpreter runs it (lesson 07's dispatch cell failed
+    so before)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, llmopt\nmodel, tok = llmopt.load('tinypy')\nassert 'triton' in sys.modules\n"
+            "from llmopt import moe\nx, ex, w, gu, dn = moe.random_problem(8, 32, 32, 4, 2)\n"
+            "err = (moe.get_dispatch('triton')(x, ex, w, gu, dn) - moe.sorted_dispatch(x, ex, w, gu, dn)).abs().max()\n"
+            "print('err', float(err))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split("err")[-1]) < 1e-4
+
+
 def test_bench_checks_every_kernel_on_cpu():
     rows = kbench.check("cpu")
     names = {r["kernel"] for r in rows}

@@ -12,10 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(path: Path, strict: bool, tmp_path: Path):
     nb = nbformat.read(path, as_version=4)
+    # TRITON_INTERPRET is left to the notebook (llmopt sets it on import), as in a learner's fresh Jupyter
     env = {"LLMOPT_SMOKE": "1", "LLMOPT_STRICT": "1" if strict else "0", "MPLBACKEND": "Agg",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": None}
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
+    for k, v in env.items():  # the kernel inherits this process's environment
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         NotebookClient(nb, timeout=900, kernel_name="python3",
                        resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -296,29 +296,56 @@ def test_calibrated_moe_models_save_and_load(tmp_path, method):
     assert type(back.model.layers[0].mlp.experts.down_proj[0]) is type(model.model.layers[0].mlp.experts.down_proj[0])
 
 
-def test_fused_experts_call_their_kernel_modules():
-    """After `kernels.fuse` the experts' matrices are KernelQuantLinear modules, and QuantExperts calls
-    them on each hit expert's tokens (the W4A16 kernel reads the codes) instead of dequantizing up front:
-    same logits, with the reference backend and with the Triton kernels in the interpreter."""
-    from llmopt import kernels
-    from llmopt.kernels.qlinear import KernelQuantLinear
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=16), QuantConfig(bits=8, symmetric=False)],
+                         ids=["w4", "w8-zero-point"])
+def test_fused_experts_run_the_grouped_kernels(tmp_path, monkeypatch, cfg):
+    """`kernels.fuse` stacks a 4- or 8-bit QuantExperts' codes into a KernelQuantExperts, which lesson 07's
+    grouped MoE kernels read: same logits with the reference backend and with the Triton kernels in the
+    interpreter, the same bytes per decode step, and a save that says to save before fusing."""
+    from llmopt import bench, kernels
+    from llmopt.kernels import KernelQuantExperts
+    from llmopt.moe import triton_moe
 
     model = _family("upcycled")
-    quantize(model, QuantConfig(bits=4, group_size=16))
-    want = model(IDS[:1, :6]).logits
-    assert not model.model.layers[0].mlp.experts.calls_modules
+    quantize(model, cfg)
+    want = model(IDS[:, :6]).logits
+    calls = []
+    real = triton_moe.triton_dispatch
+    monkeypatch.setattr(triton_moe, "triton_dispatch", lambda *a, **k: calls.append(a[0].device) or real(*a, **k))
     for backend in ("torch", "triton"):
         fused = kernels.fuse(copy.deepcopy(model), backend=backend)
-        experts = [m for m in fused.modules() if isinstance(m, QuantExperts)]
-        assert len(experts) == 2 and all(e.calls_modules for e in experts)
-        assert all(type(m) is KernelQuantLinear for e in experts for m in [*e.gate_up_proj, *e.down_proj])
+        experts = [m for m in fused.modules() if isinstance(m, KernelQuantExperts)]
+        assert len(experts) == 2 and not any(isinstance(m, (QuantExperts, QuantLinear)) for m in experts[0].modules())
+        assert experts[0].gate_up_proj.qweight.shape[0] == 4 and experts[0].graph_safe == (backend != "torch")
+        calls.clear()
+        torch.testing.assert_close(fused(IDS[:, :6]).logits, want, rtol=1e-4, atol=1e-4)
+        assert len(calls) == (2 if backend == "triton" else 0)   # the kernels ran, once per layer, with "triton"
+        assert bench.weight_bytes(fused) == bench.weight_bytes(model)
+    with pytest.raises(ValueError, match="save the model before fusing"):
+        save_quantized(fused, None, tmp_path / "fused")
+
+
+def test_only_plain_quantized_experts_are_stacked():
+    """NF4, W8A8 and 2-bit experts have no grouped kernel: fuse leaves their QuantExperts as they are."""
+    from llmopt import kernels
+    from llmopt.kernels import KernelQuantExperts
+
+    for cfg, calib in ((QuantConfig(bits=4, method="nf4"), None), (QuantConfig(bits=2, group_size=16), None),
+                       (QuantConfig(bits=8, method="smoothquant"), IDS)):
+        model = quantize(_family("upcycled"), cfg, calib)
+        want = model(IDS[:1, :6]).logits
+        fused = kernels.fuse(model)
+        assert isinstance(fused.model.layers[0].mlp.experts, QuantExperts)
+        assert not any(isinstance(m, KernelQuantExperts) for m in fused.modules())
         torch.testing.assert_close(fused(IDS[:1, :6]).logits, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="plain 4- or 8-bit"):
+        KernelQuantExperts.from_quant_experts(fused.model.layers[0].mlp.experts)
 
 
 @pytest.mark.gpu
 def test_gpu_quantized_experts_in_bf16_and_fused():
     """On a GPU, in bf16: the quantized experts give the float experts' answer (same dequantized weights),
-    plain and after `kernels.fuse` (whose W4 modules then sit inside QuantExperts)."""
+    plain and after `kernels.fuse` (its grouped W4 MoE kernels compiled, inside `KernelQuantExperts`)."""
     from llmopt.kernels import fuse
 
     model = _family("upcycled")

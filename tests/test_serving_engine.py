@@ -522,12 +522,12 @@ def test_scheduler_never_exceeds_its_budgets():
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "upcycled", "upcycled_w4",
-                                  "upcycled_w8a8"])
+                                  "upcycled_w8a8", "upcycled_w4_fused"])
 def test_other_llama_family_models(arch, model_tok):
     """Mistral (same blocks), Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), and Mixture-of-Experts
     models, whose MLP the runner calls as it is: Mixtral, Qwen3-MoE and lesson 07's upcycled model, also
-    with its experts quantized (W4, `QuantExperts`, and SmoothQuant's W8A8, which calls each expert's
-    modules on its tokens)."""
+    with its experts quantized (W4, `QuantExperts`; SmoothQuant's W8A8, which calls each expert's
+    modules on its tokens; W4 after `kernels.fuse`, whose grouped kernels let a GPU record CUDA graphs)."""
     import transformers
 
     from llmopt import moe
@@ -544,7 +544,8 @@ def test_other_llama_family_models(arch, model_tok):
                                                                 moe_intermediate_size=48, **experts),
               "upcycled": lambda: transformers.LlamaConfig(**common),
               "upcycled_w4": lambda: transformers.LlamaConfig(**common),
-              "upcycled_w8a8": lambda: transformers.LlamaConfig(**common)}[arch]()
+              "upcycled_w8a8": lambda: transformers.LlamaConfig(**common),
+              "upcycled_w4_fused": lambda: transformers.LlamaConfig(**common)}[arch]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if arch.startswith("upcycled"):
@@ -559,11 +560,16 @@ def test_other_llama_family_models(arch, model_tok):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    if arch == "upcycled_w4":
+    if arch in ("upcycled_w4", "upcycled_w4_fused"):
         from llmopt.quant import QuantConfig, QuantExperts, quantize
 
         quantize(model, QuantConfig(bits=4, group_size=32))
         assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    if arch == "upcycled_w4_fused":
+        from llmopt.kernels import KernelQuantExperts, fuse
+
+        fuse(model)
+        assert isinstance(model.model.layers[0].mlp.experts, KernelQuantExperts)
     if arch == "upcycled_w8a8":
         from llmopt.quant import QuantConfig, quantize
 
@@ -573,7 +579,8 @@ def test_other_llama_family_models(arch, model_tok):
     outs = run_engine(LLMEngine(model, tok, num_kv_blocks=64, block_size=4), reqs)
     for (prompt, n), out in zip(reqs, outs):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
-    # experts picked by the data cannot be replayed from a CUDA graph: on a GPU MoE models decode eagerly
+    # experts whose dispatch reads the routing back on the host cannot be replayed from a CUDA graph: on a
+    # GPU those MoE models decode eagerly; the grouped kernels of a fused W4 model read nothing back
     from llmopt.serving.runner import graph_blocker
 
     moe_arch = arch in ("mixtral", "qwen3_moe", "upcycled", "upcycled_w4", "upcycled_w8a8")
@@ -989,6 +996,25 @@ def test_gpu_moe_model_decodes_eagerly_with_hf_tokens():
     reqs = workload(8, model.config.vocab_size, seed=4, max_prompt=40, max_new=12)
     for (prompt, n), out in zip(reqs, run_engine(engine, reqs)):
         assert out.outputs[0].token_ids == hf_greedy(big, prompt, n)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_w4_moe_model_records_cuda_graphs():
+    """On a GPU: the upcycled model in W4 after `kernels.fuse` runs its experts with the grouped MoE kernels,
+    which read nothing back to the host, so the engine records CUDA graphs for it; its tokens are the eager
+    engine's and HF generate's (float32)."""
+    import llmopt
+    from llmopt import kernels, moe
+    from llmopt.quant import QuantConfig, quantize
+
+    model, tok = llmopt.load("tinypy", device="cuda", dtype=torch.float32)
+    big = kernels.fuse(quantize(moe.upcycle(model, num_experts=4, top_k=2).eval(), QuantConfig(bits=4, group_size=32)))
+    engine = LLMEngine(big, tok, block_size=16, num_kv_blocks=128, max_num_seqs=8)
+    assert engine.runner.graphs and engine.runner.eager_reason is None
+    eager = LLMEngine(big, tok, block_size=16, num_kv_blocks=128, max_num_seqs=8, enforce_eager=True)
+    reqs = workload(8, model.config.vocab_size, seed=4, max_prompt=40, max_new=12)
+    for (prompt, n), out, ref in zip(reqs, run_engine(engine, reqs), run_engine(eager, reqs)):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids == hf_greedy(big, prompt, n)
 
 
 @pytest.mark.gpu

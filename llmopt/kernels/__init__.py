@@ -8,7 +8,7 @@
   with the norm or the SwiGLU before it folded in, one launch instead of two for up to 8 rows
   (`fuse(model, gemv=True)`);
 - `fuse(model)`: a Llama-family model with the fused modules (and kernel-backed quantized
-  linears) swapped in, same outputs within dtype tolerance;
+  linears and MoE experts) swapped in, same outputs within dtype tolerance;
 - `llmopt bench kernels`: GB/s, fraction of peak and speedups on a GPU (`kernels.bench`).
 
 Every op takes `backend="auto" | "triton" | "torch"`: the kernel on a GPU, the reference on a
@@ -21,7 +21,7 @@ CPU by default; "triton" runs the kernel under Triton's interpreter on a CPU (sl
 from .common import BACKENDS, HAS_TRITON, interpreted, use_triton
 from .fuse import FusedAttention, FusedDecoderLayer, FusedMLP, FusedRMSNorm, fuse, set_backend
 from .gemv import norm_linear, norm_linear_reference, swiglu_linear, swiglu_linear_reference
-from .qlinear import KernelQuantLinear, has_kernel
+from .qlinear import KernelQuantExperts, KernelQuantLinear, StackedQuantLinear, can_stack_experts, has_kernel
 from .rmsnorm import rmsnorm, rmsnorm_reference, rmsnorm_triton
 from .rope import rope, rope_reference, rope_triton
 from .softmax import softmax, softmax_reference, softmax_triton
@@ -31,7 +31,8 @@ from .w8a16 import dequantize_int8, w8a16_gemv, w8a16_linear, w8a16_reference
 
 __all__ = [
     "BACKENDS", "HAS_TRITON", "FusedAttention", "FusedDecoderLayer", "FusedMLP", "FusedRMSNorm",
-    "KernelQuantLinear", "dequantize_int4", "dequantize_int8", "fuse", "has_kernel", "interpreted",
+    "KernelQuantExperts", "KernelQuantLinear", "StackedQuantLinear", "can_stack_experts",
+    "dequantize_int4", "dequantize_int8", "fuse", "has_kernel", "interpreted",
     "norm_linear", "norm_linear_reference", "rmsnorm",
     "rmsnorm_reference", "rmsnorm_triton", "rope", "rope_reference", "rope_triton", "set_backend", "softmax",
     "softmax_reference", "softmax_triton", "swiglu", "swiglu_linear", "swiglu_linear_reference", "swiglu_reference",

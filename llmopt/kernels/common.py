@@ -24,7 +24,10 @@ import torch
 
 # The interpreter is chosen when `triton` is first imported (triton.language binds tl.sum, tl.zeros,
 # ... then): a triton imported earlier without the flag cannot run kernels on CPU tensors.
-_IMPORTED_TOO_EARLY = "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ
+# (llmopt/__init__.py sets the flag first thing: it noted whether triton was there already.)
+from .. import _TRITON_IMPORTED_FIRST
+
+_IMPORTED_TOO_EARLY = _TRITON_IMPORTED_FIRST or ("triton" in sys.modules and "TRITON_INTERPRET" not in os.environ)
 # (Said when a kernel is asked for on a CPU tensor, not at import: transformers or bitsandbytes may import
 # triton first in a process that only ever runs the references.)
 if not torch.cuda.is_available():

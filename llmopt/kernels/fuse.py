@@ -8,7 +8,9 @@ What changes, per decoder layer (state-dict keys stay the same, the weights are 
 - attention -> `FusedAttention`: rotary embedding of q and k in one launch (the attention
   itself stays transformers' SDPA / eager path, which is already fused);
 - every 4- or 8-bit `QuantLinear` -> `KernelQuantLinear`: the W4A16 / W8A16 kernels read the
-  packed bytes directly instead of dequantizing the whole weight every call.
+  packed bytes directly instead of dequantizing the whole weight every call;
+- every 4- or 8-bit `QuantExperts` of a Mixture-of-Experts layer -> `KernelQuantExperts`: the
+  experts' codes stacked (new state-dict keys), run by lesson 07's grouped MoE kernels.
 
 `merge=True` also stacks each layer's q, k and v projections into one `qkv_proj`, and gate and up
 into one `gate_up_proj` (vLLM's QKVParallelLinear and MergedColumnParallelLinear): one matmul, or
@@ -234,7 +236,7 @@ def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True, merge:
     """Swap in the fused modules, in place; returns `model` (it still generates and saves). `merge`:
     also merge q/k/v and gate/up into one projection each, where their types and settings match.
     `gemv`: merge, and let `llmopt.serving` fold the norms and the SwiGLU into the decode matmuls."""
-    from .qlinear import KernelQuantLinear, has_kernel
+    from .qlinear import KernelQuantExperts, KernelQuantLinear, can_stack_experts, has_kernel
 
     check_backend(backend)
     layers = decoder_layers(model)
@@ -248,6 +250,10 @@ def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True, merge:
     if isinstance(getattr(base, "norm", None), nn.Module) and hasattr(base.norm, "weight"):
         base.norm = _fused_norm(base.norm, backend)
     if quantized:
+        for name, module in list(model.named_modules()):
+            if can_stack_experts(module):   # before the linears: its matrices go with it
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, KernelQuantExperts.from_quant_experts(module, backend))
         for name, module in list(model.named_modules()):
             if has_kernel(module):
                 parent, _, child = name.rpartition(".")

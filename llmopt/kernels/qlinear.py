@@ -1,17 +1,26 @@
-"""`KernelQuantLinear`: a `QuantLinear` whose forward runs the W4A16 / W8A16 kernels.
+"""Kernel-backed quantized modules: what `fuse` swaps in for lessons 02 and 07's quantized ones.
 
-Same buffers, same state-dict keys, same outputs (within the dtype's rounding) as `QuantLinear`: only
-the forward changes, from "dequantize the whole weight, then matmul" to kernels that read the packed
-codes directly, so a quantized model becomes faster at decode and not only smaller (gpt-fast's
-`WeightOnlyInt4Linear` is the same module swap).
+- `KernelQuantLinear`: a `QuantLinear` whose forward runs the W4A16 / W8A16 kernels. Same buffers,
+  same state-dict keys, same outputs (within the dtype's rounding) as `QuantLinear`: only the forward
+  changes, from "dequantize the whole weight, then matmul" to kernels that read the packed codes
+  directly, so a quantized model becomes faster at decode and not only smaller (gpt-fast's
+  `WeightOnlyInt4Linear` is the same module swap).
+- `KernelQuantExperts`: a `QuantExperts` (4 or 8 bits) whose E experts' codes are stacked into one
+  tensor per projection, so lesson 07's grouped MoE kernels (`moe.triton_moe`) run every hit expert
+  in two launches, dequantizing in registers, instead of a loop over the hit experts with two GEMV
+  calls each. It reads nothing back to the host, so a decode step of an MoE model can be recorded as
+  a CUDA graph (the serving engine does, `graph_safe`). Its buffers are the experts' stacked, so its
+  state-dict keys differ from QuantExperts' (save before fusing, as with `merge=True`).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..moe.dispatch import DispatchChoice, sorted_dispatch
 from ..quant.linear import QuantConfig, QuantLinear
-from .common import check_backend
+from .common import HAS_TRITON, check_backend, use_triton
 from .w4a16 import w4a16_linear
 from .w8a16 import w8a16_linear
 
@@ -52,3 +61,104 @@ class KernelQuantLinear(QuantLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class StackedQuantLinear(nn.Module):
+    """E quantized (out, in) matrices of one config in one set of buffers, `QuantLinear`'s stacked:
+    qweight (E, out, in * bits / 8), scales (E, out, n_groups), zeros (E, out, n_groups) or None."""
+
+    def __init__(self, num: int, in_features: int, out_features: int, cfg: QuantConfig, device=None):
+        super().__init__()
+        self.num, self.in_features, self.out_features, self.cfg = num, in_features, out_features, cfg
+        one = QuantLinear(in_features, out_features, cfg, device="meta")   # the per-matrix shapes and dtypes
+        for name, b in one.named_buffers():
+            self.register_buffer(name, torch.zeros(num, *b.shape, dtype=b.dtype, device=device))
+        if one.zeros is None:
+            self.zeros = None
+
+    @classmethod
+    @torch.no_grad()
+    def stack(cls, linears) -> StackedQuantLinear:
+        first = linears[0]
+        m = cls(len(linears), first.in_features, first.out_features, first.cfg, device="meta")
+        m.qweight = torch.stack([q.qweight for q in linears])
+        m.scales = torch.stack([q.scales for q in linears])
+        m.zeros = None if first.zeros is None else torch.stack([q.zeros for q in linears])
+        return m
+
+    def __len__(self) -> int:
+        return self.num
+
+    def packed(self):
+        """The buffers as the MoE kernels' `PackedExperts` (no copy)."""
+        from ..moe.triton_moe import PackedExperts
+
+        return PackedExperts(self.qweight, self.scales, self.zeros, self.cfg.bits, self.cfg.group_size)
+
+    def extra_repr(self) -> str:
+        return f"{self.num} x {QuantLinear.extra_repr(self)}"
+
+
+def _is_silu(act) -> bool:
+    return act is F.silu or getattr(act, "__name__", "") == "silu" or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def can_stack_experts(module: nn.Module) -> bool:
+    """True for a `QuantExperts` whose matrices are all plain 4- or 8-bit `QuantLinear`s without bias
+    (round-to-nearest, GPTQ or AWQ codes): `KernelQuantExperts` can hold them."""
+    from ..quant.experts import QuantExperts
+
+    return (isinstance(module, QuantExperts)
+            and all(type(m) is QuantLinear and m.bias is None and m.cfg.bits in KERNEL_BITS
+                    for m in [*module.gate_up_proj, *module.down_proj]))
+
+
+class KernelQuantExperts(DispatchChoice, nn.Module):
+    """Quantized SwiGLU experts run by the grouped MoE kernels: called like `Experts`, (x, experts,
+    weights) -> (T, H). `backend` "auto": the kernels on a GPU (SiLU experts), the reference elsewhere,
+    which dequantizes the hit experts and runs the `dispatch` path ("sorted" for "triton")."""
+    quantized = True
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, cfg: QuantConfig,
+                 backend: str = "auto", dispatch: str = "sorted", device=None):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size, self.cfg = (num_experts, hidden_size,
+                                                                                 intermediate_size, cfg)
+        self.gate_up_proj = StackedQuantLinear(num_experts, hidden_size, 2 * intermediate_size, cfg, device)
+        self.down_proj = StackedQuantLinear(num_experts, intermediate_size, hidden_size, cfg, device)
+        self.act = F.silu
+        self.backend = check_backend(backend)
+        self.dispatch = dispatch
+
+    @classmethod
+    def from_quant_experts(cls, q: nn.Module, backend: str = "auto") -> KernelQuantExperts:
+        """The codes of `q` (see `can_stack_experts`) stacked, the same values (a copy: `q` can go)."""
+        if not can_stack_experts(q):
+            raise ValueError(f"{type(q).__name__}: KernelQuantExperts holds QuantExperts of plain 4- or 8-bit "
+                             "QuantLinear matrices (rtn, gptq, awq)")
+        with torch.device("meta"):
+            m = cls(q.num_experts, q.hidden_size, q.intermediate_size, q.gate_up_proj[0].cfg, backend, q.dispatch)
+        m.gate_up_proj = StackedQuantLinear.stack(list(q.gate_up_proj))
+        m.down_proj = StackedQuantLinear.stack(list(q.down_proj))
+        m.act = q.act
+        return m
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether the forward on a GPU is the kernels' path, which reads nothing back to the host: a
+        CUDA graph can record it."""
+        return HAS_TRITON and self.backend != "torch" and _is_silu(self.act)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if use_triton(x, self.backend) and _is_silu(self.act):
+            from ..moe.triton_moe import triton_dispatch
+
+            return triton_dispatch(x, experts, weights, self.gate_up_proj.packed(), self.down_proj.packed(), self.act)
+        hit = [e for e in torch.unique(experts).tolist() if e < self.num_experts]
+        gate_up = self.gate_up_proj.packed().dequantize(x.dtype, hit)
+        down = self.down_proj.packed().dequantize(x.dtype, hit)
+        fn = sorted_dispatch if self.dispatch == "triton" else self._fn
+        return fn(x, experts, weights, gate_up, down, self.act)
+
+    def extra_repr(self) -> str:
+        return f"dispatch={self.dispatch!r}, backend={self.backend!r}"

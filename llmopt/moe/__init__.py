@@ -19,13 +19,14 @@ from .dispatch import (
 )
 from .layer import Experts, MoEFeedForward, Router, moe_layers, set_dispatch, use_llmopt_moe
 from .routing import Routing, apply_capacity, capacity, expert_load, load_balancing_loss, route, router_z_loss
-from .speed import dispatch_times, model_dispatch_times, random_problem
+from .speed import dispatch_times, expert_decode_times, model_dispatch_times, random_problem
 from .stats import expert_loads, flops_per_token, load_imbalance, param_counts
 from .upcycle import aux_losses, mixtral_config, moe_lm_loss, upcycle
 
 __all__ = [
     "DISPATCH", "Experts", "MoEFeedForward", "Router", "Routing", "apply_capacity", "aux_losses", "capacity",
-    "dense_dispatch", "dispatch_times", "expert_ffn", "expert_load", "expert_loads", "flops_per_token",
+    "dense_dispatch", "dispatch_times", "expert_decode_times", "expert_ffn", "expert_load", "expert_loads",
+    "flops_per_token",
     "get_dispatch", "grouped_mm", "load_balancing_loss", "load_imbalance", "loop_dispatch", "mixtral_config",
     "model_dispatch_times", "moe_layers", "moe_lm_loss", "param_counts", "random_problem", "route",
     "router_z_loss", "set_dispatch", "sort_by_expert", "sorted_dispatch", "upcycle", "use_llmopt_moe",

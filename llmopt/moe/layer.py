@@ -49,6 +49,14 @@ class Experts(DispatchChoice, nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self._fn(x, experts, weights, self.gate_up_proj, self.down_proj, self.act)
 
+    @property
+    def graph_safe(self) -> bool:
+        """Whether this dispatch path reads nothing back to the host, so a CUDA graph can record it:
+        "dense" (every expert on every token) and "triton" (shapes fixed by `triton_moe.padded_length`)."""
+        from ..kernels.common import HAS_TRITON
+
+        return self.dispatch == "dense" or (self.dispatch == "triton" and HAS_TRITON)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
                 f"intermediate={self.intermediate_size}, dispatch={self.dispatch!r}")

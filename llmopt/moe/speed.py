@@ -1,6 +1,9 @@
 """Timing the dispatch paths on one random MoE layer problem, every path on the same inputs."""
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
 
 from .. import bench
@@ -80,3 +83,72 @@ def model_dispatch_times(model, batch_size: int = 8, seq_len: int = 512, paths=(
         use_llmopt_moe(model, name)
         run(name)
     return times
+
+
+@torch.inference_mode()
+def expert_decode_times(tokens: int = 1, hidden: int = 4096, intermediate: int = 14336, num_experts: int = 8,
+                        top_k: int = 2, group_size: int = 128, device="cuda", dtype=torch.bfloat16,
+                        rotate: int = 4, warmup: int = 3, repeats: int = 20, backend: str = "auto") -> dict:
+    """One MoE layer's experts at decode (a few tokens), float against 4 bits (round to nearest, groups of
+    `group_size`), each way of running them on the same inputs (Mixtral-8x7B's layer by default):
+
+      float sorted / float triton      lesson 07's dispatch paths on the float experts;
+      W4 QuantExperts                  dequantize the hit experts, then sorted dispatch (lesson 07);
+      W4 GEMV loop                     one W4A16 GEMV per hit expert and matrix (`KernelQuantLinear`s);
+      W4 grouped kernels               `KernelQuantExperts`: two launches over every hit expert.
+
+    Returns {"times": {way: seconds}, "bytes": {way: bytes the hit experts hold}, "hit": experts hit}.
+    The calls cycle through `rotate` routings that hit different experts, so each call reads its
+    weights from memory, not from the cache the previous call filled. Every way is checked against
+    the first (float sorted) so a fast wrong one cannot win. On a CPU pass small sizes."""
+    from ..kernels.qlinear import KernelQuantExperts, KernelQuantLinear
+    from ..quant import QuantConfig
+    from ..quant.experts import QuantExperts
+    from .dispatch import sorted_dispatch
+    from .layer import Experts
+
+    with torch.device(device):
+        float_experts = Experts(num_experts, hidden, intermediate).to(dtype)
+    q = QuantExperts.from_experts(float_experts, QuantConfig(bits=4, group_size=group_size))
+    dq_gate_up, dq_down = q.stacked(dtype)             # what every 4-bit way computes with
+    gemv = copy.deepcopy(q)
+    for mats in (gemv.gate_up_proj, gemv.down_proj):
+        for e in range(num_experts):
+            mats[e] = KernelQuantLinear.from_quant_linear(mats[e], backend)
+    grouped = KernelQuantExperts.from_quant_experts(q, backend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
+    routings = []
+    for r in range(rotate):   # top_k experts per token, a different set each time round
+        experts = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)])
+        experts = (experts + r * top_k) % num_experts
+        weights = torch.softmax(torch.randn(tokens, top_k, generator=g), -1)
+        routings.append((experts.to(device), weights.to(device, dtype)))
+    ways = {
+        "float sorted": lambda ex, w: sorted_dispatch(x, ex, w, float_experts.gate_up_proj, float_experts.down_proj),
+        "W4 QuantExperts": lambda ex, w: q(x, ex, w),
+        "W4 GEMV loop": lambda ex, w: gemv(x, ex, w),
+        "W4 grouped kernels": lambda ex, w: grouped(x, ex, w),
+    }
+    if torch.device(device).type == "cuda":
+        from .triton_moe import triton_dispatch
+
+        ways["float triton"] = lambda ex, w: triton_dispatch(x, ex, w, float_experts.gate_up_proj,
+                                                             float_experts.down_proj)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    times, hit = {}, len(torch.unique(routings[0][0]))
+    for name, fn in ways.items():
+        ex, w = routings[0]
+        want = sorted_dispatch(x, ex, w, float_experts.gate_up_proj if name.startswith("float") else dq_gate_up,
+                               float_experts.down_proj if name.startswith("float") else dq_down)
+        got = fn(ex, w)
+        if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+            raise AssertionError(f"{name!r} disagrees with its reference: max |diff| "
+                                 f"{(got.float() - want.float()).abs().max().item():.3g}")
+        turns = itertools.cycle(routings)
+        times[name] = bench.time_fn(lambda fn=fn, turns=turns: fn(*next(turns)), device=device, warmup=warmup,
+                                    repeats=repeats).median
+    float_bytes = 3 * hidden * intermediate * torch.empty((), dtype=dtype).element_size()
+    w4_bytes = sum(b.numel() * b.element_size() for b in grouped.buffers()) // num_experts
+    return {"times": times, "hit": hit,
+            "bytes": {name: hit * (float_bytes if name.startswith("float") else w4_bytes) for name in times}}

@@ -26,11 +26,12 @@ def _expert_params(block: nn.Module) -> int:
 
 
 def _expert_bytes(block: nn.Module) -> int:
-    """Bytes one expert's weights take as stored (codes and scales, when quantized)."""
+    """Bytes one expert's weights take as stored (codes and scales, when quantized: `QuantExperts`, or
+    `kernels.KernelQuantExperts` with every expert's codes in one tensor)."""
     ex = block.experts
     if isinstance(ex.gate_up_proj, torch.Tensor):
         return _expert_params(block) * ex.gate_up_proj.element_size()
-    return sum(b.numel() * b.element_size() for m in (ex.gate_up_proj[0], ex.down_proj[0]) for b in m.buffers())
+    return sum(b.numel() * b.element_size() for b in ex.buffers()) // _num_experts(block)   # every expert alike
 
 
 def _num_experts(block: nn.Module) -> int:

@@ -6,119 +6,260 @@ SiLU, the product with `up`, and the gate weight. Here:
 
 - the host sorts the assignments by expert and pads each expert's segment to a multiple of
   BLOCK_M, so every BLOCK_M-row tile belongs to one expert (`block_expert[tile]`); padding rows
-  point past the end and are masked (vLLM's `moe_align_block_size` does the same);
+  point past the end and are masked (vLLM's `moe_align_block_size` does the same). The padded
+  length is the most the padding can ever need, known from the shapes alone, and tiles past the
+  last segment (expert -1) return at once: nothing is read back to the host, so a decode step with
+  this layer can be recorded as a CUDA graph (lesson 10);
 - `_gate_up_kernel`: one program per (row tile, column tile of the intermediate size) reads its rows of x straight
   from the token ids (no gathered copy), multiplies by that expert's gate and up columns and
   writes silu(gate) * up;
 - `_down_kernel`: the same tiling over the down projection, times each row's gate weight;
-- the host adds each row back onto its token (`index_add_`, summing the k slots).
+- the host gathers each assignment's row back (`pos`) and sums the k slots of every token.
+
+The experts' weights are float (E, N, K) tensors, or quantized ones (`PackedExperts`: INT4 codes two
+to a byte, or INT8, with group scales, `QuantLinear`'s format stacked over the experts). Quantized
+tiles are loaded as codes and dequantized in registers just before `tl.dot`, so the only traffic is
+the packed bytes, and only the hit experts' bytes: at decode a token reads k of the E experts.
 
 On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
 `llmopt.kernels.common` before `triton` is imported): numpy under the hood, exact but slow, so only
-for small tests.
-The reference is `dispatch.sorted_dispatch`; the tests compare the two.
+for small tests. The reference is `dispatch.sorted_dispatch` (on the dequantized weights for
+`PackedExperts`); the tests compare the two.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from ..kernels.common import interpreted, precision, tl, triton
-from .dispatch import sort_by_expert
+from ..kernels.common import interpreted, pick_config, precision, tl, triton
+
+
+class PackedExperts(NamedTuple):
+    """E quantized (N, K) matrices stacked, each in `QuantLinear`'s format: qweight (E, N, K // 2)
+    uint8 for 4 bits (code k = 2i in the low nibble of byte i; symmetric codes stored shifted by 8)
+    or (E, N, K) int8 / uint8 for 8 bits; scales (E, N, n_groups); zeros (E, N, n_groups) uint8, or
+    None when symmetric; group_size None for one group per row. w = (code - zero) * scale."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int | None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        E, N, cols = self.qweight.shape
+        return E, N, cols * 8 // self.bits
+
+    def dequantize(self, dtype=torch.float32, only=None) -> torch.Tensor:
+        """The (E, N, K) float weights (the reference's); with `only` (expert ids), the other experts
+        are zeros and are not dequantized."""
+        from ..kernels.w4a16 import dequantize_codes
+        from ..quant import packing
+
+        E, N, K = self.shape
+        out = torch.zeros(E, N, K, dtype=dtype, device=self.qweight.device)
+        for e in range(E) if only is None else only:
+            codes = packing.unpack(self.qweight[e], 4) if self.bits == 4 else self.qweight[e]
+            zeros = None if self.zeros is None else self.zeros[e]
+            out[e] = dequantize_codes(codes, self.scales[e], zeros, self.group_size, 8.0 if self.bits == 4 else 0.0,
+                                      dtype)
+        return out
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, h_ptr, token_ptr, block_expert_ptr,
-                    H, INTER, stride_x, stride_we, stride_wn, stride_h,
+def _expert_tile(w_ptr, s_ptr, z_ptr, e, n, k, mask, stride_we, stride_wn, stride_se, stride_sn, G,
+                 BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Expert e's weights W[n, k] (n, k: broadcastable index tensors). BITS 0: float weights, loaded
+    as they are. BITS 4 / 8: codes loaded and dequantized here, in float32."""
+    w_e = w_ptr + e * stride_we + n * stride_wn
+    if BITS == 0:
+        return tl.load(w_e + k, mask=mask, other=0.0)
+    if BITS == 4:   # the byte holding k, shifted so k's nibble is the low one (each byte is read for 2 k's)
+        codes = (tl.load(w_e + k // 2, mask=mask, other=0) >> ((k % 2) * 4)) & 0xF
+    else:
+        codes = tl.load(w_e + k, mask=mask, other=0)
+    g = e * stride_se + n * stride_sn + k // G          # the group of (n, k); zeros share the scales' layout
+    s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
+    else:
+        z = 8.0 if BITS == 4 else 0.0
+    return (codes.to(tl.float32) - z) * s
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, token_ptr, block_expert_ptr,
+                    H, INTER, G, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_h,
+                    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:                                                 # a tile past the last segment: nothing to do
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)           # positions in the padded sorted order
     token = tl.load(token_ptr + rows)                         # -1 on padding rows
     valid = token >= 0
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)            # columns of the intermediate size
     acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    w_e = w_ptr + e * stride_we
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + token[:, None] * stride_x + ks[None, :],
                     mask=valid[:, None] & (ks[None, :] < H), other=0.0)
+        # the weight tiles (BLOCK_K, BLOCK_N), K-major as tl.dot wants them: gate rows, then up rows
         wmask = (ks[:, None] < H) & (cols[None, :] < INTER)
-        w_gate = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None], mask=wmask, other=0.0)
-        w_up = tl.load(w_e + (INTER + cols[None, :]) * stride_wn + ks[:, None], mask=wmask, other=0.0)
-        acc_gate += tl.dot(a, w_gate, input_precision=PRECISION)  # float32 accumulator
-        acc_up += tl.dot(a, w_up, input_precision=PRECISION)
+        w_gate = _expert_tile(w_ptr, s_ptr, z_ptr, e, cols[None, :], ks[:, None], wmask, stride_we, stride_wn,
+                              stride_se, stride_sn, G, BITS, HAS_ZEROS)
+        w_up = _expert_tile(w_ptr, s_ptr, z_ptr, e, INTER + cols[None, :], ks[:, None], wmask, stride_we, stride_wn,
+                            stride_se, stride_sn, G, BITS, HAS_ZEROS)
+        acc_gate += tl.dot(a, w_gate.to(a.dtype), input_precision=PRECISION)  # float32 accumulator
+        acc_up += tl.dot(a, w_up.to(a.dtype), input_precision=PRECISION)
     h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up          # silu(gate) * up
     tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
              mask=valid[:, None] & (cols[None, :] < INTER))
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, y_ptr, weight_ptr, token_ptr, block_expert_ptr,
-                 H, INTER, stride_h, stride_we, stride_wn, stride_y,
+def _down_kernel(h_ptr, w_ptr, s_ptr, z_ptr, y_ptr, weight_ptr, token_ptr, block_expert_ptr,
+                 H, INTER, G, stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_y,
+                 BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = tl.load(token_ptr + rows) >= 0
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)            # columns of H
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    w_e = w_ptr + e * stride_we
     for k0 in range(0, INTER, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
                     mask=valid[:, None] & (ks[None, :] < INTER), other=0.0)
-        w = tl.load(w_e + cols[None, :] * stride_wn + ks[:, None],
-                    mask=(ks[:, None] < INTER) & (cols[None, :] < H), other=0.0)
-        acc += tl.dot(a, w, input_precision=PRECISION)
+        wmask = (ks[:, None] < INTER) & (cols[None, :] < H)
+        w = _expert_tile(w_ptr, s_ptr, z_ptr, e, cols[None, :], ks[:, None], wmask, stride_we, stride_wn,
+                         stride_se, stride_sn, G, BITS, HAS_ZEROS)
+        acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
     gate_weight = tl.load(weight_ptr + rows, mask=valid, other=0.0).to(tl.float32)
     y = acc * gate_weight[:, None]
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
              mask=valid[:, None] & (cols[None, :] < H))
 
 
+def padded_length(num_assignments: int, num_experts: int, block_m: int) -> int:
+    """The most rows the padded layout can need: every expert's segment rounded up to block_m adds at
+    most block_m - 1 rows. From the shapes alone, so no count is read back from the GPU."""
+    return triton.cdiv(num_assignments + num_experts * (block_m - 1), block_m) * block_m
+
+
 def align_blocks(experts: torch.Tensor, weights: torch.Tensor, num_experts: int, block_m: int):
     """Sort the assignments by expert and pad every expert's segment to a multiple of block_m.
 
-    Returns (token, weight, block_expert): token (P,) the row of x for each padded position (-1 on
-    padding), weight (P,) its gate weight, block_expert (P // block_m,) the expert of each tile."""
-    order, token, counts = sort_by_expert(experts, num_experts)
-    padded = (counts + block_m - 1) // block_m * block_m
-    P = int(padded.sum())
-    seg_start = torch.cumsum(padded, 0) - padded              # where each expert's padded segment begins
-    rank = torch.arange(order.numel(), device=order.device) - torch.repeat_interleave(
-        torch.cumsum(counts, 0) - counts, counts)             # place within its own segment
-    pos = torch.repeat_interleave(seg_start, counts) + rank
-    token_p = torch.full((P,), -1, dtype=torch.int64, device=experts.device)
-    weight_p = torch.zeros(P, dtype=weights.dtype, device=experts.device)
-    token_p[pos] = token
-    weight_p[pos] = weights.flatten()[order]
-    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=experts.device), padded // block_m)
-    return token_p, weight_p, block_expert
+    Returns (token, weight, block_expert, pos), all of sizes known from the shapes (P =
+    `padded_length(T * k, E, block_m)`): token (P,) the row of x for each padded position (-1 on
+    padding), weight (P,) its gate weight, block_expert (P // block_m,) the expert of each tile (-1
+    for the tiles after the last segment), pos (T, k) where each assignment landed (P for one dropped
+    by a capacity limit, index E). Only tensor ops, no reads back to the host."""
+    T, k = experts.shape
+    E, n, dev = num_experts, experts.numel(), experts.device
+    P = padded_length(n, E, block_m)
+    flat = experts.flatten()
+    order = torch.argsort(flat, stable=True)                  # by expert, token order within; dropped last
+    sorted_e = flat[order]
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts[:E] + block_m - 1) // block_m * block_m
+    seg_end = torch.cumsum(padded, 0)
+    seg_start = torch.cat([seg_end - padded, seg_end.new_full((1,), P)])   # "expert E" (dropped) -> P
+    rank = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]   # place in its segment
+    pos_sorted = torch.where(sorted_e < E, seg_start[sorted_e] + rank, P)
+    token = torch.full((P + 1,), -1, dtype=torch.int64, device=dev)
+    weight = torch.zeros(P + 1, dtype=weights.dtype, device=dev)
+    token[pos_sorted] = torch.where(sorted_e < E, order // k, -1)   # every dropped one writes to the spare slot P
+    weight[pos_sorted] = weights.flatten()[order]
+    tile_start = torch.arange(0, P, block_m, device=dev)
+    block_expert = torch.searchsorted(seg_end, tile_start, right=True)   # the segment each tile starts in
+    block_expert = torch.where(block_expert < E, block_expert, -1)
+    pos = torch.empty(n, dtype=torch.int64, device=dev)
+    pos[order] = pos_sorted
+    return token[:P], weight[:P], block_expert, pos.view(T, k)
 
 
-def triton_dispatch(x, experts, weights, gate_up, down, act=None, block_m: int = 16, block_n: int = 32,
-                    block_k: int = 32):
-    """Same contract as the other dispatch paths (SiLU experts only: `act` must be SiLU or None)."""
+# Block sizes for a GPU, the fastest picked per shape by `pick_config`. BLOCK_M >= 16 (tl.dot's
+# smallest tile): at decode most of a 16-row tile is padding, but the weights are read once per
+# tile, and reading them is the cost.
+# The interpreter pays per operation more than per element: on CPU, few programs with big tiles.
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=256)
+CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4),
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8),
+]
+
+
+def _weights(w):
+    """(tensor, scales, zeros, G, BITS, HAS_ZEROS, strides) for the kernels: a float (E, N, K) tensor, or
+    `PackedExperts` (unused pointers get any tensor)."""
+    if isinstance(w, PackedExperts):
+        q, s = w.qweight.contiguous(), w.scales.contiguous()
+        z = None if w.zeros is None else w.zeros.contiguous()
+        G = w.shape[2] if w.group_size is None else w.group_size
+        return (q, s, s if z is None else z), dict(BITS=w.bits, HAS_ZEROS=z is not None), \
+            (G, q.stride(0), q.stride(1), s.stride(0), s.stride(1))
+    w = w.contiguous()
+    return (w, w, w), dict(BITS=0, HAS_ZEROS=False), (1, w.stride(0), w.stride(1), 0, 0)
+
+
+def _check(x, gate_up, down, act):
     if act is not None and getattr(act, "__name__", "") != "silu" and type(act).__name__ != "SiLUActivation":
         raise ValueError(f"the Triton MoE kernel fuses SiLU; got activation {act!r}")
     if x.device.type == "cpu" and not interpreted():
         raise ValueError("Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before llmopt.moe.triton_moe "
                          "is imported to run them on CPU")
+    for name, w in (("gate_up", gate_up), ("down", down)):
+        if isinstance(w, PackedExperts) and w.bits not in (4, 8):
+            raise ValueError(f"{name}: the kernels read 4- or 8-bit codes, got bits={w.bits!r}")
     E, two_i, H = gate_up.shape
-    INTER = two_i // 2
-    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
-    token, weight, block_expert = align_blocks(experts, weights, E, block_m)
+    if tuple(down.shape) != (E, H, two_i // 2) or two_i % 2 or x.shape[-1] != H:
+        raise ValueError(f"expected gate_up (E, 2I, H), down (E, H, I) and x (T, H); got {tuple(gate_up.shape)}, "
+                         f"{tuple(down.shape)} and {tuple(x.shape)}")
+
+
+def triton_dispatch(x, experts, weights, gate_up, down, act=None, **config):
+    """Same contract as the other dispatch paths (SiLU experts only: `act` must be SiLU or None).
+    `gate_up` / `down`: float (E, 2I, H) / (E, H, I) tensors, or `PackedExperts` of those shapes.
+    `config`: BLOCK_M, BLOCK_N, BLOCK_K, num_warps (default: the fastest of CONFIGS on a GPU, timed
+    once per shape; INTERPRETER_CONFIG on CPU)."""
+    _check(x, gate_up, down, act)
+    if not config and interpreted() and x.device.type == "cpu":
+        config = INTERPRETER_CONFIG
+    if not config:
+        key = ("moe", tuple(x.shape), experts.shape[1], gate_up.shape, x.dtype, getattr(gate_up, "bits", 0),
+               getattr(gate_up, "group_size", None), getattr(gate_up, "zeros", None) is None)
+        config = pick_config(key, CONFIGS, lambda **c: _run(x, experts, weights, gate_up, down, **c))
+    return _run(x, experts, weights, gate_up, down, **config)
+
+
+def _run(x, experts, weights, gate_up, down, BLOCK_M, BLOCK_N, BLOCK_K, num_warps=4):
+    E, two_i, H = gate_up.shape
+    INTER, T = two_i // 2, x.shape[0]
+    x = x.contiguous()
+    token, weight, block_expert, pos = align_blocks(experts, weights, E, BLOCK_M)
     P = token.numel()
     h = torch.empty(P, INTER, device=x.device, dtype=x.dtype)
-    y = torch.empty(P, H, device=x.device, dtype=x.dtype)
-    if P:
-        tiles = P // block_m
-        _gate_up_kernel[(tiles, triton.cdiv(INTER, block_n))](
-            x, gate_up, h, token, block_expert, H, INTER, x.stride(0), gate_up.stride(0), gate_up.stride(1),
-            h.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision(x.dtype))
-        _down_kernel[(tiles, triton.cdiv(H, block_n))](
-            h, down, y, weight, token, block_expert, H, INTER, h.stride(0), down.stride(0), down.stride(1),
-            y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision(x.dtype))
-    valid = token >= 0
-    return torch.zeros_like(x).index_add_(0, token[valid], y[valid])
+    y = torch.empty(P + 1, H, device=x.device, dtype=x.dtype)   # row P: zeros, for dropped assignments
+    y[P].zero_()
+    tiles = P // BLOCK_M
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=precision(x.dtype), num_warps=num_warps)
+    (w, s, z), kind, (G, swe, swn, sse, ssn) = _weights(gate_up)
+    _gate_up_kernel[(tiles, triton.cdiv(INTER, BLOCK_N))](
+        x, w, s, z, h, token, block_expert, H, INTER, G, x.stride(0), swe, swn, sse, ssn, h.stride(0), **kind, **meta)
+    (w, s, z), kind, (G, swe, swn, sse, ssn) = _weights(down)
+    _down_kernel[(tiles, triton.cdiv(H, BLOCK_N))](
+        h, w, s, z, y, weight, token, block_expert, H, INTER, G, h.stride(0), swe, swn, sse, ssn, y.stride(0),
+        **kind, **meta)
+    return y[pos.flatten()].view(T, -1, H).sum(1)              # each token's k rows, summed

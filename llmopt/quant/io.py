@@ -70,8 +70,9 @@ def save_quantized(model: nn.Module, tokenizer, path) -> Path:
         if kind == "QuantExperts":   # saved with its matrices, which must be of a class loading knows
             kind = type(m.down_proj[0]).__name__
         if kind not in classes:
-            hint = {"KernelQuantLinear": " (kernels.fuse() put it there: save the model before fusing, and fuse "
-                                         "it again after loading; `llmopt serve` does)",
+            fused = (" (kernels.fuse() put it there: save the model before fusing, and fuse it again after loading; "
+                     "`llmopt serve` does)")
+            hint = {"KernelQuantLinear": fused, "KernelQuantExperts": fused,
                     "FakeQuantLinear": " (QAT's training form: quant.convert(model) turns it into the QuantLinear "
                                        "it stands for)"}.get(kind, "")
             raise ValueError(f"{name}: cannot save a {kind} (known: {sorted(classes)}){hint}")

@@ -81,14 +81,20 @@ def check_model(model: nn.Module) -> None:
 
 def graph_blocker(model: nn.Module) -> str | None:
     """Why the decode step cannot be recorded as a CUDA graph, or None. A graph replays fixed kernels
-    on fixed shapes; a Mixture-of-Experts layer picks its experts from the data (how many tokens each
-    gets is read back on the host), so MoE models decode eagerly."""
+    on fixed shapes. A Mixture-of-Experts layer picks its experts from the data, and most dispatch
+    paths read on the host how many tokens each expert got (to size a gather, to skip the idle ones):
+    such a layer decodes eagerly. Experts that say they are `graph_safe` read nothing back (the grouped
+    MoE kernels, `kernels.fuse` of a 4- or 8-bit MoE model, or lesson 07's `dispatch="triton"` /
+    `"dense"`): a model of those records its graphs like a dense one."""
     for i, layer in enumerate(model.model.layers):
         mlp = layer.mlp
         dense = hasattr(mlp, "down_proj") and (hasattr(mlp, "gate_up_proj") or hasattr(mlp, "gate_proj"))
-        if not dense:
-            return f"layer {i}'s MLP ({type(mlp).__name__}) is not a dense gate/up/down MLP (experts are routed " \
-                   "by the data)"
+        experts = getattr(mlp, "experts", None)
+        if dense or (getattr(experts, "graph_safe", False) and getattr(mlp, "capacity_factor", None) is None):
+            continue
+        return (f"layer {i}'s MLP ({type(mlp).__name__}) is not a dense gate/up/down MLP (experts are routed by the "
+                f"data, and {type(experts).__name__} reads the routing back on the host; kernels.fuse of a 4- or "
+                "8-bit MoE model runs its experts with kernels that do not)")
     return None
 
 
