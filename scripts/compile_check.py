@@ -70,7 +70,7 @@ def cases():
     gemv = dict(HAS_ZEROS=True, HAS_BIAS=False, stride_xk=1, stride_on=1)
     grouped = w4a16.GEMV_CONFIGS[-1]
     paged = {"tables_ptr": "*i64", "lens_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-    moe = {"token_ptr": "*i32", "block_expert_ptr": "*i32", "weight_ptr": "*fp32"}
+    moe = {"token_ptr": "*i64", "block_expert_ptr": "*i64", "weight_ptr": "*fp32"}
     yield "rmsnorm + residual", rms._rmsnorm_kernel, {}, dict(HAS_RESIDUAL=True, BLOCK=4096), 8
     yield "swiglu", swi._swiglu_kernel, {}, dict(BLOCK=1024), 4
     yield "softmax", sm._softmax_kernel, {}, dict(BLOCK=4096), 8
@@ -98,9 +98,17 @@ def cases():
         yield f"dense gemv, prologue {prologue}, {rows} row(s){', PDL' if pdl else ''}", dense._gemv_kernel, {}, dict(
             PROLOGUE=prologue, HAS_RESIDUAL=prologue == dense.NORM, HAS_BIAS=rows > 1, BLOCK_M=rows, BLOCK_N=bn,
             BLOCK_K=bk, PREFETCH=prefetch, PDL=pdl), warps
-    yield "moe gate/up", triton_moe._gate_up_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64,
-                                                              PRECISION="tf32"), 4
-    yield "moe down", triton_moe._down_kernel, moe, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, PRECISION="tf32"), 4
+    moe_w = {"float": ({}, dict(BITS=0, HAS_ZEROS=False)),      # bf16 experts (their scale/zero pointers unused)
+             "W4": ({"w_ptr": "*u8", "s_ptr": "*fp16"}, dict(BITS=4, HAS_ZEROS=False)),
+             "W8 zero-point": ({"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8"}, dict(BITS=8, HAS_ZEROS=True)),
+             "W8": ({"w_ptr": "*i8", "s_ptr": "*fp16"}, dict(BITS=8, HAS_ZEROS=False))}
+    for label, (ptrs, fmt) in moe_w.items():
+        for c in (triton_moe.CONFIGS[0], triton_moe.CONFIGS[-1]):
+            blocks = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], PRECISION="tf32", **fmt)
+            size = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+            yield f"moe gate/up, {label} experts, {size}", triton_moe._gate_up_kernel, {**moe, **ptrs}, blocks, \
+                c["num_warps"]
+            yield f"moe down, {label} experts, {size}", triton_moe._down_kernel, {**moe, **ptrs}, blocks, c["num_warps"]
     for split, rope, pdl in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
         yield f"paged decode{' split' if split else ''}{' + rope + cache write' if rope else ''}" \
               f"{', PDL' if pdl else ''}", attention._paged_decode_kernel, {**paged, "slots_ptr": "*i64"}, dict(

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels.common import interpreted, pick_config, precision, tl, triton
+from ..kernels.common import interpreted, next_power_of_2, pick_config, precision, tl, triton
 
 
 class PackedExperts(NamedTuple):
@@ -71,21 +71,26 @@ class PackedExperts(NamedTuple):
 def _expert_tile(w_ptr, s_ptr, z_ptr, e, n, k, mask, stride_we, stride_wn, stride_se, stride_sn, G,
                  BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """Expert e's weights W[n, k] (n, k: broadcastable index tensors). BITS 0: float weights, loaded
-    as they are. BITS 4 / 8: codes loaded and dequantized here, in float32."""
+    as they are. BITS 4 / 8: codes loaded and dequantized here, in float32. (One return at the end:
+    the compiler wants every return of a function to have the same type.)"""
     w_e = w_ptr + e * stride_we + n * stride_wn
     if BITS == 0:
-        return tl.load(w_e + k, mask=mask, other=0.0)
-    if BITS == 4:   # the byte holding k, shifted so k's nibble is the low one (each byte is read for 2 k's)
-        codes = (tl.load(w_e + k // 2, mask=mask, other=0) >> ((k % 2) * 4)) & 0xF
+        w = tl.load(w_e + k, mask=mask, other=0.0)
     else:
-        codes = tl.load(w_e + k, mask=mask, other=0)
-    g = e * stride_se + n * stride_sn + k // G          # the group of (n, k); zeros share the scales' layout
-    s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
-    else:
-        z = 8.0 if BITS == 4 else 0.0
-    return (codes.to(tl.float32) - z) * s
+        if BITS == 4:   # the byte holding k, shifted so k's nibble is the low one (each byte is read for 2 k's)
+            codes = (tl.load(w_e + k // 2, mask=mask, other=0) >> ((k % 2) * 4)) & 0xF
+        else:
+            codes = tl.load(w_e + k, mask=mask, other=0)
+        g = e * stride_se + n * stride_sn + k // G          # the group of (n, k); zeros share the scales' layout
+        s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
+        elif BITS == 4:
+            z = 8.0     # symmetric INT4 codes are stored shifted by 8
+        else:
+            z = 0.0
+        w = (codes.to(tl.float32) - z) * s
+    return w
 
 
 @triton.jit
@@ -164,7 +169,7 @@ def align_blocks(experts: torch.Tensor, weights: torch.Tensor, num_experts: int,
     T, k = experts.shape
     E, n, dev = num_experts, experts.numel(), experts.device
     P = padded_length(n, E, block_m)
-    flat = experts.flatten()
+    flat = experts.flatten().long()
     order = torch.argsort(flat, stable=True)                  # by expert, token order within; dropped last
     sorted_e = flat[order]
     counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
@@ -238,8 +243,9 @@ def triton_dispatch(x, experts, weights, gate_up, down, act=None, **config):
     if not config and interpreted() and x.device.type == "cpu":
         config = INTERPRETER_CONFIG
     if not config:
-        key = ("moe", tuple(x.shape), experts.shape[1], gate_up.shape, x.dtype, getattr(gate_up, "bits", 0),
-               getattr(gate_up, "group_size", None), getattr(gate_up, "zeros", None) is None)
+        # one tuning per power of two of the tokens (prompt lengths vary), per shape and format
+        fmt = gate_up[3:] + (gate_up.zeros is None,) if isinstance(gate_up, PackedExperts) else None
+        key = ("moe", next_power_of_2(x.shape[0]), experts.shape[1], gate_up.shape, x.dtype, fmt)
         config = pick_config(key, CONFIGS, lambda **c: _run(x, experts, weights, gate_up, down, **c))
     return _run(x, experts, weights, gate_up, down, **config)
 
