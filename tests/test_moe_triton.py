@@ -148,3 +148,42 @@ def test_expert_decode_benchmark_runs_every_way_against_its_reference():
     assert set(r["times"]) >= {"float sorted", "W4 QuantExperts", "W4 GEMV loop", "W4 grouped kernels"}
     assert all(t > 0 for t in r["times"].values()) and 2 <= r["hit"] <= 4
     assert 5 < r["bytes"]["float sorted"] / r["bytes"]["W4 grouped kernels"] < 8   # 4 of 32 bits, plus the scales
+
+
+def test_the_engine_records_cuda_graphs_only_for_moe_layers_that_read_nothing_back():
+    """`serving.runner.graph_blocker`: an MoE layer whose dispatch reads the routing back on the host keeps
+    the engine eager on a GPU; "dense" and "triton" dispatch (and `KernelQuantExperts`) read nothing back."""
+    import transformers
+
+    from llmopt.serving.runner import graph_blocker
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = moe.upcycle(transformers.LlamaForCausalLM(cfg), num_experts=4, top_k=2)
+    assert "layer 0's MLP" in graph_blocker(model)           # stock Mixtral experts: a loop over the hit ones
+    moe.use_llmopt_moe(model, "sorted")
+    assert "reads the routing back" in graph_blocker(model)
+    for dispatch in ("dense", "triton"):
+        moe.set_dispatch(model, dispatch)
+        assert graph_blocker(model) is None, dispatch
+    moe.use_llmopt_moe(model, "triton", capacity_factor=1.0)   # capacity limits: not claimed
+    assert graph_blocker(model) is not None
+
+
+def test_unwritten_rows_would_show(monkeypatch):
+    """Every float buffer the dispatch allocates starts as NaN here: a row a kernel should have written
+    and did not would reach the output."""
+    real = torch.empty
+
+    def poisoned(*args, **kw):
+        t = real(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    (gate_up, down), (gu, dn) = _packed(4, 32, 48, bits=4, group_size=16, symmetric=False, seed=4)
+    x, ex, w, _, _ = problem(T=13, H=32, inter=48, E=4, k=2, seed=5)
+    ex[3, 0] = 4                                               # one dropped assignment: the spare row
+    want = moe.sorted_dispatch(x, ex, w, gu, dn)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for config in (triton_moe.INTERPRETER_CONFIG, triton_moe.CONFIGS[0]):
+        torch.testing.assert_close(triton_moe.triton_dispatch(x, ex, w, gate_up, down, **config), want,
+                                   rtol=1e-4, atol=1e-4)
