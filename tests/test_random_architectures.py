@@ -5,7 +5,11 @@ attention from 1 KV head up, head dims that are not the hidden size over the hea
 attention and the MLP, tied embeddings, rotary scaling (linear, dynamic, llama3, yarn); then W4, W8
 or no quantization, and `fuse` plain, merged or with the decode GEMVs. The fused model's logits must
 equal the model's, and the engine on the fused model (multi-step decoding or not) must give HF
-`generate`'s greedy tokens on the model, up to a near tie of the logits."""
+`generate`'s greedy tokens on the model, up to a near tie of the logits.
+
+From seed 200 the Llama is upcycled into a Mixture of Experts (lesson 07: 2-6 experts, top-1 to all
+of them, routers and experts made to differ), so that `fuse` meets quantized experts
+(`KernelQuantExperts`, the grouped MoE kernels) and the engine serves routed layers."""
 import copy
 import random
 
@@ -24,8 +28,8 @@ ROPE = {"linear": {"rope_type": "linear", "factor": 2.0}, "dynamic": {"rope_type
         "yarn": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}}
 
 
-def random_model(rng):
-    family = rng.choice(["llama", "mistral", "qwen2"])
+def random_model(rng, family=None):
+    family = family or rng.choice(["llama", "mistral", "qwen2"])
     heads = rng.choice([2, 4, 6, 8])
     head_dim = rng.choice([8, 16, 24, 32])
     kw = dict(vocab_size=rng.choice([97, 256, 300]), intermediate_size=rng.choice([40, 64, 104, 136]),
@@ -42,11 +46,26 @@ def random_model(rng):
         cls = tf.MistralForCausalLM
     else:
         rope = rng.choice([None, None, "linear", "dynamic", "llama3", "yarn"])
-        cfg = tf.LlamaConfig(head_dim=head_dim, attention_bias=rng.random() < 0.3, mlp_bias=rng.random() < 0.2,
-                          rope_scaling=ROPE.get(rope), **kw)
+        biases = family == "llama" and rng.random() < 0.3, family == "llama" and rng.random() < 0.2
+        cfg = tf.LlamaConfig(head_dim=head_dim, attention_bias=biases[0], mlp_bias=biases[1],
+                             rope_scaling=ROPE.get(rope), **kw)
         cls = tf.LlamaForCausalLM
     torch.manual_seed(rng.randrange(1000))
     return cls(cfg).eval()
+
+
+def random_moe_model(rng):
+    """A random Llama without biases, upcycled into a Mixtral whose routers and experts differ."""
+    from llmopt import moe
+
+    E = rng.randint(2, 6)
+    model = moe.upcycle(random_model(rng, family="llama-moe"), num_experts=E, top_k=rng.randint(1, E),
+                        seed=rng.randrange(100))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or name.endswith("mlp.gate.weight"):
+                p.add_(torch.randn_like(p) * p.std())
+    return model.eval()
 
 
 def greedy_agrees(model, prompt, got, want):
@@ -59,13 +78,17 @@ def greedy_agrees(model, prompt, got, want):
     return (row[want[k]] - row[got[k]]).item() <= 1e-4
 
 
-@pytest.mark.parametrize("seed", [*range(24), 102, 103])   # from 100: the Triton kernels (interpreted)
+@pytest.mark.parametrize("seed", [*range(24), 102, 103, *range(200, 224), 304])
 def test_random_architecture_fused_and_served(seed):
+    """Seeds from 100 run the Triton kernels (interpreted); from 200 an MoE model, from 300 with the kernels."""
     rng = random.Random(seed)
-    model = random_model(rng)
+    model = random_moe_model(rng) if seed >= 200 else random_model(rng)
     mode = rng.choice(["plain", "merge", "gemv"])
     quant = rng.choice([None, None, QuantConfig(bits=4, group_size=8), QuantConfig(bits=8)])
-    backend = "triton" if seed >= 100 else "torch"
+    if seed >= 200:   # mostly quantized: the experts' kernels are what is new here
+        quant = rng.choice([None, QuantConfig(bits=4, group_size=8), QuantConfig(bits=4, group_size=8, symmetric=False),
+                            QuantConfig(bits=8), QuantConfig(bits=8, group_size=8, symmetric=False)])
+    backend = "triton" if seed >= 300 or 100 <= seed < 200 else "torch"
     base = quantize(copy.deepcopy(model), quant) if quant else model
     fused = kernels.fuse(copy.deepcopy(base), backend=backend, merge=mode == "merge", gemv=mode == "gemv")
     vocab = model.config.vocab_size
