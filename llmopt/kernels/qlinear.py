@@ -99,10 +99,6 @@ class StackedQuantLinear(nn.Module):
         return f"{self.num} x {QuantLinear.extra_repr(self)}"
 
 
-def _is_silu(act) -> bool:
-    return act is F.silu or getattr(act, "__name__", "") == "silu" or type(act).__name__ in ("SiLU", "SiLUActivation")
-
-
 def can_stack_experts(module: nn.Module) -> bool:
     """True for a `QuantExperts` whose matrices are all plain 4- or 8-bit `QuantLinear`s without bias
     (round-to-nearest, GPTQ or AWQ codes): `KernelQuantExperts` can hold them."""
@@ -147,12 +143,14 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
     def graph_safe(self) -> bool:
         """Whether the forward on a GPU is the kernels' path, which reads nothing back to the host: a
         CUDA graph can record it."""
-        return HAS_TRITON and self.backend != "torch" and _is_silu(self.act)
+        from ..moe.triton_moe import is_silu
+
+        return HAS_TRITON and self.backend != "torch" and is_silu(self.act)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if use_triton(x, self.backend) and _is_silu(self.act):
-            from ..moe.triton_moe import triton_dispatch
+        from ..moe.triton_moe import is_silu, triton_dispatch
 
+        if use_triton(x, self.backend) and is_silu(self.act):
             return triton_dispatch(x, experts, weights, self.gate_up_proj.packed(), self.down_proj.packed(), self.act)
         hit = [e for e in torch.unique(experts).tolist() if e < self.num_experts]
         gate_up = self.gate_up_proj.packed().dequantize(x.dtype, hit)

@@ -135,16 +135,16 @@ def expert_decode_times(tokens: int = 1, hidden: int = 4096, intermediate: int =
 
         ways["float triton"] = lambda ex, w: triton_dispatch(x, ex, w, float_experts.gate_up_proj,
                                                              float_experts.down_proj)
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    tol = 1e-4 if dtype == torch.float32 else 2e-2   # relative error of the whole output (bf16: ~3 digits)
     times, hit = {}, len(torch.unique(routings[0][0]))
     for name, fn in ways.items():
         ex, w = routings[0]
         want = sorted_dispatch(x, ex, w, float_experts.gate_up_proj if name.startswith("float") else dq_gate_up,
                                float_experts.down_proj if name.startswith("float") else dq_down)
         got = fn(ex, w)
-        if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
-            raise AssertionError(f"{name!r} disagrees with its reference: max |diff| "
-                                 f"{(got.float() - want.float()).abs().max().item():.3g}")
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        if not err < tol:   # (NaN fails too)
+            raise AssertionError(f"{name!r} disagrees with its reference: relative error {err:.3g}")
         turns = itertools.cycle(routings)
         times[name] = bench.time_fn(lambda fn=fn, turns=turns: fn(*next(turns)), device=device, warmup=warmup,
                                     repeats=repeats).median

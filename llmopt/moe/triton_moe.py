@@ -219,8 +219,13 @@ def _weights(w):
     return (w, w, w), dict(BITS=0, HAS_ZEROS=False), (1, w.stride(0), w.stride(1), 0, 0)
 
 
+def is_silu(act) -> bool:
+    """The kernels fuse SiLU: F.silu, nn.SiLU or transformers' SiLUActivation (None means SiLU too)."""
+    return act is None or getattr(act, "__name__", "") == "silu" or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
 def _check(x, gate_up, down, act):
-    if act is not None and getattr(act, "__name__", "") != "silu" and type(act).__name__ != "SiLUActivation":
+    if not is_silu(act):
         raise ValueError(f"the Triton MoE kernel fuses SiLU; got activation {act!r}")
     if x.device.type == "cpu" and not interpreted():
         raise ValueError("Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before llmopt.moe.triton_moe "
