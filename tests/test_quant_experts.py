@@ -317,6 +317,8 @@ def test_fused_experts_run_the_grouped_kernels(tmp_path, monkeypatch, cfg):
         experts = [m for m in fused.modules() if isinstance(m, KernelQuantExperts)]
         assert len(experts) == 2 and not any(isinstance(m, (QuantExperts, QuantLinear)) for m in experts[0].modules())
         assert experts[0].gate_up_proj.qweight.shape[0] == 4 and experts[0].graph_safe == (backend != "torch")
+        a, b = model.model.layers[0].mlp.experts.to_float(), experts[0].to_float()   # the same float weights
+        assert torch.equal(a.gate_up_proj, b.gate_up_proj) and torch.equal(a.down_proj, b.down_proj)
         calls.clear()
         torch.testing.assert_close(fused(IDS[:, :6]).logits, want, rtol=1e-4, atol=1e-4)
         assert len(calls) == (2 if backend == "triton" else 0)   # the kernels ran, once per layer, with "triton"

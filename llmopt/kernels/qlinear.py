@@ -158,5 +158,16 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         fn = sorted_dispatch if self.dispatch == "triton" else self._fn
         return fn(x, experts, weights, gate_up, down, self.act)
 
+    def to_float(self, dtype=torch.float32) -> nn.Module:
+        """lesson 07's float `Experts` holding the dequantized weights (as `QuantExperts.to_float`)."""
+        from ..moe.layer import Experts
+
+        with torch.device("meta"):
+            out = Experts(self.num_experts, self.hidden_size, self.intermediate_size, self.dispatch)
+        out.gate_up_proj = nn.Parameter(self.gate_up_proj.packed().dequantize(dtype))
+        out.down_proj = nn.Parameter(self.down_proj.packed().dequantize(dtype))
+        out.act = self.act
+        return out
+
     def extra_repr(self) -> str:
         return f"dispatch={self.dispatch!r}, backend={self.backend!r}"
