@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-"profile decode kernels tests"}
+PARTS=${PARTS:-"profile decode kernels moe tests"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for part in $PARTS; do
@@ -33,7 +33,7 @@ for part in $PARTS; do
     timeout ${QUANT_TIMEOUT:-300} $PY -m llmopt.cli bench kernels --only w4a16 w8a16 gemv --configs --config-rows ${CONFIG_ROWS:-1 8} --repeats 50 \
         --json "$OUT/quant.json" 2>&1 | tee "$OUT/quant.txt" ;;
   moe)  # lesson 07-08: one Mixtral-8x7B-shaped MoE layer's experts at decode, float vs W4, the grouped W4 MoE kernels
-    timeout ${MOE_TIMEOUT:-180} $PY scripts/bench_moe.py kernels --tokens ${MOE_TOKENS:-1 4 16} --repeats 20 \
+    timeout ${MOE_TIMEOUT:-240} $PY scripts/bench_moe.py kernels --tokens ${MOE_TOKENS:-1 4 16} --repeats 20 \
         --json "$OUT/moe.json" 2>&1 | grep -v Warning | tee "$OUT/moe.txt" ;;
   tests)  # the GPU-marked tests (CUDA graphs vs eager vs HF, the kernels in bf16 on the GPU, ...)
     timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors ${TESTS:-tests} 2>&1 | tail -n 25 | tee "$OUT/pytest.txt" ;;
