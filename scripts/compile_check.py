@@ -98,10 +98,14 @@ def cases():
         yield f"dense gemv, prologue {prologue}, {rows} row(s){', PDL' if pdl else ''}", dense._gemv_kernel, {}, dict(
             PROLOGUE=prologue, HAS_RESIDUAL=prologue == dense.NORM, HAS_BIAS=rows > 1, BLOCK_M=rows, BLOCK_N=bn,
             BLOCK_K=bk, PREFETCH=prefetch, PDL=pdl), warps
-    moe_w = {"float": ({}, dict(BITS=0, HAS_ZEROS=False)),      # bf16 experts (their scale/zero pointers unused)
-             "W4": ({"w_ptr": "*u8", "s_ptr": "*fp16"}, dict(BITS=4, HAS_ZEROS=False)),
-             "W8 zero-point": ({"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8"}, dict(BITS=8, HAS_ZEROS=True)),
-             "W8": ({"w_ptr": "*i8", "s_ptr": "*fp16"}, dict(BITS=8, HAS_ZEROS=False))}
+    w4 = {"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8"}
+    moe_w = {"float": ({}, dict(BITS=0, HAS_ZEROS=False, PAIRS=False)),   # bf16 experts (scale/zero pointers unused)
+             "W4": (w4, dict(BITS=4, HAS_ZEROS=False, PAIRS=False)),
+             "W4 pairs": (w4, dict(BITS=4, HAS_ZEROS=False, PAIRS=True)),
+             "W4 pairs zero-point": (w4, dict(BITS=4, HAS_ZEROS=True, PAIRS=True)),
+             "W8 zero-point": ({"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8"}, dict(BITS=8, HAS_ZEROS=True,
+                                                                                      PAIRS=False)),
+             "W8": ({"w_ptr": "*i8", "s_ptr": "*fp16"}, dict(BITS=8, HAS_ZEROS=False, PAIRS=False))}
     for label, (ptrs, fmt) in moe_w.items():
         for c in (triton_moe.CONFIGS[0], triton_moe.CONFIGS[-1]):
             blocks = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], PRECISION="tf32", **fmt)

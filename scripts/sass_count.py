@@ -10,6 +10,7 @@ instructions per weight byte: the number that decides whether a decode GEMV can 
     python scripts/sass_count.py words                 # the words GEMV (VEC counts 32-bit words)
     python scripts/sass_count.py words '{"BLOCK_N": 32, "num_warps": 4}'
     python scripts/sass_count.py gemm                  # the plain and the grouped GEMM, one 64x128x64 tile
+    python scripts/sass_count.py moe                   # lesson 07's MoE kernel: bf16, W4 per weight, W4 pairs
     python scripts/sass_count.py dense '{"PROLOGUE": 1}'   # the bf16 GEMV with the RMSNorm prologue (gemv.py)
     python scripts/sass_count.py words --json          # one line of JSON (lesson 08 reads it)
 
@@ -105,6 +106,27 @@ def gemm():
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
 
 
+def moe():
+    """Lesson 07's MoE gate/up kernel, one 16-row tile: its loop per packed byte of the experts' weights
+    (two weight tiles of BLOCK_N x BLOCK_K per K step: gate and up)."""
+    from llmopt.moe import triton_moe
+
+    pointers = {"token_ptr": "*i64", "block_expert_ptr": "*i64", "weight_ptr": "*fp32", "w_ptr": "*u8",
+                "s_ptr": "*fp16", "z_ptr": "*u8"}
+    kinds = {"bf16": ({"w_ptr": "*bf16"}, dict(BITS=0, PAIRS=False), 2.0),
+             "W4, dequantized per weight": ({}, dict(BITS=4, PAIRS=False), 0.5),
+             "W4, pairs (a K tile inside one group)": ({}, dict(BITS=4, PAIRS=True), 0.5)}
+    for name, (ptrs, fmt, elem) in kinds.items():
+        for bn, bk in ((64, 64), (128, 64)):
+            consts = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, PRECISION="tf32", HAS_ZEROS=False, **fmt)
+            aligned = [n for n in triton_moe._gate_up_kernel.arg_names if n not in consts and not n.endswith("_ptr")]
+            cubin = compile_for(triton_moe._gate_up_kernel, {**pointers, **ptrs}, consts, 4, divisible=aligned)
+            body = loop_body(sass(cubin.asm["cubin"]))
+            per_thread = 2 * bn * bk * elem / (32 * 4)
+            print(f"{name}, 16x{bn}x{bk} tiles, 4 warps: loop of {len(body)} instructions for {per_thread:.0f} weight "
+                  f"bytes per thread = {len(body) / per_thread:.1f} per byte")
+
+
 def main(kind: str, config: dict, as_json: bool = False) -> dict:
     kernel, elem_bytes, default, extra = KERNELS[kind]
     config = {**default, **config}
@@ -150,6 +172,8 @@ if __name__ == "__main__":
     try:
         if args == ["gemm"]:
             gemm()
+        elif args == ["moe"]:
+            moe()
         else:
             kind = args.pop(0) if args and args[0] in KERNELS else "grouped"
             main(kind, json.loads(args[0]) if args else {}, as_json)

@@ -100,10 +100,13 @@ def test_quantized_experts_match_the_dequantized_reference(fmt):
 
 
 @pytest.mark.parametrize("config", triton_moe.CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_every_config_is_right(config):
-    """On a GPU `pick_config` may choose any of CONFIGS: each gives the reference's answer (W4 codes)."""
-    (gate_up, down), (gu, dn) = _packed(4, 32, 48, bits=4, group_size=16, symmetric=True, seed=2)
-    x, ex, w, _, _ = problem(T=21, H=32, inter=48, E=4, k=2, seed=3)
+@pytest.mark.parametrize("group_size, symmetric", [(16, True), (64, True), (64, False)])
+def test_every_config_is_right(config, group_size, symmetric):
+    """On a GPU `pick_config` may choose any of CONFIGS: each gives the reference's answer (W4 codes).
+    Groups of 64 with BLOCK_K 32 or 64 take the pairs path (a K tile inside one group), the rest the
+    per-weight one."""
+    (gate_up, down), (gu, dn) = _packed(4, 128, 64, bits=4, group_size=group_size, symmetric=symmetric, seed=2)
+    x, ex, w, _, _ = problem(T=21, H=128, inter=64, E=4, k=2, seed=3)
     want = moe.sorted_dispatch(x, ex, w, gu, dn)
     torch.testing.assert_close(triton_moe.triton_dispatch(x, ex, w, gate_up, down, **config), want,
                                rtol=1e-4, atol=1e-4)
@@ -184,6 +187,6 @@ def test_unwritten_rows_would_show(monkeypatch):
     ex[3, 0] = 4                                               # one dropped assignment: the spare row
     want = moe.sorted_dispatch(x, ex, w, gu, dn)
     monkeypatch.setattr(torch, "empty", poisoned)
-    for config in (triton_moe.INTERPRETER_CONFIG, triton_moe.CONFIGS[0]):
+    for config in (triton_moe.INTERPRETER_CONFIG, triton_moe.CONFIGS[0], dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)):
         torch.testing.assert_close(triton_moe.triton_dispatch(x, ex, w, gate_up, down, **config), want,
                                    rtol=1e-4, atol=1e-4)
