@@ -105,7 +105,10 @@ def cases():
              "W4 pairs zero-point": (w4, dict(BITS=4, HAS_ZEROS=True, PAIRS=True)),
              "W8 zero-point": ({"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8"}, dict(BITS=8, HAS_ZEROS=True,
                                                                                       PAIRS=False)),
-             "W8": ({"w_ptr": "*i8", "s_ptr": "*fp16"}, dict(BITS=8, HAS_ZEROS=False, PAIRS=False))}
+             "W8": ({"w_ptr": "*i8", "s_ptr": "*fp16"}, dict(BITS=8, HAS_ZEROS=False, PAIRS=False)),
+             "W8 grouped": ({"w_ptr": "*i8", "s_ptr": "*fp16"}, dict(BITS=8, HAS_ZEROS=False, PAIRS=True)),
+             "W8 grouped zero-point": ({"w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8"}, dict(BITS=8, HAS_ZEROS=True,
+                                                                                            PAIRS=True))}
     for label, (ptrs, fmt) in moe_w.items():
         for c in (triton_moe.CONFIGS[0], triton_moe.CONFIGS[-1]):
             blocks = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], PRECISION="tf32", **fmt)

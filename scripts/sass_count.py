@@ -115,7 +115,9 @@ def moe():
                 "s_ptr": "*fp16", "z_ptr": "*u8"}
     kinds = {"bf16": ({"w_ptr": "*bf16"}, dict(BITS=0, PAIRS=False), 2.0),
              "W4, dequantized per weight": ({}, dict(BITS=4, PAIRS=False), 0.5),
-             "W4, pairs (a K tile inside one group)": ({}, dict(BITS=4, PAIRS=True), 0.5)}
+             "W4, pairs (a K tile inside one group)": ({}, dict(BITS=4, PAIRS=True), 0.5),
+             "W8, dequantized per weight": ({"w_ptr": "*i8"}, dict(BITS=8, PAIRS=False), 1.0),
+             "W8, grouped (a K tile inside one group)": ({"w_ptr": "*i8"}, dict(BITS=8, PAIRS=True), 1.0)}
     for name, (ptrs, fmt, elem) in kinds.items():
         for bn, bk in ((64, 64), (128, 64)):
             consts = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, PRECISION="tf32", HAS_ZEROS=False, **fmt)

@@ -100,12 +100,13 @@ def test_quantized_experts_match_the_dequantized_reference(fmt):
 
 
 @pytest.mark.parametrize("config", triton_moe.CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
-@pytest.mark.parametrize("group_size, symmetric", [(16, True), (64, True), (64, False)])
-def test_every_config_is_right(config, group_size, symmetric):
-    """On a GPU `pick_config` may choose any of CONFIGS: each gives the reference's answer (W4 codes).
-    Groups of 64 with BLOCK_K 32 or 64 take the pairs path (a K tile inside one group), the rest the
-    per-weight one."""
-    (gate_up, down), (gu, dn) = _packed(4, 128, 64, bits=4, group_size=group_size, symmetric=symmetric, seed=2)
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 16, True), (4, 64, True), (4, 64, False), (8, 64, True),
+                                                         (8, None, False)])
+def test_every_config_is_right(config, bits, group_size, symmetric):
+    """On a GPU `pick_config` may choose any of CONFIGS: each gives the reference's answer. A K tile
+    inside one group (groups of 64 with BLOCK_K 32 or 64; per channel where BLOCK_K divides K) takes the
+    grouped path (`_w4_pairs_dot`, `_w8_group_dot`), the rest dequantize every weight."""
+    (gate_up, down), (gu, dn) = _packed(4, 128, 64, bits=bits, group_size=group_size, symmetric=symmetric, seed=2)
     x, ex, w, _, _ = problem(T=21, H=128, inter=64, E=4, k=2, seed=3)
     want = moe.sorted_dispatch(x, ex, w, gu, dn)
     torch.testing.assert_close(triton_moe.triton_dispatch(x, ex, w, gate_up, down, **config), want,

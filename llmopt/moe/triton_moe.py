@@ -120,6 +120,21 @@ def _w4_pairs_dot(a_even, a_odd, w_ptr, s_ptr, z_ptr, e, n, n_ok, j, j_ok, g, st
 
 
 @triton.jit
+def _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, n, n_ok, k, k_ok, g, stride_we, stride_wn, stride_se, stride_sn,
+                  HAS_ZEROS: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ W[n, k-tile]^T for INT8 experts when the K tile lies inside one group g: code - zero (at most
+    255 in size: exact in bf16 and fp16) goes to the tensor cores as it is, and the group's one scale per
+    column multiplies the float32 sums, instead of a scale gathered for every weight."""
+    codes = tl.load(w_ptr + e * stride_we + n[None, :] * stride_wn + k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0).to(tl.float32)                   # (BLOCK_K, BLOCK_N), K-major for tl.dot
+    sg = e * stride_se + n * stride_sn + g
+    s = tl.load(s_ptr + sg, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        codes -= tl.load(z_ptr + sg, mask=n_ok, other=0).to(tl.float32)[None, :]
+    return tl.dot(a, codes.to(a.dtype), input_precision=PRECISION) * s[None, :]
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, token_ptr, block_expert_ptr,
                     H, INTER, G, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_h,
                     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, PAIRS: tl.constexpr,
@@ -135,7 +150,15 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, token_ptr, block_expert_p
     acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        if PAIRS:   # INT4 codes, the K tile inside one group: see _w4_pairs_dot
+        if PAIRS and BITS == 8:   # INT8 codes, the K tile inside one group: one scale per column, after the dot
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + token[:, None] * stride_x + ks[None, :], mask=valid[:, None] & (ks[None, :] < H),
+                        other=0.0)
+            acc_gate += _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, cols, cols < INTER, ks, ks < H, k0 // G, stride_we,
+                                      stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
+            acc_up += _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, INTER + cols, cols < INTER, ks, ks < H, k0 // G,
+                                    stride_we, stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
+        elif PAIRS:   # INT4 codes, the K tile inside one group: see _w4_pairs_dot
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             j_ok = j < H // 2
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -177,7 +200,13 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, z_ptr, y_ptr, weight_ptr, token_ptr, block
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)            # columns of H
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, INTER, BLOCK_K):
-        if PAIRS:
+        if PAIRS and BITS == 8:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=valid[:, None] & (ks[None, :] < INTER),
+                        other=0.0)
+            acc += _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, cols, cols < H, ks, ks < INTER, k0 // G, stride_we,
+                                 stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
+        elif PAIRS:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             j_ok = j < INTER // 2
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -256,12 +285,13 @@ CONFIGS = [
 
 def _weights(w, block_k: int):
     """(tensor, scales, zeros), constexprs, (G, strides) for the kernels: a float (E, N, K) tensor, or
-    `PackedExperts` (unused pointers get any tensor). PAIRS: INT4 with every K tile inside one group."""
+    `PackedExperts` (unused pointers get any tensor). PAIRS: every K tile inside one group (for INT4,
+    `_w4_pairs_dot`; for INT8, `_w8_group_dot`)."""
     if isinstance(w, PackedExperts):
         q, s = w.qweight.contiguous(), w.scales.contiguous()
         z = None if w.zeros is None else w.zeros.contiguous()
         G = w.shape[2] if w.group_size is None else w.group_size
-        kind = dict(BITS=w.bits, HAS_ZEROS=z is not None, PAIRS=w.bits == 4 and G % block_k == 0)
+        kind = dict(BITS=w.bits, HAS_ZEROS=z is not None, PAIRS=G % block_k == 0)
         return (q, s, s if z is None else z), kind, (G, q.stride(0), q.stride(1), s.stride(0), s.stride(1))
     w = w.contiguous()
     return (w, w, w), dict(BITS=0, HAS_ZEROS=False, PAIRS=False), (1, w.stride(0), w.stride(1), 0, 0)
