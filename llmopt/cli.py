@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--vocab-size", type=int, default=4096)
-    t.add_argument("--autocast", choices=["bf16", "none"], default="bf16")
+    t.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
+                   help="bf16 autocast; auto: where the device computes bf16 fast (the bundled model: bf16)")
     t.add_argument("--tiny", action="store_true", help="the 2-layer test architecture")
     t.set_defaults(func=_train)
 

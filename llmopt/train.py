@@ -31,7 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
-    autocast: str = "bf16"  # "bf16" or "none": bf16 autocast with fp32 master weights
+    autocast: str = "auto"  # "bf16", "none" or "auto" (bf16 where the device computes it fast): fp32 master weights
     seed: int = 1337
     eval_every: int = 200
     eval_tokens: int = 32768
@@ -39,11 +39,31 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self):
-        if self.autocast not in ("bf16", "none"):
-            raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise ValueError(f"autocast must be 'auto', 'bf16' or 'none', got {self.autocast!r}")
         for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def fast_bf16(device) -> bool:
+    """Whether `device` computes bf16 fast: a GPU that supports it, or a CPU with bf16 or AVX-512
+    instructions (oneDNN's test). On a CPU with AVX2 only, bf16 autocast emulates each op in fp32
+    and a backward pass ran 25x slower than plain fp32 on this project's 2-core CI machine."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def use_autocast(cfg: TrainConfig, device) -> bool:
+    """Resolve `cfg.autocast` for `device`: "auto" means bf16 where `fast_bf16(device)`."""
+    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and fast_bf16(device))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -83,7 +103,7 @@ def train(model, train_stream, cfg: TrainConfig, val_stream=None, loss_fn=lm_los
     other = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    use_amp = cfg.autocast == "bf16"
+    use_amp = use_autocast(cfg, device)
     log, t0 = TrainLog(), time.perf_counter()
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress)
@@ -151,9 +171,10 @@ def plot_log(log: TrainLog, path: Path, title: str = "training loss"):
 
 
 def build_bundled(out_dir, cfg: TrainConfig | None = None, vocab_size: int = 4096, tiny: bool = False,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, ppl_tokens: int | None = None) -> dict:
     """The recipe for the bundled model. Writes a HF model folder plus `training_record.json`
-    and `loss_curve.png` to `out_dir`; returns the record."""
+    and `loss_curve.png` to `out_dir`; returns the record. The perplexities are measured on the
+    whole validation and test splits, or on their first `ppl_tokens` tokens."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     cfg = cfg or TrainConfig()
@@ -171,7 +192,8 @@ def build_bundled(out_dir, cfg: TrainConfig | None = None, vocab_size: int = 409
 
     model = model.to(torch.bfloat16)  # what ships; evaluate exactly that (in fp32 compute)
     model.float()
-    ppl = {s: evaluate.perplexity(model, st, seq_len=cfg.seq_len, progress=progress)
+    ppl = {s: evaluate.perplexity(model, st, seq_len=cfg.seq_len, max_tokens=ppl_tokens,
+                                 progress=progress)
            for s, st in (("validation", val_stream), ("test", test_stream))}
     prompt = "def fibonacci(n):"
     ids = tok(prompt, return_tensors="pt").input_ids
@@ -192,12 +214,13 @@ def build_bundled(out_dir, cfg: TrainConfig | None = None, vocab_size: int = 409
         "corpus": data.corpus_id(),
         "split_tokens": {"train": train_stream.numel(), "validation": val_stream.numel(),
                          "test": test_stream.numel()},
-        "recipe": asdict(cfg),
+        "recipe": {**asdict(cfg), "autocast": "bf16" if use_autocast(cfg, "cpu") else "none"},
         "tokens_seen": log.tokens_seen,
         "train_seconds": round(log.seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "perplexity_bf16_weights": {k: round(v, 3) for k, v in ppl.items()},
-        "perplexity_note": f"back-to-back windows of {cfg.seq_len} tokens (llmopt.eval.perplexity defaults)",
+        "perplexity_note": f"back-to-back windows of {cfg.seq_len} tokens (llmopt.eval.perplexity defaults)"
+                           + (f", the first {ppl_tokens:,} tokens of each split" if ppl_tokens else ""),
         "sample": {"prompt": prompt, "greedy_60_tokens": sample},
         "machine": {"platform": platform.platform(), "processor": bench.cpu_name(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -25,13 +25,25 @@ def exact(a, w):
 
 # --------------------------------------------------------------------------- integer matmul
 
-@pytest.mark.parametrize("m, k, n", [(1, 256, 768), (7, 3, 5), (17, 256, 768), (33, 255, 100), (64, 768, 256)])
-def test_int8_matmul_is_exact(m, k, n):
+@pytest.mark.parametrize("int8_dot", [True, False], ids=["int_mm", "fp32-slices"])
+@pytest.mark.parametrize("m, k, n", [(1, 256, 768), (7, 3, 5), (17, 256, 768), (33, 255, 100), (64, 768, 256),
+                                     (5, 2500, 7)])
+def test_int8_matmul_is_exact(m, k, n, int8_dot, monkeypatch):
+    monkeypatch.setattr(sq, "cpu_has_int8_dot", lambda: int8_dot)  # both CPU paths, whatever this CPU has
     a, w = int8(m, k, seed=1), int8(n, k, seed=2)
     out = sq.int8_matmul(a, w)
     assert out.dtype == torch.int32 and out.shape == (m, n)
     assert torch.equal(out.long(), exact(a, w))
-    assert torch.equal(sq.int8_matmul_reference(a, w).long(), exact(a, w))  # the fallback path too
+    assert torch.equal(sq.int8_matmul_reference(a, w).long(), exact(a, w))
+
+
+@pytest.mark.parametrize("k", [1024, 1041, 4099])
+def test_fp32_slices_stay_exact_at_the_largest_sums(k):
+    # 127 * 127 = 16129 is odd: 1041 of them sum past 2^24 to an odd number, which float32 rounds;
+    # 1024 of -128 * -128 sum to exactly 2^24. Slices of 1024 columns keep every partial sum exact.
+    a = torch.stack([torch.full((k,), 127), torch.full((k,), -128)]).to(torch.int8)
+    w = torch.stack([torch.full((k,), 127), torch.full((k,), -128), torch.arange(k) % 255 - 127]).to(torch.int8)
+    assert torch.equal(sq.int8_matmul_reference(a, w).long(), exact(a, w))
 
 
 def test_int8_matmul_extremes_accumulate_in_int32():

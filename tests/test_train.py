@@ -39,11 +39,12 @@ def test_recipe_writes_a_loadable_model(tmp_path):
     import llmopt
 
     cfg = train.TrainConfig(steps=4, batch_size=2, seq_len=32, warmup=1, eval_every=2, eval_tokens=256)
-    record = train.build_bundled(tmp_path / "m", cfg, tiny=True, progress=False)
+    record = train.build_bundled(tmp_path / "m", cfg, tiny=True, progress=False, ppl_tokens=2048)
     saved = json.loads((tmp_path / "m" / "training_record.json").read_text())
     assert saved["tokens_seen"] == 4 * 2 * 32 == record["tokens_seen"]
     assert saved["recipe"]["steps"] == 4 and saved["corpus"].startswith("python-")
     assert set(saved["perplexity_bf16_weights"]) == {"validation", "test"}
+    assert "2,048 tokens" in saved["perplexity_note"]
     assert (tmp_path / "m" / "loss_curve.png").exists()
     assert "Llama" in (tmp_path / "m" / "README.md").read_text()
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "m")

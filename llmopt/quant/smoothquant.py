@@ -18,8 +18,8 @@ router and every expert's gate/up: one s for all of them (the router stays in fl
 logits do not move), and each expert's matrices become W8A8 (`QuantExperts`).
 
 `W8A8Linear` quantizes each token's activations on the fly (dynamic, symmetric, one scale
-per token), multiplies int8 by int8 into int32 (`torch._int_mm` where it runs, an exact
-integer emulation elsewhere), and rescales by the outer product of token and channel scales.
+per token), multiplies int8 by int8 into int32 (`torch._int_mm` where it runs fast, an exact
+emulation in float32 slices elsewhere), and rescales by the outer product of token and channel scales.
 
 `activation_outliers` measures how outlier-heavy a model's activations are; a small model
 may have none to speak of, and `plant_outliers` gives it some without changing its function,
@@ -28,6 +28,8 @@ to show what smoothing is for.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,13 +50,32 @@ MOE_GROUPS = (LLAMA_GROUPS[0], ("post_attention_layernorm", ("mlp.gate", "mlp.ex
 
 # --------------------------------------------------------------------------- int8 matmul
 
+# Float32 holds every integer up to 2^24 exactly, and 1024 products of two int8 values sum to at
+# most 1024 * 128^2 = 2^24: a float32 matmul over 1024 columns of int8 codes is an exact integer.
+FP32_EXACT_K = 1024
+
+
+@functools.cache
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI, AMX), which `torch._int_mm` uses.
+    Without them (AVX2 only) it ran 27x slower than a float32 matmul of the same shape on this
+    project's CI machine, so `int8_matmul` takes the exact float32 path instead. Read from Linux's
+    /proc/cpuinfo; elsewhere assumed absent."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def int_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `torch._int_mm(a, b)` runs for int8 a (m, k), b (k, n). On CPU (torch 2.13)
-    any 2-D shape works; the CUDA kernel (cuBLAS) asks for m > 16 and k, n multiples of 8."""
+    """Whether `torch._int_mm(a, b)` runs, and runs fast, for int8 a (m, k), b (k, n). On CPU
+    (torch 2.13) any 2-D shape works, fast with VNNI or AMX; the CUDA kernel (cuBLAS) asks for
+    m > 16 and k, n multiples of 8."""
     if not hasattr(torch, "_int_mm") or a.device != b.device:
         return False
     if a.device.type == "cpu":
-        return True
+        return cpu_has_int8_dot()
     if a.device.type == "cuda":
         (m, k), n = a.shape, b.shape[1]
         return m > 16 and k % 8 == 0 and n % 8 == 0
@@ -62,16 +83,21 @@ def int_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def int8_matmul_reference(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a @ w.T for int8 a (m, k), w (n, k), exact, in int32: integer matmul on CPU; float64
-    elsewhere (CUDA has no integer matmul), which is exact while |sum| < 2^53, i.e. for any
-    k below 2^53 / 127^2."""
+    """a @ w.T for int8 a (m, k), w (n, k), exact, in int32. On CPU: float32 matmuls over slices
+    of `FP32_EXACT_K` columns, each exact, summed in int32 (fast BLAS, any k). Elsewhere in
+    float64 (CUDA has no integer matmul but `_int_mm`), exact while |sum| < 2^53."""
     if a.device.type == "cpu":
-        return a.to(torch.int32) @ w.to(torch.int32).T
+        out = None
+        for k0 in range(0, max(a.shape[1], 1), FP32_EXACT_K):
+            part = (a[:, k0:k0 + FP32_EXACT_K].float() @ w[:, k0:k0 + FP32_EXACT_K].float().T).to(torch.int32)
+            out = part if out is None else out.add_(part)
+        return out
     return (a.double() @ w.double().T).to(torch.int32)
 
 
 def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a @ w.T for int8 activations a (m, k) and int8 weights w (n, k), accumulated in int32."""
+    """a @ w.T for int8 activations a (m, k) and int8 weights w (n, k), accumulated in int32:
+    `torch._int_mm` where it is fast, else `int8_matmul_reference` (the same exact result)."""
     if a.dtype != torch.int8 or w.dtype != torch.int8:
         raise ValueError(f"int8_matmul takes int8 tensors, got {a.dtype} and {w.dtype}")
     if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
