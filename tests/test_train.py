@@ -18,6 +18,31 @@ def test_lr_schedule():
         train.TrainConfig(autocast="fp8")
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_autocast_auto_takes_bf16_only_where_it_is_fast(fast, monkeypatch):
+    monkeypatch.setattr(train, "fast_bf16", lambda device: fast)
+    assert train.use_autocast(train.TrainConfig(), "cpu") is fast  # "auto" is the default
+    assert train.use_autocast(train.TrainConfig(autocast="bf16"), "cpu") is True
+    assert train.use_autocast(train.TrainConfig(autocast="none"), "cpu") is False
+    seen = []
+    real = torch.autocast
+
+    def spy(*args, enabled=True, **kwargs):
+        seen.append(enabled)
+        return real(*args, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    model = torch.nn.Linear(4, 4)
+    cfg = train.TrainConfig(steps=1, batch_size=1, seq_len=4, warmup=1)
+    train.train(model, torch.arange(16), cfg, loss_fn=lambda m, x, y: m(x.float()).sum(), progress=False)
+    assert seen == [fast]
+
+
+def test_fast_bf16_answers_for_this_machine():
+    assert train.fast_bf16("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert train.fast_bf16("meta") is False
+
+
 def test_training_lowers_the_loss():
     from transformers import LlamaForCausalLM
 
