@@ -48,8 +48,8 @@ class TrainConfig:
 
 def fast_bf16(device) -> bool:
     """Whether `device` computes bf16 fast: a GPU that supports it, or a CPU with bf16 or AVX-512
-    instructions (oneDNN's test). On a CPU with AVX2 only, bf16 autocast emulates each op in fp32
-    and a backward pass ran 25x slower than plain fp32 on this project's 2-core CI machine."""
+    instructions (oneDNN's test). On a 2-core AVX2-only CPU (an AMD EPYC, Zen 3) a training step's
+    backward pass ran 26x slower under bf16 autocast than in plain fp32 (BENCHMARKS.md)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

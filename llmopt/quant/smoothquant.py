@@ -58,8 +58,8 @@ FP32_EXACT_K = 1024
 @functools.cache
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has int8 dot-product instructions (VNNI, AMX), which `torch._int_mm` uses.
-    Without them (AVX2 only) it ran 27x slower than a float32 matmul of the same shape on this
-    project's CI machine, so `int8_matmul` takes the exact float32 path instead. Read from Linux's
+    Without them (AVX2 only) it ran 27x slower than a float32 matmul of the same shape on a 2-core
+    AMD EPYC (Zen 3, BENCHMARKS.md), so `int8_matmul` takes the exact float32 path instead. Read from Linux's
     /proc/cpuinfo; elsewhere assumed absent."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
