@@ -6,6 +6,10 @@ VENV   ?= .venv
 TORCH  ?= 'torch>=2.4'
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --quiet
+# Test workers (pytest-xdist): one per core, at most 8; each gets cores/workers torch threads
+# (tests/conftest.py). JOBS=0 runs the suite in this one process.
+JOBS   ?= auto
+XDIST   = -n $(JOBS) --maxprocesses=8 --dist worksteal
 
 .PHONY: install tour test test-fast test-browser lab notebooks check-notebooks lint clean
 
@@ -30,10 +34,10 @@ tour: $(VENV)/.core
 	$(VENV)/bin/llmopt tour
 
 test: $(VENV)/.dev
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-fast: $(VENV)/.dev  ## everything but the notebook runs and training
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 js/node_modules: js/package-lock.json  ## Transformers.js for the Node example and the web page
 	cd js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund

@@ -128,9 +128,9 @@ def token_stream(split: str, tokenizer, root: Path | None = None, cache: bool = 
     encs = backend.encode_batch([d.text for d in docs])
     flat = torch.tensor([t for e in encs for t in e.ids], dtype=torch.int32)
     if cache:
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: parallel workers may both write
         torch.save(flat, tmp)
-        tmp.replace(path)  # atomic: parallel test workers never read half a file
+        tmp.replace(path)  # atomic: a parallel worker never reads half a file
     return flat
 
 

@@ -10,6 +10,16 @@ if not torch.cuda.is_available():
     # tl.sum, tl.zeros, ... to the interpreter's versions at import): set it before any test imports it
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test`: one worker per core) each worker takes its share of the cores.
+# Left alone, every worker's torch (and every notebook kernel or CLI it starts) would spin up one
+# thread per core, and two workers on two cores would fight over them.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = max(1, _cores // _workers)
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # the processes the tests start inherit it
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -284,7 +284,7 @@ def test_words_gemv_tiles_whole_group_runs_or_falls_back():
 
 
 WORDS_CASES = [(100, 192, 64, True, True), (37, 96, 32, False, False), (48, 128, None, False, True),
-               (70, 1024, 128, False, True), (20, 96, 24, False, True)]   # the last: the grouped GEMV's fallback
+               (70, 512, 128, False, True), (20, 96, 24, False, True)]   # the last: the grouped GEMV's fallback
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmopt import moe
-from llmopt.moe.dispatch import grouped_mm
+from llmopt.moe.dispatch import grouped_mm, hit_experts
 
 PATHS = ["dense", "loop", "sorted"]
 
@@ -140,6 +140,13 @@ def test_bad_capacity_factor(cf):
 def test_dispatch_paths_agree(case, path):
     args = problem(**case)
     torch.testing.assert_close(moe.get_dispatch(path)(*args), reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_hit_experts_lists_the_experts_with_tokens_and_skips_dropped_slots():
+    assert hit_experts(torch.tensor([[5, 1], [1, 3]]), 6) == [1, 3, 5]
+    assert hit_experts(torch.tensor([[2, 6], [6, 0]]), 6) == [0, 2]   # 6 = E: a dropped slot
+    _, experts, *_ = problem(E=8, k=2, only=[1, 5, 6])
+    assert hit_experts(experts, 8) == [1, 5, 6]
 
 
 def test_grouped_mm_matches_segment_loop(monkeypatch):

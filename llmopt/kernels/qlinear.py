@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe.dispatch import DispatchChoice, sorted_dispatch
+from ..moe.dispatch import DispatchChoice, hit_experts, sorted_dispatch
 from ..quant.linear import QuantConfig, QuantLinear
 from .common import HAS_TRITON, check_backend, use_triton
 from .w4a16 import w4a16_linear
@@ -152,7 +152,7 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
 
         if use_triton(x, self.backend) and is_silu(self.act):
             return triton_dispatch(x, experts, weights, self.gate_up_proj.packed(), self.down_proj.packed(), self.act)
-        hit = [e for e in torch.unique(experts).tolist() if e < self.num_experts]
+        hit = hit_experts(experts, self.num_experts)
         gate_up = self.gate_up_proj.packed().dequantize(x.dtype, hit)
         down = self.down_proj.packed().dequantize(x.dtype, hit)
         fn = sorted_dispatch if self.dispatch == "triton" else self._fn

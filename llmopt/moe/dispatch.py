@@ -49,6 +49,12 @@ def dense_dispatch(x, experts, weights, gate_up, down, act=F.silu):
     return out
 
 
+def hit_experts(experts: torch.Tensor, num_experts: int) -> list[int]:
+    """The expert ids that have at least one token, ascending (a dropped slot, id E, is none): the
+    only experts a quantized layer dequantizes. One read back to the host."""
+    return [e for e in torch.unique(experts).tolist() if e < num_experts]
+
+
 def loop_dispatch(x, experts, weights, gate_up, down, act=F.silu, only=None):
     # gate_up / down: stacked weights, or one module per expert (`QuantExperts`); `only`: the expert ids
     # to visit, when the caller knows which ones have tokens

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe.dispatch import DispatchChoice, loop_dispatch
+from ..moe.dispatch import DispatchChoice, hit_experts, loop_dispatch
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -147,7 +147,7 @@ class QuantExperts(DispatchChoice, nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # Only the experts this batch uses are touched: at decode that is k of E.
-        hit = [e for e in torch.unique(experts).tolist() if e < self.num_experts]
+        hit = hit_experts(experts, self.num_experts)
         if self.calls_modules:   # each of them runs its own modules on its tokens
             return loop_dispatch(x, experts, weights, self.gate_up_proj, self.down_proj, self.act, only=hit)
         gate_up, down = self.stacked(x.dtype, hit)
