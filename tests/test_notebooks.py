@@ -32,8 +32,8 @@ def solved_then_skipped(solution):
     for sol, learner_cell in zip(solution.cells, learner.cells):
         if sol.cell_type == "code" and course.BEGIN not in sol.source and stub is not None:
             # the exercise's check (the next code cell)
-            cells += [nbformat.v4.new_code_cell(strict(1)), sol, nbformat.v4.new_code_cell(strict(0)), stub,
-                      nbformat.v4.new_code_cell(sol.source)]
+            cells += [nbformat.v4.new_code_cell(strict(1)), sol, nbformat.v4.new_code_cell(strict(0)),
+                      nbformat.v4.new_code_cell(stub.source), nbformat.v4.new_code_cell(sol.source)]  # new ids
             stub, n = None, n + 1
             continue
         cells.append(sol)
