@@ -127,6 +127,7 @@ def moe():
             per_thread = 2 * bn * bk * elem / (32 * 4)
             print(f"{name}, 16x{bn}x{bk} tiles, 4 warps: loop of {len(body)} instructions for {per_thread:.0f} weight "
                   f"bytes per thread = {len(body) / per_thread:.1f} per byte")
+            print("  " + ", ".join(f"{k} {v}" for k, v in count(body).most_common(12)))
 
 
 def main(kind: str, config: dict, as_json: bool = False) -> dict:

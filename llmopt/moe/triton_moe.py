@@ -135,6 +135,29 @@ def _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, n, n_ok, k, k_ok, g, stride_we, str
 
 
 @triton.jit
+def _expert_dot(a, w_ptr, s_ptr, z_ptr, e, n, n_ok, k0, K, G, stride_we, stride_wn, stride_se, stride_sn,
+                BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """a @ W_e[n, k0:k0 + BLOCK_K]^T, float32: a is the (BLOCK_M, BLOCK_K) activation tile at k0, W_e
+    expert e's (N, K) matrix. PAIRS (the K tile inside one quantization group): the grouped paths above,
+    one scale per column after the dot. Otherwise each weight is dequantized in the tile (_expert_tile)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    if PAIRS and BITS == 8:
+        part = _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, n, n_ok, ks, ks < K, k0 // G, stride_we, stride_wn,
+                             stride_se, stride_sn, HAS_ZEROS, PRECISION)
+    elif PAIRS:   # INT4: the tile split into its even and odd columns, one per nibble of a packed byte
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
+        part = _w4_pairs_dot(a_even, a_odd, w_ptr, s_ptr, z_ptr, e, n, n_ok, j, j < K // 2, k0 // G, stride_we,
+                             stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
+    else:   # the weight tile (BLOCK_K, BLOCK_N), K-major as tl.dot wants it
+        w = _expert_tile(w_ptr, s_ptr, z_ptr, e, n[None, :], ks[:, None], (ks[:, None] < K) & n_ok[None, :],
+                         stride_we, stride_wn, stride_se, stride_sn, G, BITS, HAS_ZEROS)
+        part = tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
+    return part
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, token_ptr, block_expert_ptr,
                     H, INTER, G, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_h,
                     BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, PAIRS: tl.constexpr,
@@ -150,37 +173,18 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, token_ptr, block_expert_p
     acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        if PAIRS and BITS == 8:   # INT8 codes, the K tile inside one group: one scale per column, after the dot
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + token[:, None] * stride_x + ks[None, :], mask=valid[:, None] & (ks[None, :] < H),
-                        other=0.0)
-            acc_gate += _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, cols, cols < INTER, ks, ks < H, k0 // G, stride_we,
-                                      stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
-            acc_up += _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, INTER + cols, cols < INTER, ks, ks < H, k0 // G,
-                                    stride_we, stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
-        elif PAIRS:   # INT4 codes, the K tile inside one group: see _w4_pairs_dot
-            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            j_ok = j < H // 2
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + token[:, None] * stride_x + ks[None, :], mask=valid[:, None] & (ks[None, :] < H),
-                        other=0.0)   # one contiguous load, then split into the even and odd columns
-            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-            acc_gate += _w4_pairs_dot(a_even, a_odd, w_ptr, s_ptr, z_ptr, e, cols, cols < INTER, j, j_ok, k0 // G,
-                                      stride_we, stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
-            acc_up += _w4_pairs_dot(a_even, a_odd, w_ptr, s_ptr, z_ptr, e, INTER + cols, cols < INTER, j, j_ok,
-                                    k0 // G, stride_we, stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
-        else:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + token[:, None] * stride_x + ks[None, :],
-                        mask=valid[:, None] & (ks[None, :] < H), other=0.0)
-            # the weight tiles (BLOCK_K, BLOCK_N), K-major as tl.dot wants them: gate rows, then up rows
-            wmask = (ks[:, None] < H) & (cols[None, :] < INTER)
-            w_gate = _expert_tile(w_ptr, s_ptr, z_ptr, e, cols[None, :], ks[:, None], wmask, stride_we, stride_wn,
-                                  stride_se, stride_sn, G, BITS, HAS_ZEROS)
-            w_up = _expert_tile(w_ptr, s_ptr, z_ptr, e, INTER + cols[None, :], ks[:, None], wmask, stride_we,
-                                stride_wn, stride_se, stride_sn, G, BITS, HAS_ZEROS)
-            acc_gate += tl.dot(a, w_gate.to(a.dtype), input_precision=PRECISION)  # float32 accumulator
-            acc_up += tl.dot(a, w_up.to(a.dtype), input_precision=PRECISION)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + token[:, None] * stride_x + ks[None, :], mask=valid[:, None] & (ks[None, :] < H),
+                    other=0.0)                                # the tokens' rows of x, gathered
+        # expert e's gate rows are 0..INTER-1 of its stacked matrix, its up rows INTER..2*INTER-1. Both
+        # products first, then the sums: written `acc += dot(...)` twice, the up tile's loads came after
+        # the gate's dot (the bf16 loop: 2 more barriers, 5% more instructions, `scripts/sass_count.py moe`)
+        gate = _expert_dot(a, w_ptr, s_ptr, z_ptr, e, cols, cols < INTER, k0, H, G, stride_we, stride_wn,
+                           stride_se, stride_sn, BITS, HAS_ZEROS, PAIRS, BLOCK_K, PRECISION)
+        up = _expert_dot(a, w_ptr, s_ptr, z_ptr, e, INTER + cols, cols < INTER, k0, H, G, stride_we, stride_wn,
+                         stride_se, stride_sn, BITS, HAS_ZEROS, PAIRS, BLOCK_K, PRECISION)
+        acc_gate += gate
+        acc_up += up
     h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up          # silu(gate) * up
     tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
              mask=valid[:, None] & (cols[None, :] < INTER))
@@ -200,29 +204,11 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, z_ptr, y_ptr, weight_ptr, token_ptr, block
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)            # columns of H
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, INTER, BLOCK_K):
-        if PAIRS and BITS == 8:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=valid[:, None] & (ks[None, :] < INTER),
-                        other=0.0)
-            acc += _w8_group_dot(a, w_ptr, s_ptr, z_ptr, e, cols, cols < H, ks, ks < INTER, k0 // G, stride_we,
-                                 stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
-        elif PAIRS:
-            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            j_ok = j < INTER // 2
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=valid[:, None] & (ks[None, :] < INTER),
-                        other=0.0)
-            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-            acc += _w4_pairs_dot(a_even, a_odd, w_ptr, s_ptr, z_ptr, e, cols, cols < H, j, j_ok, k0 // G, stride_we,
-                                 stride_wn, stride_se, stride_sn, HAS_ZEROS, PRECISION)
-        else:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
-                        mask=valid[:, None] & (ks[None, :] < INTER), other=0.0)
-            wmask = (ks[:, None] < INTER) & (cols[None, :] < H)
-            w = _expert_tile(w_ptr, s_ptr, z_ptr, e, cols[None, :], ks[:, None], wmask, stride_we, stride_wn,
-                             stride_se, stride_sn, G, BITS, HAS_ZEROS)
-            acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=valid[:, None] & (ks[None, :] < INTER),
+                    other=0.0)                                # h is already in the sorted order
+        acc += _expert_dot(a, w_ptr, s_ptr, z_ptr, e, cols, cols < H, k0, INTER, G, stride_we, stride_wn,
+                           stride_se, stride_sn, BITS, HAS_ZEROS, PAIRS, BLOCK_K, PRECISION)
     gate_weight = tl.load(weight_ptr + rows, mask=valid, other=0.0).to(tl.float32)
     y = acc * gate_weight[:, None]
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
