@@ -28,7 +28,7 @@ class TourConfig:
 
     @classmethod
     def smoke(cls):
-        return cls(prompt_len=16, new_tokens=16, big_batch=4, ppl_tokens=4096, repeats=1, calib_samples=32,
+        return cls(prompt_len=16, new_tokens=16, big_batch=4, ppl_tokens=4096, repeats=1, calib_samples=16,
                    calib_len=128, train_steps=2)
 
 
