@@ -36,7 +36,8 @@ for part in $PARTS; do
     timeout ${MOE_TIMEOUT:-240} $PY scripts/bench_moe.py kernels --tokens ${MOE_TOKENS:-1 4 16} --repeats 20 \
         --json "$OUT/moe.json" 2>&1 | grep -v Warning | tee "$OUT/moe.txt" ;;
   tests)  # the GPU-marked tests (CUDA graphs vs eager vs HF, the kernels in bf16 on the GPU, ...)
-    timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors ${TESTS:-tests} 2>&1 | tail -n 25 | tee "$OUT/pytest.txt" ;;
+    timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE --continue-on-collection-errors ${TESTS:-tests} 2>&1 \
+        | tee "$OUT/pytest_full.txt" | tail -n 25 | tee "$OUT/pytest.txt" ;;   # the full file keeps the tracebacks
   serve)  # the engine against HF generate on a chat workload (long: HF one request at a time)
     timeout 300 $PY -m llmopt.cli bench serve --model tinyllama-1.1b-random --batch-size 32 --requests 64 \
         --systems static engine --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.txt" ;;
