@@ -120,3 +120,24 @@ def test_strict_mode_raises_on_failure(monkeypatch):
 
 def test_env_does_not_leak():
     assert os.environ.get("LLMOPT_STRICT") != "1"
+
+
+def test_every_exercise_named_exists_and_every_check_is_used():
+    """Each "Exercise N.M" that a notebook or the README names starts a line of lesson N's notebook
+    (a heading, or in bold), and each check in `llmopt.exercises` is called by a notebook: a check without its
+    exercise, or a reference to an exercise that was never added, fails here."""
+    from llmopt import exercises
+
+    texts = {p.name: p.read_text() for p in SOLUTIONS}
+    defined, start = set(), r"^(?:#+ |\*\*)Exercise \d+\.(\d+)"
+    for name, text in texts.items():
+        for cell in nbformat.reads(text, as_version=4).cells:
+            if cell.cell_type == "markdown":
+                defined |= {(int(name[:2]), m) for m in re.findall(start, cell.source, re.M)}
+    named = set()
+    for text in [*texts.values(), (ROOT / "README.md").read_text()]:
+        for a, b, c, d in re.findall(r"Exercises? (\d+)\.(\d+)(?:-(\d+)\.(\d+))?", text):
+            named |= {(int(a), b)} | ({(int(c), d)} if c else set())
+    assert named and named <= defined, f"named but not in their lesson: {sorted(named - defined)}"
+    used = "".join(texts.values())
+    assert not [c for c in exercises.__all__ if f"exercises.{c}(" not in used]
