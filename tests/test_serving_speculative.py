@@ -38,11 +38,14 @@ def test_verify_keeps_the_guesses_greedy_would_pick():
 
 
 def test_config_is_checked():
-    for bad, field in ((dict(method="draft_model"), "ngram"), (dict(num_speculative_tokens=0), "num_speculative"),
+    for bad, field in ((dict(method="draft_model"), "needs model"), (dict(method="ngram", model="x"), "takes no model"),
+                       (dict(method="eagle"), "'ngram' or 'draft_model'"),
+                       (dict(num_speculative_tokens=0), "num_speculative"),
                        (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup")):
         with pytest.raises(ValueError, match=field):
             SpeculativeConfig(**bad)
     assert SpeculativeConfig.of(NGRAM).num_speculative_tokens == 4 and SpeculativeConfig.of(None) is None
+    assert SpeculativeConfig.of({"model": "x"}).method == "draft_model" and SpeculativeConfig().method == "ngram"
 
 
 def test_speculation_and_multi_step_do_not_combine(model_tok):
@@ -58,12 +61,25 @@ def _workload(tok, vocab, n=24, seed=0):
     return [(p, rng.randint(1, 40)) for p in prompts]
 
 
-@pytest.mark.parametrize("kw", [dict(num_kv_blocks=256), dict(num_kv_blocks=22, block_size=4),
-                                dict(num_kv_blocks=256, max_num_batched_tokens=9),
-                                dict(num_kv_blocks=256, enable_prefix_caching=False, chunked_prefill=False)],
-                         ids=["plain", "preempted", "tiny-budget", "no-cache-no-chunks"])
-def test_speculative_outputs_are_greedy_decodings(model_tok, kw):
+def _draft(model, layers=3):
+    """The target with half its layers dropped, untrained: it agrees with the target on about half the tokens."""
+    from llmopt import distill
+
+    return distill.init_from_teacher(model, distill.student_config(model.config, num_hidden_layers=layers))
+
+
+PLAIN, PREEMPTED = dict(num_kv_blocks=256), dict(num_kv_blocks=22, block_size=4)
+
+
+@pytest.mark.parametrize("kw,guesser", [(PLAIN, "ngram"), (PREEMPTED, "ngram"),
+                                        (dict(num_kv_blocks=256, max_num_batched_tokens=9), "ngram"),
+                                        (dict(num_kv_blocks=256, enable_prefix_caching=False, chunked_prefill=False),
+                                         "ngram"),
+                                        (PLAIN, "draft"), (PREEMPTED, "draft")],
+                         ids=["plain", "preempted", "tiny-budget", "no-cache-no-chunks", "draft", "draft-preempted"])
+def test_speculative_outputs_are_greedy_decodings(model_tok, kw, guesser):
     model, tok = model_tok
+    spec = NGRAM if guesser == "ngram" else {"model": _draft(model), "num_speculative_tokens": 3}
     reqs = _workload(tok, model.config.vocab_size)
     sampled = SamplingParams(temperature=0.9, seed=3, max_tokens=20, ignore_eos=True)
 
@@ -78,7 +94,7 @@ def test_speculative_outputs_are_greedy_decodings(model_tok, kw):
         return [final[i].outputs[0] for i in ids], engine.stats
 
     want, base = run()
-    got, stats = run(speculative_config=NGRAM)
+    got, stats = run(speculative_config=spec)
     assert [o.token_ids for o in got[:-1]] == [o.token_ids for o in want[:-1]]
     assert [o.cumulative_logprob for o in got[:-1]] == pytest.approx([o.cumulative_logprob for o in want[:-1]],
                                                                      abs=1e-3)
@@ -113,6 +129,60 @@ def test_stops_inside_an_accepted_run_and_max_tokens(model_tok):
         assert (b.token_ids, b.text, b.finish_reason, b.stop_reason) == (a.token_ids, a.text, a.finish_reason,
                                                                           a.stop_reason)
     assert spec.engine.stats.spec_accepted > 0
+
+
+def test_a_draft_that_is_the_target_is_right_and_caches_follow_the_sequences(model_tok):
+    """With the target itself as the draft every guess is greedy's pick (but for a near-tie the two code
+    paths round differently), so a step yields 1 + k tokens; that holds only if each sequence's draft
+    cache is cut back and extended correctly from step to step."""
+    import copy
+
+    model, tok = model_tok
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    llm = LLM(model=model, tokenizer=tok, num_kv_blocks=128,
+              speculative_config={"model": copy.deepcopy(model), "num_speculative_tokens": 4})
+    out = llm.generate(CODE, params)
+    plain = LLM(model=model, tokenizer=tok, num_kv_blocks=128).generate(CODE, params)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in plain]
+    st = llm.engine.stats
+    assert st.spec_accepted >= 0.95 * st.spec_proposed > 0
+    assert st.steps <= 3 + 40 // 5 + 2        # the prefill step, then about 5 tokens a step
+    assert llm.engine.draft.caches == {}       # finished sequences leave no draft cache behind
+
+
+def test_draft_guesses_equal_a_fresh_drafts_after_rejections(model_tok):
+    """The draft's cache, cut back after a rejected guess (or a shorter history: a preemption, a fork)
+    and run forward on the new tokens, gives the guesses a draft with no cache gives."""
+    from llmopt.serving.speculative import DraftModel
+
+    model, tok = model_tok
+    draft = DraftModel(_draft(model), model)
+    rng = random.Random(0)
+    tokens = tok(CODE[2]).input_ids
+    for step in range(10):
+        guess = draft.propose(7, tokens, 4)
+        assert guess == DraftModel(draft.model, model).propose(7, tokens, 4), step
+        kept = rng.choice([0, 1, 3, 4])     # the target kept some guesses, then gave its own token
+        tokens = tokens + guess[:kept] + [rng.randrange(1, model.config.vocab_size)]
+        if step == 5:
+            tokens = tokens[:len(tokens) - 9] + [5]
+
+
+def test_draft_model_by_name_and_a_foreign_vocabulary(model_tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import llmopt
+
+    small, tok = llmopt.load("tiny-random", dtype=torch.float32)
+    llm = LLM(model=small, tokenizer=tok, num_kv_blocks=64, speculative_config={"model": "tiny-random"})
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert llm.generate("def f(x):", params)[0].outputs[0].token_ids == \
+        LLM(model=small, tokenizer=tok, num_kv_blocks=64).generate("def f(x):", params)[0].outputs[0].token_ids
+    assert llm.engine.stats.spec_accepted == llm.engine.stats.spec_proposed > 0   # the same model: always right
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLMEngine(small, tok, num_kv_blocks=8, speculative_config={"model": other})
 
 
 def test_verify_sampled_keeps_the_targets_distribution():

@@ -14,7 +14,7 @@ with vLLM's API.
 - `LLMEngine` (`add_request`, `step`, streaming) and `LLM`, `SamplingParams`, `RequestOutput`:
   vLLM's names, so `from llmopt.serving import LLM, SamplingParams` runs code written for vLLM;
 - `BeamSearchParams`, `LLM.beam_search`: beam search whose beams share KV blocks (copy-on-write);
-- `speculative`: speculative decoding by n-gram lookup (`speculative_config`), greedy output unchanged,
+- `speculative`: speculative decoding by n-gram lookup or a draft model (`speculative_config`), greedy output unchanged,
   sampled output's distribution unchanged.
 """
 from .beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence, beam_search_reference

@@ -22,8 +22,9 @@ CUDA-graph replays run back to back. The tokens are the same as k single steps'.
 
 A request with `BeamSearchParams` is a beam search (`beam.py`): its beams are sequences that share
 blocks, forked and freed as the search goes, and its output lists the best beams. With
-`speculative_config` decodes run n-gram guesses beside their last token and keep the ones the model
-agrees with (greedy), or that speculative sampling's rule accepts (sampled) (`speculative.py`).
+`speculative_config` decodes run n-gram or draft-model guesses beside their last token and keep the
+ones the model agrees with (greedy), or that speculative sampling's rule accepts (sampled)
+(`speculative.py`).
 The planning of those three lives beside them (`steps_ahead`, `beam_step`, `propose`/`verify_batch`);
 the engine calls them from its step.
 """
@@ -43,7 +44,7 @@ from .runner import ModelRunner, cache_dtype, kv_bytes_per_token
 from .sampling import SamplingParams, as_int, as_list, prompt_logprobs, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
-from .speculative import SpeculativeConfig, propose, verify_batch
+from .speculative import DraftModel, SpeculativeConfig, propose, verify_batch
 
 STEP_HISTORY = 100_000
 
@@ -80,6 +81,7 @@ class LLMEngine:
         if self.spec is not None and num_scheduler_steps > 1:
             raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine: choose one")
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.draft = DraftModel(self.spec.model, model) if self.spec and self.spec.method == "draft_model" else None
         self.num_scheduler_steps = num_scheduler_steps
         cfg = model.config
         self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 2048)
@@ -226,7 +228,7 @@ class LLMEngine:
         guesses = {}
         if self.spec is not None:
             budget = self.scheduler.max_num_batched_tokens - sum(n for _, n in batch)
-            guesses = propose(batch, self.spec, self.blocks, budget, self.max_model_len)
+            guesses = propose(batch, self.spec, self.blocks, budget, self.max_model_len, self.draft)
         if guesses:   # each guessed token runs beside its sequence's last one, every position's logits kept
             batch = [(seq, n + len(guesses[seq.seq_id][1]) if seq.seq_id in guesses else n) for seq, n in batch]
             every = [e or seq.seq_id in guesses for e, (seq, _) in zip(every, batch)]
@@ -393,6 +395,8 @@ class LLMEngine:
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq)
         self._generators.pop(seq.seq_id, None)
+        if self.draft is not None:
+            self.draft.caches.pop(seq.seq_id, None)
         if report or (report is None and reason in ("abort", "error")):
             self._pending.append(seq.request_id)
 

@@ -1,5 +1,5 @@
 """Speculative decoding by n-gram lookup (vLLM's `speculative_config={"method": "ngram", ...}`, the
-"prompt lookup decoding" of Saxena, 2023): no draft model at all.
+"prompt lookup decoding" of Saxena, 2023) or by a draft model (`speculative_config={"model": ...}`).
 
 A decode step reads every weight of the model to produce one token per sequence. If we could guess
 the next k tokens, one forward over the last token and the k guesses would check all of them at
@@ -7,7 +7,10 @@ once: the logits at each position say what greedy decoding would pick there, so 
 kept up to the first one the model disagrees with, and the model's own pick at that place comes
 free (the "bonus" token). The output is exactly greedy decoding's; only the number of forwards
 changes. Where do guesses come from? Text repeats itself, code especially: find the last place
-where the sequence's final n tokens occurred before, and propose what followed them there.
+where the sequence's final n tokens occurred before, and propose what followed them there. Or ask
+a smaller model with the same vocabulary (`DraftModel`: a distilled student, the target with half
+its layers dropped), run greedily k steps ahead; it guesses well where nothing repeats, at the price
+of k of its own forwards per step.
 
 On a GPU a forward over 1 + k tokens costs about what a forward over one token does (both read
 the weights once), so every accepted guess is a token for free. On a CPU the extra tokens cost
@@ -25,6 +28,7 @@ differently, so a seeded request's text differs from its text without speculatio
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -34,15 +38,22 @@ from .sampling import sampling_probs
 
 @dataclass
 class SpeculativeConfig:
-    """vLLM's fields for n-gram speculation."""
-    method: str = "ngram"
+    """vLLM's fields. `method` "ngram" (the default without a model) or "draft_model" (the default with
+    one); `model`: the draft, a name or folder for `llmopt.load` or, in llmopt, a loaded model."""
+    method: str | None = None
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    model: object = None
 
     def __post_init__(self):
-        if self.method != "ngram":
-            raise ValueError(f"speculative_config method must be 'ngram' (no draft model here), got {self.method!r}")
+        if self.method is None:
+            self.method = "ngram" if self.model is None else "draft_model"
+        if self.method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative_config method must be 'ngram' or 'draft_model', got {self.method!r}")
+        if (self.model is None) != (self.method == "ngram"):
+            raise ValueError(f"speculative_config: method {self.method!r} "
+                             + ("takes no model" if self.method == "ngram" else "needs model=<the draft model>"))
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an int >= 1, got {self.num_speculative_tokens!r}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
@@ -68,6 +79,58 @@ def ngram_propose(tokens: list[int], k: int, max_n: int = 4, min_n: int = 1) -> 
             if tokens[start:start + n] == tail:
                 return tokens[start + n:start + n + k]
     return []
+
+
+class DraftModel:
+    """Guesses from a smaller model with the target's vocabulary, run greedily: its guess is one token,
+    a point mass, so `verify` and `verify_sampled` stay exact. Each sequence keeps the draft's KV cache
+    of the tokens it has seen (a `transformers` DynamicCache); the next call cuts it back to what its
+    tokens still share (a rejected guess, a preemption) and runs the draft on the rest only. The
+    draft's cache lives outside the block manager's blocks."""
+
+    def __init__(self, model, target):
+        p = next(target.parameters())
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from .. import models
+
+            model = models.load(str(model), device=p.device, dtype=p.dtype)[0]
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"speculative_config model must be a model or its name, got {type(model).__name__}")
+        if model.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({model.config.vocab_size} tokens) must be the "
+                             f"target's ({target.config.vocab_size})")
+        self.model = model.eval()
+        self.caches: dict[int, tuple] = {}    # seq_id -> (the draft's cache, the tokens it holds)
+        # the cache argument's name: `cache` in recent transformers, `past_key_values` before
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @torch.no_grad()
+    def propose(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
+        """The draft's k greedy tokens after `tokens`."""
+        from transformers import DynamicCache
+
+        cache, seen = self.caches.get(seq_id, (None, []))
+        keep, most = 0, min(len(seen), len(tokens) - 1)     # at least one token runs, for its logits
+        while keep < most and seen[keep] == tokens[keep]:
+            keep += 1
+        if cache is None:
+            cache = DynamicCache()
+        elif keep < len(seen):
+            cache.crop(keep - len(seen))     # a negative count removes that many tokens, in every version
+        device = next(self.model.parameters()).device
+        ids, guess = tokens[keep:], []
+        for _ in range(k):
+            logits = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+                                **{self.cache_arg: cache}).logits
+            ids = [int(logits[0, -1].argmax())]
+            guess += ids
+        self.caches[seq_id] = (cache, tokens + guess[:-1])  # the last guess has not run through the draft
+        return guess
+
+    def forget(self, keep: set[int]) -> None:
+        """Drop the caches of sequences not in `keep` (finished, or not scheduled: rebuilt if they return)."""
+        for seq_id in [s for s in self.caches if s not in keep]:
+            del self.caches[seq_id]
 
 
 def verify(logits: torch.Tensor, proposal: list[int]) -> tuple[int, list[float], torch.Tensor]:
@@ -112,12 +175,15 @@ def verify_sampled(logits: torch.Tensor, proposal: list[int], params, generator:
 
 # ---------------------------------------------------------------- in the engine's step
 
-def propose(batch, cfg: SpeculativeConfig, blocks, budget: int, max_model_len: int) -> dict[int, tuple[int, list[int]]]:
-    """n-gram guesses for the decodes of a step's `batch` [(sequence, tokens to run)], within
-    `budget` more tokens, each sequence's max_tokens and context, and the free blocks (reserved now
-    for the guesses' K/V). Each guess is appended to its sequence for the forward; returns
-    {seq_id: (length before, guess)}."""
+def propose(batch, cfg: SpeculativeConfig, blocks, budget: int, max_model_len: int,
+            draft: DraftModel | None = None) -> dict[int, tuple[int, list[int]]]:
+    """Guesses (n-gram, or the `draft` model's) for the decodes of a step's `batch` [(sequence, tokens
+    to run)], within `budget` more tokens, each sequence's max_tokens and context, and the free blocks
+    (reserved now for the guesses' K/V). Each guess is appended to its sequence for the forward;
+    returns {seq_id: (length before, guess)}."""
     guesses = {}
+    if draft is not None:
+        draft.forget({seq.seq_id for seq, _ in batch})
     for seq, n in batch:
         p = seq.params
         if (n != 1 or budget < 1 or seq.beam is not None or p.logprobs is not None or p.adjusted
@@ -126,7 +192,12 @@ def propose(batch, cfg: SpeculativeConfig, blocks, budget: int, max_model_len: i
         room = min(cfg.num_speculative_tokens, budget, max_model_len - len(seq) - 1)
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - seq.num_completion_tokens - 1)   # the bonus token fits too
-        guess = ngram_propose(seq.token_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min) if room > 0 else []
+        if room < 1:
+            continue
+        if draft is not None:
+            guess = draft.propose(seq.seq_id, seq.token_ids, room)
+        else:
+            guess = ngram_propose(seq.token_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
         if not guess or blocks.blocks_to_reserve(seq, 1 + len(guess)) > blocks.num_free_blocks():
             continue
         blocks.reserve(seq, 1 + len(guess))
