@@ -194,7 +194,9 @@ def propose(batch, cfg: SpeculativeConfig, blocks, budget: int, max_model_len: i
             room = min(room, p.max_tokens - seq.num_completion_tokens - 1)   # the bonus token fits too
         if room < 1:
             continue
-        if draft is not None:
+        if draft is not None:   # its guesses are always `room` long: no blocks for them, no need to run it
+            if blocks.blocks_to_reserve(seq, 1 + room) > blocks.num_free_blocks():
+                continue
             guess = draft.propose(seq.seq_id, seq.token_ids, room)
         else:
             guess = ngram_propose(seq.token_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
