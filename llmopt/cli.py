@@ -89,10 +89,21 @@ def _serve(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    spec = None
+    if args.speculative_config is not None:
+        import json
+
+        from .serving.speculative import SpeculativeConfig
+
+        try:
+            spec = json.loads(args.speculative_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config must be JSON, such as '{{\"model\": \"tinypy\"}}': {e}") from None
+        SpeculativeConfig.of(spec)   # its errors now, not in the engine's process
     serve(args.model, host=args.host, port=args.port, max_queue=args.max_queue, request_timeout=args.request_timeout,
           threads=args.threads, engine_process=not args.engine_thread, fuse=args.fuse,
           served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs,
-          num_scheduler_steps=args.num_scheduler_steps, kv_cache_dtype=args.kv_cache_dtype)
+          num_scheduler_steps=args.num_scheduler_steps, kv_cache_dtype=args.kv_cache_dtype, speculative_config=spec)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="the KV cache's dtype (vLLM's flag): fp8 holds 2x the tokens of bf16 in the same memory "
                    "(lesson 09)")
+    t.add_argument("--speculative-config", default=None, help="speculative decoding, as JSON (vLLM's flag): "
+                   "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' or a draft model, "
+                   "'{\"model\": \"NAME\", \"num_speculative_tokens\": 4}' (lesson 10)")
     t.add_argument("--max-queue", type=int, default=256, help="requests held at once; more get 429")
     t.add_argument("--request-timeout", type=float, default=600, help="seconds before a request gets 504")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for the model's math (default: "

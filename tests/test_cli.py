@@ -124,3 +124,9 @@ def test_serve_passes_the_engine_flags(monkeypatch):
     assert got["model"] == "tinypy" and got["kv_cache_dtype"] == "fp8" and got["num_scheduler_steps"] == 4
     with pytest.raises(SystemExit):                                       # not a choice: a one-line error
         cli.main(["serve", "--kv-cache-dtype", "int4"])
+    assert got["speculative_config"] is None
+    spec = '{"model": "tiny-random", "num_speculative_tokens": 3}'
+    assert cli.main(["serve", "--speculative-config", spec]) == 0 and got["speculative_config"] == {
+        "model": "tiny-random", "num_speculative_tokens": 3}
+    assert cli.main(["serve", "--speculative-config", "{model: x}"]) == 2                    # not JSON
+    assert cli.main(["serve", "--speculative-config", '{"method": "eagle"}']) == 2            # not a method we have
