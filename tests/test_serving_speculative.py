@@ -257,3 +257,24 @@ def test_sampled_speculation_with_forks_stops_and_preemption(model_tok):
     assert engine.stats.spec_accepted > 0 and engine.stats.preemptions > 0
     assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
     engine.blocks.check()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("guesser", ["ngram", "draft"])
+def test_gpu_speculation_with_cuda_graphs_keeps_greedy_tokens(guesser):
+    """On a GPU (the engine records CUDA graphs for its decode steps; a verification step runs 1 + k
+    tokens a sequence): n-gram and draft guesses leave the greedy tokens as they are without them.
+    float32, so kernel choices cannot flip a greedy pick."""
+    import llmopt
+
+    model, tok = llmopt.load("tinypy", device="cuda", dtype=torch.float32)
+    model.eval()
+    spec = NGRAM if guesser == "ngram" else {"model": _draft(model), "num_speculative_tokens": 3}
+    reqs = _workload(tok, model.config.vocab_size, n=12)
+    outs = []
+    for extra in ({}, {"speculative_config": spec}):
+        engine = LLMEngine(model, tok, num_kv_blocks=256, max_num_seqs=8, **extra)
+        ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
+        final = engine.run()
+        outs.append([final[i].outputs[0].token_ids for i in ids])
+    assert outs[0] == outs[1] and engine.stats.spec_accepted > 0
