@@ -130,3 +130,4 @@ def test_serve_passes_the_engine_flags(monkeypatch):
         "model": "tiny-random", "num_speculative_tokens": 3}
     assert cli.main(["serve", "--speculative-config", "{model: x}"]) == 2                    # not JSON
     assert cli.main(["serve", "--speculative-config", '{"method": "eagle"}']) == 2            # not a method we have
+    assert cli.main(["serve", "--speculative-config", '{"draft": "tinypy"}']) == 2            # not a key we have

@@ -46,6 +46,8 @@ def test_config_is_checked():
             SpeculativeConfig(**bad)
     assert SpeculativeConfig.of(NGRAM).num_speculative_tokens == 4 and SpeculativeConfig.of(None) is None
     assert SpeculativeConfig.of({"model": "x"}).method == "draft_model" and SpeculativeConfig().method == "ngram"
+    with pytest.raises(ValueError, match="unsupported keys"):
+        SpeculativeConfig.of({"method": "ngram", "disable_by_batch_size": 4})
 
 
 def test_speculation_and_multi_step_do_not_combine(model_tok):

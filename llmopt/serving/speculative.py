@@ -66,6 +66,10 @@ class SpeculativeConfig:
             return config
         if not isinstance(config, dict):
             raise ValueError(f"speculative_config must be a dict or SpeculativeConfig, got {type(config).__name__}")
+        unknown = sorted(set(config) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"speculative_config: unsupported keys {unknown}; llmopt takes "
+                             f"{sorted(cls.__dataclass_fields__)}")
         return cls(**config)
 
 
