@@ -124,33 +124,81 @@ def test_bad_input(tiny):
             prune(model, "magnitude", nm=bad)
 
 
-def test_is_2to4_and_semi_structured_needs_a_gpu(tiny):
+def test_is_2to4_and_semi_structured_checks_before_it_needs_a_gpu(bundled):
     from llmopt.prune import is_2to4, linear_speedup, to_semi_structured
 
     w = torch.randn(8, 16)
     assert not is_2to4(w) and is_2to4(w * nm_mask(w.abs(), 2, 4)) and is_2to4(w * nm_mask(w.abs(), 1, 4))
     assert not is_2to4(torch.zeros(4, 6))  # inputs not a multiple of 4
+    # the pattern and the kernels' tile multiples are checked first, on any device, naming the layer
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        to_semi_structured(copy.deepcopy(bundled[0]))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    odd = LlamaForCausalLM(LlamaConfig(hidden_size=40, intermediate_size=128, num_attention_heads=2,
+                                       num_key_value_heads=2, num_hidden_layers=1, vocab_size=64))
+    p24 = prune(odd, "magnitude", nm=(2, 4)).half()
+    with pytest.raises(ValueError, match=r"layers\.0\..*40 x 40.*multiple of 16.*multiple of 16"):
+        to_semi_structured(p24)         # cuSPARSELt's 16 x 16 (CUTLASS asks 32 x 64)
+    with pytest.raises(ValueError, match=r"multiple of 32.*multiple of 64"):
+        to_semi_structured(p24, backend="cutlass")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        to_semi_structured(p24, backend="cusparse")
     if torch.cuda.is_available():
         return
-    model, _ = tiny
-    p24 = prune(copy.deepcopy(model), "magnitude", nm=(2, 4))
+    ok = prune(copy.deepcopy(bundled[0]), "magnitude", nm=(2, 4)).half()
+    before = {n: p.clone() for n, p in ok.named_parameters()}
     with pytest.raises(ValueError, match="CUDA"):
-        to_semi_structured(p24)
+        to_semi_structured(ok)
+    assert all(torch.equal(p, before[n]) for n, p in ok.named_parameters())   # nothing converted
     with pytest.raises(ValueError, match="CUDA"):
         linear_speedup(64, 64, 16, device="cpu")
 
 
-@pytest.mark.gpu
-def test_semi_structured_model_matches_masked_dense_and_a_big_linear_is_faster(bundled):
-    from llmopt.prune import linear_speedup, to_semi_structured
+def _backends_that_run():
+    """The 2:4 backends that compress a weight on this GPU, and why the others do not."""
+    from llmopt.prune import linear_speedup
 
+    ok, failed = [], {}
+    for backend in ("cusparselt", "cutlass"):
+        try:
+            linear_speedup(256, 256, 64, backend=backend, repeats=1)
+            ok.append(backend)
+        except RuntimeError as e:
+            failed[backend] = str(e)[:300]
+    print("2:4 backends:", ok, failed)
+    return ok
+
+
+@pytest.mark.gpu
+def test_semi_structured_model_matches_masked_dense(bundled):
+    from llmopt.prune import to_semi_structured
+
+    backends = _backends_that_run()
+    assert backends, "neither cuSPARSELt nor CUTLASS runs 2:4 on this GPU"
     model, _ = bundled
     dense = prune(copy.deepcopy(model), "magnitude", nm=(2, 4)).half().cuda()
-    sparse = to_semi_structured(copy.deepcopy(dense))
     ids = torch.randint(1, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
-        a, b = dense(ids).logits.float(), sparse(ids).logits.float()
-    assert (a - b).abs().max() < 0.05 * a.abs().max()
-    r = linear_speedup(8192, 8192, 4096)
-    print(r)
-    assert r["max_abs_diff"] < 1.0 and r["speedup"] > 1.0, r  # compute-bound: half the multiplies
+        a = dense(ids).logits.float()
+        for backend in backends:
+            b = to_semi_structured(copy.deepcopy(dense), backend=backend)(ids).logits.float()
+            assert (a - b).abs().max() < 0.05 * a.abs().max(), backend
+
+
+@pytest.mark.gpu
+def test_a_big_2to4_linear_is_faster_on_ampere():
+    """2:4 halves the multiplies of a compute-bound matmul: faster on Ampere/Ada (sm_8x), what the
+    hardware was built for. On Hopper PyTorch's 2:4 kernels race cuBLAS's Hopper-only dense
+    kernels and may lose (pytorch/pytorch#153825): there the speedup is measured and printed, and
+    a loss is an xfail with the numbers, not a pass."""
+    from llmopt.prune import linear_speedup
+
+    runs = [linear_speedup(8192, 8192, 4096, backend=b) for b in _backends_that_run()]
+    print(torch.cuda.get_device_name(), runs)
+    assert runs and all(r["max_abs_diff"] < 1.0 for r in runs), runs
+    slower = [r for r in runs if r["speedup"] <= 1.0]
+    if torch.cuda.get_device_capability()[0] == 8:
+        assert not slower, runs
+    elif slower:
+        pytest.xfail(f"2:4 slower than dense on {torch.cuda.get_device_name()}: {runs}")
