@@ -100,10 +100,23 @@ def _serve(args):
         except json.JSONDecodeError as e:
             raise ValueError(f"--speculative-config must be JSON, such as '{{\"model\": \"tinypy\"}}': {e}") from None
         SpeculativeConfig.of(spec)   # its errors now, not in the engine's process
+    compilation = args.compilation_config
+    if compilation is not None:
+        import json
+
+        from .serving.runner import compilation_level
+
+        try:
+            compilation = json.loads(compilation)
+        except json.JSONDecodeError:
+            raise ValueError(f"--compilation-config must be a level (0-3) or JSON such as '{{\"level\": 3}}', "
+                             f"got {compilation!r}") from None
+        compilation_level(compilation)
     serve(args.model, host=args.host, port=args.port, max_queue=args.max_queue, request_timeout=args.request_timeout,
           threads=args.threads, engine_process=not args.engine_thread, fuse=args.fuse,
           served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs,
-          num_scheduler_steps=args.num_scheduler_steps, kv_cache_dtype=args.kv_cache_dtype, speculative_config=spec)
+          num_scheduler_steps=args.num_scheduler_steps, kv_cache_dtype=args.kv_cache_dtype, speculative_config=spec,
+          compilation_config=compilation)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,12 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 32], help="decode: batch sizes")
     t.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per sequence")
     t.add_argument("--variants", nargs="*", default=["hf", "eager", "graphs", "fused", "w4-fused"],
-                   choices=["hf", "eager", "graphs", "graphs-multistep", "fused", "merged", "multistep", "gemv",
-                            "gemv-multistep", "gemv-pdl", "gemv-multistep-pdl", "w4-fused", "w4-merged",
-                            "w4-multistep"],
+                   choices=["hf", "eager", "graphs", "graphs-multistep", "compiled", "compiled-multistep", "fused",
+                            "merged", "multistep", "gemv", "gemv-multistep", "gemv-pdl", "gemv-multistep-pdl",
+                            "w4-fused", "w4-merged", "w4-multistep"],
                    help="decode: what to run (merged: fuse(merge=True), q/k/v and gate/up as one matmul each; "
                    "gemv: fuse(gemv=True), the norms and the SwiGLU inside the decode matmuls; "
-                   "*-pdl: with programmatic dependent launch (Hopper); "
+                   "*-pdl: with programmatic dependent launch (Hopper); compiled: the decode step by torch.compile; "
                    "*multistep: also multi-step decoding, --scheduler-steps tokens per host sync)")
     t.add_argument("--scheduler-steps", type=int, default=8, help="decode: num_scheduler_steps of the multistep "
                    "variants")
@@ -215,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--speculative-config", default=None, help="speculative decoding, as JSON (vLLM's flag): "
                    "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' or a draft model, "
                    "'{\"model\": \"NAME\", \"num_speculative_tokens\": 4}' (lesson 10)")
+    t.add_argument("--compilation-config", "-O", default=None, help="vLLM's flag: a level (0: none; 1-3: the "
+                   "decode step by torch.compile, one compile per batch size as it first comes) or JSON, "
+                   "'{\"level\": 3}' (lesson 10)")
     t.add_argument("--max-queue", type=int, default=256, help="requests held at once; more get 429")
     t.add_argument("--request-timeout", type=float, default=600, help="seconds before a request gets 504")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for the model's math (default: "

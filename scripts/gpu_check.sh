@@ -15,9 +15,9 @@ $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 't
 for part in $PARTS; do
   case $part in
   decode)  # lessons 09-10 and 08 end to end: TinyLlama-1.1B-shaped, random init, bf16; batch 1 and 32:
-           # HF generate, the engine eager / CUDA graphs / fused kernels / W4 + fused, vs the bandwidth floor
+           # HF generate, the engine eager / CUDA graphs / torch.compile / fused kernels / W4 + fused, vs the floor
     timeout ${DECODE_TIMEOUT:-420} $PY -m llmopt.cli bench decode --model tinyllama-1.1b-random --batch-sizes ${BATCHES:-1 32} \
-        --variants ${VARIANTS:-hf graphs fused merged multistep gemv gemv-multistep gemv-pdl gemv-multistep-pdl w4-merged w4-multistep} \
+        --variants ${VARIANTS:-hf graphs compiled fused merged multistep gemv gemv-multistep gemv-pdl gemv-multistep-pdl w4-merged w4-multistep} \
         --scheduler-steps ${STEPS:-8} --json "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.txt" ;;
   pdl)  # the same, batch 1, every kernel launched by programmatic dependent launch (LLMOPT_PDL=1), in a process of its
         # own (its block configs timed again); part decode's gemv-pdl variants do it in the same process

@@ -131,3 +131,9 @@ def test_serve_passes_the_engine_flags(monkeypatch):
     assert cli.main(["serve", "--speculative-config", "{model: x}"]) == 2                    # not JSON
     assert cli.main(["serve", "--speculative-config", '{"method": "eagle"}']) == 2            # not a method we have
     assert cli.main(["serve", "--speculative-config", '{"draft": "tinypy"}']) == 2            # not a key we have
+    assert got["compilation_config"] is None
+    assert cli.main(["serve", "-O", "3"]) == 0 and got["compilation_config"] == 3
+    assert cli.main(["serve", "--compilation-config", '{"level": 2}']) == 0
+    assert got["compilation_config"] == {"level": 2}
+    for bad in ("5", "max", '{"cudagraph_mode": 2}'):
+        assert cli.main(["serve", "--compilation-config", bad]) == 2

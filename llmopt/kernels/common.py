@@ -95,6 +95,14 @@ def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def compiler_opaque(fn):
+    """`fn` run as it is inside `torch.compile`d code (a graph break around it), never traced: for the
+    functions that launch Triton kernels. Tracing into them would trace `pick_config`'s timing runs
+    and, on a CPU, the interpreter's numpy; the compiled step calls them between its own kernels
+    instead (and a CUDA graph records them all the same). Costs well under a microsecond a call."""
+    return torch.compiler.disable(fn)
+
+
 def pdl_launch(on: bool) -> dict:
     """The launch option that goes with a kernel's PDL constexpr."""
     return {"launch_pdl": True} if on else {}

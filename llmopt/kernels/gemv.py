@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import interpreted, next_power_of_2, pdl, pdl_launch, pick_config, tl, triton, use_triton
+from .common import compiler_opaque, interpreted, next_power_of_2, pdl, pdl_launch, pick_config, tl, triton, use_triton
 from .rmsnorm import rmsnorm, rmsnorm_reference
 from .swiglu import swiglu, swiglu_reference
 
@@ -189,6 +189,7 @@ def configs_for(rows: int) -> list[dict]:
 SEPARATE = dict(SEPARATE=True)
 
 
+@compiler_opaque
 def gemv_triton(x, weight, bias=None, *, prologue: int = PLAIN, up=None, norm_weight=None, eps: float = 1e-6,
                 residual=None, out=None, residual_out=None, config: dict | None = None, separate=None):
     """The kernel. x: (..., K) with at most MAX_ROWS rows; weight (N, K). `prologue`: PLAIN (y = x @ W.T),

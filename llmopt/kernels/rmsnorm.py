@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import next_power_of_2, tl, triton, use_triton
+from .common import compiler_opaque, next_power_of_2, tl, triton, use_triton
 
 MAX_N = 65536  # one row per program, whole in registers; beyond this a looped kernel would be needed
 
@@ -75,6 +75,7 @@ def _output(buf, name: str, shape, dtype, like):
     return buf
 
 
+@compiler_opaque
 def rmsnorm_triton(x, weight, eps: float = 1e-6, residual=None, out=None, residual_out=None):
     """The kernel; same contract as `rmsnorm_reference`. `out`/`residual_out` may be given pre-allocated."""
     N = x.shape[-1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import next_power_of_2, tl, triton, use_triton
+from .common import compiler_opaque, next_power_of_2, tl, triton, use_triton
 
 
 def rotate_half(x):
@@ -117,6 +117,7 @@ def _output(buf, name: str, like):
     return buf
 
 
+@compiler_opaque
 def rope_triton(q, k, cos, sin, q_out=None, k_out=None):
     """The kernel; returns (q_out, k_out) in q's dtype, same contract as `rope_reference`.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_block, next_power_of_2, output_buffer, tl, triton, use_triton
+from .common import check_block, compiler_opaque, next_power_of_2, output_buffer, tl, triton, use_triton
 
 
 def softmax_reference(x):
@@ -52,6 +52,7 @@ def _softmax_kernel(x_ptr, out_ptr, N, stride_x, stride_out, BLOCK: tl.constexpr
         tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@compiler_opaque
 def softmax_triton(x, out=None, block=None):
     """The kernel; same contract as `softmax_reference`. `block`: columns per loop step (a power of 2)."""
     N = x.shape[-1]

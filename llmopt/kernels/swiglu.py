@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .common import check_block, next_power_of_2, output_buffer, tl, triton, use_triton
+from .common import check_block, compiler_opaque, next_power_of_2, output_buffer, tl, triton, use_triton
 
 
 def swiglu_reference(gate, up):
@@ -47,6 +47,7 @@ def _rows(t, N: int):
         return t.reshape(-1, N)
 
 
+@compiler_opaque
 def swiglu_triton(gate, up, out=None, block=None):
     """The kernel; same contract as `swiglu_reference`. `block`: columns per program (a power of 2)."""
     if gate.shape != up.shape:

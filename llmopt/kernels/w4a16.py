@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import packing
-from .common import next_power_of_2, pick_config, precision, tl, triton, use_triton
+from .common import compiler_opaque, next_power_of_2, pick_config, precision, tl, triton, use_triton
 from .w4a16_lean import _w4a16_gemv_grouped_kernel, _w4a16_gemv_words_kernel
 
 GEMV_MAX_M = 8  # decode batches; above this the tensor-core GEMM wins
@@ -454,6 +454,11 @@ def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None, backend: str 
     N, K = _check_args(x, qweight, scales, zeros, group_size, bias, bits=4)
     if not kernel:
         return w4a16_reference(x, qweight, scales, zeros, group_size, bias)
+    return _w4a16_kernels(x, qweight, scales, zeros, group_size, bias, N, K)
+
+
+@compiler_opaque
+def _w4a16_kernels(x, qweight, scales, zeros, group_size, bias, N: int, K: int) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]

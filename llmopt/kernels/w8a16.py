@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import next_power_of_2, pick_config, tl, triton, use_triton
+from .common import compiler_opaque, next_power_of_2, pick_config, tl, triton, use_triton
 from .w4a16 import GEMV_MAX_M, _check_2d, _check_args, _dequantize, _launch, _output, dequantize_codes
 
 # One byte per code: a step of BLOCK_K codes reads as many bytes as W4's 2 * BLOCK_K; the first runs on CPU.
@@ -95,8 +95,14 @@ def w8a16_linear(x, qweight, scales, zeros, group_size, bias=None, backend: str 
     M = x2.shape[0]
     if not kernel or M > GEMV_MAX_M or M == 0:
         return w8a16_reference(x, qweight, scales, zeros, group_size, bias)
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    return _w8a16_kernel(x2, qweight, scales, zeros, group_size, bias, N, K).reshape(*lead, N)
+
+
+@compiler_opaque
+def _w8a16_kernel(x2, qweight, scales, zeros, group_size, bias, N: int, K: int) -> torch.Tensor:
+    M = x2.shape[0]
+    out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     args = (x2, qweight, scales, zeros, group_size, bias, out)
-    key = ("w8a16_gemv", M, N, K, group_size, zeros is None, bias is None, x.dtype)
+    key = ("w8a16_gemv", M, N, K, group_size, zeros is None, bias is None, x2.dtype)
     config = pick_config(key, GEMV_CONFIGS, lambda **c: _gemv(*args, **c), cold=True)
-    return _gemv(*args, **config).reshape(*lead, N)
+    return _gemv(*args, **config)

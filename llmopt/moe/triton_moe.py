@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels.common import interpreted, next_power_of_2, pick_config, precision, tl, triton
+from ..kernels.common import compiler_opaque, interpreted, next_power_of_2, pick_config, precision, tl, triton
 
 
 class PackedExperts(NamedTuple):
@@ -303,6 +303,7 @@ def _check(x, gate_up, down, act):
                          f"{tuple(down.shape)} and {tuple(x.shape)}")
 
 
+@compiler_opaque
 def triton_dispatch(x, experts, weights, gate_up, down, act=None, **config):
     """Same contract as the other dispatch paths (SiLU experts only: `act` must be SiLU or None).
     `gate_up` / `down`: float (E, 2I, H) / (E, H, I) tensors, or `PackedExperts` of those shapes.

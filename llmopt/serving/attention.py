@@ -33,7 +33,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ..kernels.common import next_power_of_2, pdl, pdl_launch, tl, triton, use_triton
+from ..kernels.common import compiler_opaque, next_power_of_2, pdl, pdl_launch, tl, triton, use_triton
 from ..kernels.rope import _saturate
 from .kv_cache import (  # noqa: F401 - the cache's functions, also reachable from here
     FP8,
@@ -306,6 +306,7 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@compiler_opaque
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float | None = None, out=None,
                         check: bool = True, splits: int | None = None, rope=None):
     """The kernel, one program per (sequence, kv head) and piece of context; same contract as

@@ -282,7 +282,9 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
     W4A16 kernels ("w4-fused", "w4-merged"); "gemv": fused and merged, with the norms and the SwiGLU
     inside the decode matmuls (`fuse(gemv=True)`); "graphs-multistep", "multistep" (fused and merged),
     "gemv-multistep" and "w4-multistep" (W4, fused and merged) add multi-step decoding
-    (`num_scheduler_steps=scheduler_steps`); "gemv-pdl" and "gemv-multistep-pdl" are the gemv ones with
+    (`num_scheduler_steps=scheduler_steps`); "compiled" and "compiled-multistep" the plain model's decode
+    step compiled by `torch.compile` (`compilation_config=3`; the first steps of each batch size wait for
+    the compiler, as a warm-up run does); "gemv-pdl" and "gemv-multistep-pdl" are the gemv ones with
     the decode kernels launched by programmatic dependent launch (`kernels.common.set_pdl`, on for
     that engine only; in the same process the block configs picked for "gemv" are reused, not timed
     again).
@@ -317,6 +319,10 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
         runs.append(("llmopt engine, CUDA graphs", model, {}))
     if "graphs-multistep" in systems:
         runs.append(("llmopt engine" + graphs + steps, model, multi))
+    for variant, kw in (("compiled", {}), ("compiled-multistep", multi)):
+        if variant in systems:
+            runs.append(("llmopt engine, torch.compile" + graphs + (steps if kw else ""), model,
+                         {"compilation_config": 3, **kw}))
     from ..kernels.fuse import fuse
 
     if "fused" in systems:

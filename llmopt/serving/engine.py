@@ -74,7 +74,7 @@ class LLMEngine:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  chunked_prefill: bool = True, backend: str = "auto", enforce_eager: bool = False, seed: int = 0,
                  num_scheduler_steps: int = 1, speculative_config: dict | SpeculativeConfig | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", compilation_config: int | dict | None = None):
         if num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be >= 1, got {num_scheduler_steps!r}")
         self.spec = SpeculativeConfig.of(speculative_config)
@@ -96,7 +96,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, chunked_prefill)
         # on a GPU the runner records its decode steps as CUDA graphs, unless enforce_eager (vLLM's name)
         self.runner = ModelRunner(model, num_kv_blocks, block_size, backend, max_num_seqs, self.max_model_len,
-                                  enforce_eager, num_scheduler_steps, kv_cache_dtype)
+                                  enforce_eager, num_scheduler_steps, kv_cache_dtype, compilation_config)
         self.eos = _eos_ids(model, tokenizer)
         self.seed = seed
         self.stats = EngineStats()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.common import next_power_of_2, tl, triton, use_triton
+from ..kernels.common import compiler_opaque, next_power_of_2, tl, triton, use_triton
 from ..kernels.rope import _angles, _rotate, _saturate, rope_reference
 
 # ---------------------------------------------------------------- cache access
@@ -144,6 +144,12 @@ def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, backend: str = "au
         raise ValueError(f"head_dim must be even for the rotary embedding, got {D}")
     if not use_triton(q, backend):
         return rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
+    return _rope_write_triton(q, k, v, cos, sin, k_cache, v_cache, slots)
+
+
+@compiler_opaque
+def _rope_write_triton(q, k, v, cos, sin, k_cache, v_cache, slots):
+    (T, Hq, D), Hk = q.shape, k.shape[1]
     q, k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, cos, sin))
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the kernel writes into contiguous k_cache and v_cache")

@@ -29,7 +29,8 @@ class LLM:
                  enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1, quantization=None,
                  trust_remote_code: bool = False, device=None, num_kv_blocks: int | None = None,
                  backend: str = "auto", enforce_eager: bool = False, num_scheduler_steps: int = 1,
-                 speculative_config: dict | None = None, kv_cache_dtype: str = "auto", **kwargs):
+                 speculative_config: dict | None = None, kv_cache_dtype: str = "auto",
+                 compilation_config: int | dict | None = None, **kwargs):
         unknown = set(kwargs) - set(IGNORED)
         if unknown:
             raise ValueError(f"unsupported LLM arguments: {sorted(unknown)}")
@@ -60,7 +61,8 @@ class LLM:
                                 enable_prefix_caching=enable_prefix_caching,
                                 chunked_prefill=enable_chunked_prefill, backend=backend,
                                 enforce_eager=enforce_eager, seed=seed, num_scheduler_steps=num_scheduler_steps,
-                                speculative_config=speculative_config, kv_cache_dtype=kv_cache_dtype)
+                                speculative_config=speculative_config, kv_cache_dtype=kv_cache_dtype,
+                                compilation_config=compilation_config)
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.common import next_power_of_2, pdl, pdl_launch, tl, triton, use_triton
+from ..kernels.common import compiler_opaque, next_power_of_2, pdl, pdl_launch, tl, triton, use_triton
 
 
 def greedy_advance_reference(logits, ids, pos, slots, lens, tables, tokens, logprobs, step, block_size: int):
@@ -77,6 +77,11 @@ def greedy_advance(logits, ids, pos, slots, lens, tables, tokens, logprobs, step
     ids, pos, slots, lens, tables, tokens and step are int64; logprobs float32; all contiguous."""
     if not use_triton(logits, backend):
         return greedy_advance_reference(logits, ids, pos, slots, lens, tables, tokens, logprobs, step, block_size)
+    return _greedy_advance_triton(logits, ids, pos, slots, lens, tables, tokens, logprobs, step, block_size)
+
+
+@compiler_opaque
+def _greedy_advance_triton(logits, ids, pos, slots, lens, tables, tokens, logprobs, step, block_size: int):
     B, V = logits.shape
     for name, t in (("ids", ids), ("pos", pos), ("slots", slots), ("lens", lens), ("tokens", tokens),
                     ("step", step), ("tables", tables)):

@@ -25,6 +25,13 @@ and launching them one by one from Python takes longer than running them. A repl
 whole recorded sequence at once; the inputs are copied into the tensors the graph was recorded with,
 and a batch is padded up to the next captured size, its padding rows writing into a scratch block
 that no sequence owns. `enforce_eager=True` (vLLM's name) turns the graphs off.
+
+`compilation_config=1` or higher (vLLM's name and levels; here every level above 0 does the same)
+hands the decode step to `torch.compile` as well: the elementwise work between the matmuls (norms,
+rotary, SiLU, residual adds) fused into generated kernels, one compiled graph per captured batch size.
+Without CUDA graphs (on a CPU) a decode batch is padded the same way, up to a captured size, and
+only the block tables' width is left to vary (one graph serves a sequence as it grows). Compiling
+takes seconds to a minute per batch size, the first time that size runs.
 """
 from __future__ import annotations
 
@@ -98,6 +105,21 @@ def graph_blocker(model: nn.Module) -> str | None:
     return None
 
 
+def compilation_level(config) -> int:
+    """vLLM's `compilation_config` as a level: None or an int (its level), or a dict holding "level"
+    (or "mode", vLLM's newer name). 0: the decode step runs as written; 1 and above: `torch.compile`d."""
+    if isinstance(config, dict):
+        unknown = set(config) - {"level", "mode"}
+        if unknown or len(config) > 1:
+            raise ValueError(f"compilation_config takes one of 'level' or 'mode' here, got keys {sorted(config)}")
+        config = next(iter(config.values()), 0)
+    if config is None:
+        return 0
+    if isinstance(config, bool) or not isinstance(config, int) or not 0 <= config <= 3:
+        raise ValueError(f"compilation_config must be a level 0-3 (or {{'level': n}}), got {config!r}")
+    return config
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """The decode batch sizes captured as CUDA graphs: 1, 2, 4, 8, then every 16 (nano-vllm's choice),
     and max_num_seqs itself. A batch runs in the smallest graph that holds it."""
@@ -108,7 +130,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, backend: str = "auto",
                  max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
-                 num_scheduler_steps: int = 1, kv_cache_dtype: str = "auto"):
+                 num_scheduler_steps: int = 1, kv_cache_dtype: str = "auto", compilation_config=None):
         check_model(model)
         self.model, self.block_size, self.num_blocks, self.backend = model, block_size, num_blocks, backend
         cfg = model.config
@@ -135,6 +157,18 @@ class ModelRunner:
         self.num_scheduler_steps = num_scheduler_steps
         self._rope_table = self._rotary_table()
         self.graphs: dict[int, tuple] = {}      # batch size -> (CUDA graph, logits, tokens, logprobs)
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        self.table_width = -(-self.max_model_len // block_size)
+        self.compiled = compilation_level(compilation_config) > 0
+        if self.compiled:
+            self._compiled_forward = torch.compile(self._forward_decode, dynamic=False)
+            self._compiled_step = torch.compile(self._decode_step, dynamic=False)
+            # dynamo keeps at most 8 compiled versions of a function, for every runner together; ours
+            # are one per batch size, of each runner in the process (the setting's name before torch 2.6:
+            # cache_size_limit)
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), 64))
         self.eager_reason = "enforce_eager" if enforce_eager else graph_blocker(model)
         if self.device.type == "cuda" and self.eager_reason is None:
             self.capture_cuda_graphs(max_num_seqs)
@@ -334,6 +368,14 @@ class ModelRunner:
                        backend=self.backend)
         return logits
 
+    def _run_forward(self, *args) -> torch.Tensor:
+        """`_forward_decode`, compiled with `compilation_config` > 0."""
+        return self._compiled_forward(*args) if self.compiled else self._forward_decode(*args)
+
+    def _run_step(self, *args) -> torch.Tensor:
+        """`_decode_step`, compiled with `compilation_config` > 0."""
+        return self._compiled_step(*args) if self.compiled else self._decode_step(*args)
+
     def decode_inputs(self, seqs: list[Sequence], size: int | None = None, width: int | None = None):
         """The decode inputs of `seqs` on the host: one int64 tensor holding ids, positions, slots and
         context lengths (4 x size), and the block tables (size, width). Rows past len(seqs), up to
@@ -356,13 +398,27 @@ class ModelRunner:
         B = len(seqs)
         size = next((s for s in self.graphs if s >= B), None)
         if size is None:
-            flat, tables = self.decode_inputs(seqs)
-            flat, tables = flat.to(self.device), tables.to(self.device)
-            return self._forward_decode(*flat.view(4, B), tables)
+            flat, tables = self._eager_inputs(seqs)
+            return self._run_forward(*flat.view(4, -1), tables)[:B]
         graph, logits, _, _ = self.graphs[size]
         self._load_graph_inputs(seqs, size)
         graph.replay()
         return logits[:B]
+
+    def _eager_inputs(self, seqs: list[Sequence]):
+        """The inputs of a decode step that runs without a CUDA graph, on the device: as they are, or for
+        a compiled step padded up to the captured batch size that holds them, with the tables' width
+        marked dynamic, so that one compiled graph serves every step of that size (a padding row:
+        token 0 at position 0 in the scratch block, as in a CUDA graph)."""
+        size = width = None
+        if self.compiled:
+            size = next((s for s in self.batch_sizes if s >= len(seqs)), len(seqs))
+            width = max(2, *(len(s.block_table) for s in seqs))   # dynamo specializes a size of 1
+        flat, tables = self.decode_inputs(seqs, size, width)
+        flat, tables = flat.to(self.device), tables.to(self.device)
+        if self.compiled:
+            torch._dynamo.mark_dynamic(tables, 1)
+        return flat, tables
 
     def _load_graph_inputs(self, seqs: list[Sequence], size: int) -> None:
         flat, tables = self.decode_inputs(seqs, size)
@@ -380,13 +436,13 @@ class ModelRunner:
         B = len(seqs)
         size = next((s for s in self.graphs if s >= B), None)
         if size is None:
-            flat, tables = self.decode_inputs(seqs)
-            flat, tables = flat.to(self.device), tables.to(self.device)
-            tokens = torch.empty(num_steps, B, dtype=torch.long, device=self.device)
-            logprobs = torch.empty(num_steps, B, dtype=torch.float32, device=self.device)
+            flat, tables = self._eager_inputs(seqs)
+            shape = (max(num_steps, self.num_scheduler_steps), tables.shape[0])   # one shape for every run
+            tokens = torch.empty(shape, dtype=torch.long, device=self.device)
+            logprobs = torch.empty(shape, dtype=torch.float32, device=self.device)
             step = torch.zeros(1, dtype=torch.long, device=self.device)
             for _ in range(num_steps):
-                self._decode_step(*flat.view(4, B), tables, tokens, logprobs, step)
+                self._run_step(*flat.view(4, -1), tables, tokens, logprobs, step)
         else:
             graph, _, tokens, logprobs = self.graphs[size]
             if num_steps > tokens.shape[0]:
@@ -403,8 +459,7 @@ class ModelRunner:
         memory pool; each is run once eagerly before (kernels compiled, block configs picked). The step
         is `_forward_decode`, or with multi-step decoding `_decode_step` (greedy pick and inputs moved
         on, inside the graph)."""
-        sizes = graph_batch_sizes(max_num_seqs)
-        width = -(-self.max_model_len // self.block_size)
+        sizes, width = graph_batch_sizes(max_num_seqs), self.table_width
         self._graph_inputs = torch.zeros(4 * sizes[-1], dtype=torch.long, device=self.device)
         self._graph_tables = torch.full((sizes[-1], width), self.num_blocks, dtype=torch.long, device=self.device)
         self._graph_step = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -442,6 +497,6 @@ class ModelRunner:
     def _graph_body(self, size: int, tokens, logprobs) -> torch.Tensor:
         args = (*self._graph_inputs[:4 * size].view(4, size), self._graph_tables[:size])
         if self.num_scheduler_steps > 1:
-            return self._decode_step(*args, tokens, logprobs, self._graph_step)
-        return self._forward_decode(*args)
+            return self._run_step(*args, tokens, logprobs, self._graph_step)
+        return self._run_forward(*args)
 
