@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "not in a process of its own")
     t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
     t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
-                   choices=["single", "static", "engine", "engine-no-prefix-cache", "engine-multistep", "engine-fp8"],
+                   choices=["single", "static", "engine", "engine-no-prefix-cache", "engine-multistep", "engine-fp8",
+                            "engine-compiled"],
                    help="serve: which servers to run (engine-multistep: num_scheduler_steps=8; engine-fp8: "
-                   "kv_cache_dtype='fp8')")
+                   "kv_cache_dtype='fp8'; engine-compiled: compilation_config=3, its first run compiling)")
     t.add_argument("--kv-cache-mb", type=float, default=None, help="serve: the engines' KV cache in MB (default: "
                    "room for every sequence); a small one shows what an FP8 cache's 2-4x the tokens buy")
     t.add_argument("--block-size", type=int, default=16, help="serve: KV block size of the engine")

@@ -195,7 +195,8 @@ def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: in
                "engine": lambda: run_engine(model, tok, reqs, **engine_kw),
                "engine-no-prefix-cache": variant(", no prefix caching", enable_prefix_caching=False),
                "engine-multistep": variant(", 8 steps a sync", num_scheduler_steps=8),
-               "engine-fp8": variant(", FP8 KV cache", kv_cache_dtype="fp8")}
+               "engine-fp8": variant(", FP8 KV cache", kv_cache_dtype="fp8"),
+               "engine-compiled": variant(", torch.compile", compilation_config=3)}
     runs = {name: [] for name in systems if name in runners}
     for _ in range(repeats):
         for name, rs in runs.items():
