@@ -158,7 +158,6 @@ class ModelRunner:
         self._rope_table = self._rotary_table()
         self.graphs: dict[int, tuple] = {}      # batch size -> (CUDA graph, logits, tokens, logprobs)
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
-        self.table_width = -(-self.max_model_len // block_size)
         self.compiled = compilation_level(compilation_config) > 0
         if self.compiled:
             self._compiled_forward = torch.compile(self._forward_decode, dynamic=False)
@@ -459,7 +458,7 @@ class ModelRunner:
         memory pool; each is run once eagerly before (kernels compiled, block configs picked). The step
         is `_forward_decode`, or with multi-step decoding `_decode_step` (greedy pick and inputs moved
         on, inside the graph)."""
-        sizes, width = graph_batch_sizes(max_num_seqs), self.table_width
+        sizes, width = graph_batch_sizes(max_num_seqs), -(-self.max_model_len // self.block_size)
         self._graph_inputs = torch.zeros(4 * sizes[-1], dtype=torch.long, device=self.device)
         self._graph_tables = torch.full((sizes[-1], width), self.num_blocks, dtype=torch.long, device=self.device)
         self._graph_step = torch.zeros(1, dtype=torch.long, device=self.device)
