@@ -33,14 +33,16 @@ def model_size_bytes(model: torch.nn.Module) -> int:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes one batch-1 decode step must read: everything but the embedding table, of which a
     step reads one row per token (a tied lm_head is read in full and stays counted), and, in a
-    Mixture-of-Experts model, only the top_k experts of each MoE block that the token goes to."""
+    Mixture-of-Experts model, only the top_k experts of each MoE block that the token goes to; of
+    a layer holding its weights twice (`KernelQuantLinear` on a CPU), the copy its forward reads."""
     from .moe.stats import inactive_expert_bytes
 
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = emb is not None and out is not None and out.weight.data_ptr() == emb.data_ptr()
     skip = 0 if emb is None or tied else emb.numel() * emb.element_size()
-    return model_size_bytes(model) - skip - inactive_expert_bytes(model)
+    unread = sum(m.unread_bytes() for m in model.modules() if hasattr(m, "unread_bytes"))
+    return model_size_bytes(model) - skip - inactive_expert_bytes(model) - unread
 
 
 # --------------------------------------------------------------------------- timing

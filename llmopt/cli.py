@@ -41,7 +41,12 @@ def _bench(args):
         from .kernels.bench import main
 
         main(args.device, args.json, compile=not args.no_compile, only=tuple(args.only), repeats=args.repeats or 100,
-             e2e=args.e2e, model=args.model, configs=args.configs, config_rows=tuple(args.config_rows))
+             e2e=args.e2e, model=args.model, configs=args.configs, config_rows=tuple(args.config_rows),
+             e2e_dtype=None if args.dtype == "auto" else args.dtype)
+    elif args.what == "weight-only":
+        from .kernels.cpu import main
+
+        main(args.json)
     elif args.what == "decode":
         from .serving.bench import decode_main
 
@@ -152,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("bench", help="benchmarks: `kernels` times the Triton kernels (lesson 08), `serve` the "
                        "engine against HF generate (lessons 09-10), `decode` the engine's decode speed (CUDA graphs, "
                        "W4 + fused kernels) against HF generate and the bandwidth floor, `http` `llmopt serve`")
-    t.add_argument("what", choices=["kernels", "serve", "decode", "http"])
+    t.add_argument("what", choices=["kernels", "serve", "decode", "http", "weight-only"],
+                   help="weight-only: PyTorch's INT8/INT4 CPU kernels vs the float layer and dequantize + matmul")
     t.add_argument("--device", default=None, help="default: cuda if present, else cpu (correctness checks only)")
     t.add_argument("--json", default=None, help="also write the results to this JSON file")
     t.add_argument("--only", nargs="*", default=[], help="kernel names to keep (e.g. rmsnorm w4a16)")
@@ -160,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "decode: 10; http: 3, each run of the workload over HTTP followed by one in-process; serve: 1, "
                    "the systems interleaved)")
     t.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    t.add_argument("--e2e", action="store_true", help="also decode with the fused and W4-fused model")
+    t.add_argument("--e2e", action="store_true", help="also decode with the fused model and the W4 and W8 models, "
+                   "unfused and fused")
+    t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="kernels --e2e: the model's dtype (auto: bfloat16 on a GPU, float32 on a CPU; on a CPU "
+                   "PyTorch's weight-only kernels are fast in bfloat16)")
     t.add_argument("--configs", action="store_true", help="kernels, on a GPU: also time every W4A16 GEMV "
                    "candidate config on the 7B-class layers")
     t.add_argument("--config-rows", type=int, nargs="*", default=[1, 8], help="kernels --configs: the batch "

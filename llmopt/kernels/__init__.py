@@ -8,7 +8,8 @@
   with the norm or the SwiGLU before it folded in, one launch instead of two for up to 8 rows
   (`fuse(model, gemv=True)`);
 - `fuse(model)`: a Llama-family model with the fused modules (and kernel-backed quantized
-  linears and MoE experts) swapped in, same outputs within dtype tolerance;
+  linears and MoE experts) swapped in, same outputs within dtype tolerance; on a CPU its quantized
+  linears decode with PyTorch's own weight-only INT8/INT4 kernels (`kernels.cpu`, fast in bfloat16);
 - `llmopt bench kernels`: GB/s, fraction of peak and speedups on a GPU (`kernels.bench`).
 
 Every op takes `backend="auto" | "triton" | "torch"`: the kernel on a GPU, the reference on a

@@ -305,7 +305,7 @@ def format_rows(result: dict) -> str:
 
 
 def main(device=None, json_path=None, compile: bool = True, only: tuple = (), repeats: int = 100,
-         e2e: bool = False, model=None, configs: bool = False, config_rows: tuple = (1, 8)) -> dict:
+         e2e: bool = False, model=None, configs: bool = False, config_rows: tuple = (1, 8), e2e_dtype=None) -> dict:
     """What `llmopt bench kernels` runs; returns the JSON-able result."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {}
@@ -322,7 +322,7 @@ def main(device=None, json_path=None, compile: bool = True, only: tuple = (), re
         result["gemv_configs"] = sweep_gemv(device, ms=config_rows, repeats=repeats)
         print(format_sweep(result["gemv_configs"]))
     if e2e:
-        result["end_to_end"] = end_to_end(model, device)
+        result["end_to_end"] = end_to_end(model, device, dtype=e2e_dtype)
         print(format_e2e(result["end_to_end"]))
     if json_path:
         with open(json_path, "w") as f:
@@ -332,9 +332,14 @@ def main(device=None, json_path=None, compile: bool = True, only: tuple = (), re
 
 
 @torch.no_grad()
-def end_to_end(model_name=None, device=None, new_tokens: int = 128, group_size: int = 128, repeats: int = 3) -> dict:
-    """Batch-1 greedy decode: the model as loaded (bf16 on a GPU) vs fused, vs W4 (RTN, groups of
-    `group_size`) unfused and fused. Also the largest logit difference of each against the first."""
+def end_to_end(model_name=None, device=None, new_tokens: int = 128, group_size: int = 128, repeats: int = 3,
+               dtype=None, bits: tuple = (4, 8), unfused: bool = True) -> dict:
+    """Batch-1 greedy decode: the model as loaded (`dtype`; default bf16 on a GPU, float32 on a CPU)
+    vs fused, and for each of `bits` the RTN-quantized model (W4: groups of `group_size`; W8: per
+    channel) unfused (`QuantLinear`: dequantize + matmul) and fused (`KernelQuantLinear`: the Triton
+    kernels on a GPU, PyTorch's weight-only kernels on a CPU). Also the largest logit difference of
+    each against the first. `unfused=False` leaves the unfused quantized models out (on a CPU at 1B
+    sizes they take seconds a token)."""
     import copy
 
     from .. import models
@@ -342,15 +347,17 @@ def end_to_end(model_name=None, device=None, new_tokens: int = 128, group_size: 
     from .fuse import fuse
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, _ = models.load(model_name, dtype=dtype, device=device)
     model.eval()
     ids = bench.random_prompts(model.config.vocab_size, 1, 32, device=device)
-    variants = {"as loaded": model}
-    variants["fused"] = fuse(copy.deepcopy(model))
-    w4 = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=group_size))
-    variants["w4 (dequantize + matmul)"] = w4
-    variants["w4 fused (W4A16 kernels)"] = fuse(copy.deepcopy(w4))
+    variants = {"as loaded": model, "fused": fuse(copy.deepcopy(model))}
+    for b in bits:
+        q = quantize(copy.deepcopy(model), QuantConfig(bits=b, group_size=group_size if b == 4 else None))
+        if unfused:
+            variants[f"w{b} (dequantize + matmul)"] = q
+        variants[f"w{b} fused (kernels)"] = fuse(copy.deepcopy(q))
     ref = model(ids).logits.float()
     out = {"model": model_name or models.default_model(), "device": str(device), "dtype": str(dtype),
            "new_tokens": new_tokens, "rows": []}

@@ -182,6 +182,7 @@ def merge_linears(linears: list[nn.Module]) -> nn.Module | None:
         merged.qweight = torch.cat([m.qweight for m in linears])
         merged.scales = torch.cat([m.scales for m in linears])
         merged.zeros = None if first.zeros is None else torch.cat([m.zeros for m in linears])
+        merged.prepare_cpu()
     else:
         return None
     if bias is not None:

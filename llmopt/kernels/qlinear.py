@@ -21,6 +21,7 @@ from torch import nn
 from ..moe.dispatch import DispatchChoice, hit_experts, sorted_dispatch
 from ..quant.linear import QuantConfig, QuantLinear
 from .common import HAS_TRITON, check_backend, use_triton
+from .cpu import cpu_format_problem, int4_cpu_linear, int8_cpu_linear, kernel_rows, pack_int4_for_cpu
 from .w4a16 import w4a16_linear
 from .w8a16 import w8a16_linear
 
@@ -34,7 +35,8 @@ def has_kernel(module: nn.Module) -> bool:
 
 class KernelQuantLinear(QuantLinear):
     """y = x @ dequant(W).T + b computed by `w4a16_linear` / `w8a16_linear` with `backend`
-    ("auto": the kernels on a GPU, the reference on a CPU; "triton"; "torch")."""
+    ("auto": the Triton kernels on a GPU; on a CPU PyTorch's weight-only kernels where they read the
+    format and x has few rows (decode, `kernels.cpu`), else the reference; "triton"; "torch": the reference)."""
 
     def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False, device=None,
                  backend: str = "auto"):
@@ -42,6 +44,26 @@ class KernelQuantLinear(QuantLinear):
             raise ValueError(f"KernelQuantLinear has kernels for bits in {KERNEL_BITS}, got bits={cfg.bits!r}")
         super().__init__(in_features, out_features, cfg, bias=bias, device=device)
         self.backend = check_backend(backend)
+        self.cpu_kernel = False
+        self.register_buffer("cpu_codes", None, persistent=False)
+        self.register_buffer("cpu_scales_zeros", None, persistent=False)
+
+    @torch.no_grad()
+    def prepare_cpu(self) -> str | None:
+        """Let `forward` use PyTorch's CPU kernels: on a CPU, where they read this format, and W4's
+        codes copied once into their nibble order (not saved with the model). Returns why not, or None.
+        `fuse` calls it; call it again after changing qweight."""
+        self.cpu_kernel, self.cpu_codes, self.cpu_scales_zeros = False, None, None
+        if self.qweight.device.type != "cpu":
+            return f"the codes are on {self.qweight.device}, not a CPU"
+        why = cpu_format_problem(self.cfg.bits, self.zeros is None, self.cfg.group_size, self.out_features,
+                                 self.in_features)
+        if why is None:
+            if self.cfg.bits == 4:
+                self.cpu_codes, self.cpu_scales_zeros = pack_int4_for_cpu(self.qweight, self.scales, self.zeros,
+                                                                          self.cfg.group_size)
+            self.cpu_kernel = True
+        return why
 
     @classmethod
     def from_quant_linear(cls, q: QuantLinear, backend: str = "auto") -> KernelQuantLinear:
@@ -53,14 +75,31 @@ class KernelQuantLinear(QuantLinear):
         m.qweight, m.scales, m.zeros = q.qweight, q.scales, q.zeros
         if q.bias is not None:  # a Parameter of its own over the same data: m.to(...) must not move q's
             m.bias = nn.Parameter(q.bias.data, requires_grad=q.bias.requires_grad)
+        m.prepare_cpu()
         return m
 
+    def unread_bytes(self) -> int:
+        """Bytes held but not read by a forward (`bench.weight_bytes`): W4's saved codes, scales and zeros
+        where the CPU kernel reads its own copy, else that copy."""
+        if self.cpu_codes is None:
+            return 0
+        if self.cpu_kernel and self.backend == "auto" and self.qweight.device.type == "cpu":
+            held = (self.qweight, self.scales, self.zeros)
+        else:
+            held = (self.cpu_codes, self.cpu_scales_zeros)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel and self.backend == "auto" and x.device.type == "cpu" and kernel_rows(x):
+            if self.cfg.bits == 8:
+                return int8_cpu_linear(x, self.qweight, self.scales, self.bias)
+            return int4_cpu_linear(x, self.cpu_codes, self.cpu_scales_zeros, self.cfg.group_size, self.bias)
         fn = w4a16_linear if self.cfg.bits == 4 else w8a16_linear
         return fn(x, self.qweight, self.scales, self.zeros, self.cfg.group_size, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        cpu = ", cpu kernel" if self.cpu_kernel else ""
+        return f"{super().extra_repr()}, backend={self.backend!r}{cpu}"
 
 
 class StackedQuantLinear(nn.Module):

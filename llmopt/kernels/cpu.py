@@ -1,0 +1,161 @@
+"""Weight-only INT8 and INT4 on a CPU: the matmul kernels PyTorch itself ships for them.
+
+Off a GPU, `w4a16_linear` / `w8a16_linear` run their reference: dequantize the whole weight to
+memory, then an ordinary matmul, which is *slower* than the float layer it replaces. PyTorch has
+CPU kernels that read the codes directly (the ones gpt-fast and torchao use on a CPU):
+
+- `aten._weight_int8pack_mm(x, codes, scales)`: int8 codes (N, K) with one scale per output channel,
+  read as they are (`QuantLinear`'s symmetric per-channel INT8 format needs no copy), K a multiple of 16;
+- `aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)`: 4-bit codes in a nibble
+  order of its own (made once by `aten._convert_weight_to_int4pack_for_cpu`), group sizes 32-256,
+  N a multiple of 16, and tinygemm's dequantization w = (code - 8) * scale + offset, one (scale,
+  offset) pair per group and channel. Our w = (code - zero) * scale is the same with
+  offset = (8 - zero) * scale (0 for symmetric codes, whose zero is 8).
+
+`pack_int4_for_cpu` builds that copy; `KernelQuantLinear` keeps it beside the saved codes, so on a
+CPU a fused W4 layer holds its codes twice (a deployment would keep only the kernel's layout).
+These kernels are fast in bfloat16, where at batch 1 they beat the bfloat16 layer itself (weight-only
+quantization making decode faster, not only smaller); in float32 and float16 they beat the reference
+at one or two rows but not the float layer. Measure on your CPU: `llmopt bench weight-only`.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import packing
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+# The most rows x may have for the kernels to beat the reference. In bfloat16 they stay far ahead of
+# dequantize + matmul at any decode batch (and beat the bfloat16 layer itself up to 4-8 rows); in
+# float32 and float16 they run row by row, and from about 4-8 rows the reference is faster. Measured on
+# a 2-core Intel Xeon (AVX-512, AMX), PyTorch 2.13, `llmopt bench weight-only`; prefill keeps the
+# reference.
+MAX_ROWS = {torch.float32: 2, torch.float16: 2, torch.bfloat16: 64}
+
+
+def has_cpu_kernels() -> bool:
+    """True when this PyTorch has both ops (2.6 and later do)."""
+    return all(hasattr(torch.ops.aten, op) for op in
+               ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"))
+
+
+def cpu_format_problem(bits: int, symmetric: bool, group_size: int | None, N: int, K: int) -> str | None:
+    """Why PyTorch's CPU kernels cannot read this `QuantLinear` format, or None when they can."""
+    if not has_cpu_kernels():
+        return f"PyTorch {torch.__version__} lacks the weight-only CPU kernels (2.6 or later has them)"
+    if bits == 8:
+        if not symmetric or group_size is not None:
+            return "the INT8 kernel takes symmetric codes with one scale per output channel"
+        if K % 16:   # in bfloat16 other sizes read past the row (wrong sums, or a crash) in torch 2.13
+            return f"the INT8 kernel reads in_features 16 at a time; {K} is not a multiple"
+        return None
+    if bits == 4:
+        group = K if group_size is None else group_size
+        if group not in INT4_GROUP_SIZES:
+            return f"the INT4 kernel takes group sizes {INT4_GROUP_SIZES} (per channel: in_features), got {group}"
+        if N % 16:
+            return f"the INT4 kernel packs output channels 16 at a time; out_features {N} is not a multiple"
+        return None
+    return f"no CPU kernel for {bits}-bit codes (4 and 8 have one)"
+
+
+def kernel_rows(x: torch.Tensor) -> bool:
+    """True when x (..., K) has few enough rows, for its dtype, that the CPU kernels are the faster path."""
+    return x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1]
+
+
+@torch.no_grad()
+def pack_int4_for_cpu(qweight, scales, zeros, group_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """`QuantLinear`'s W4 buffers -> (codes in the kernel's nibble order (N, K / 2) uint8,
+    scales_and_zeros (n_groups, N, 2) float32: each group's scale and tinygemm offset)."""
+    codes = packing.unpack(qweight, 4).to(torch.int32)   # unsigned 0..15, (N, K)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scale = scales.float()
+    offset = torch.zeros_like(scale) if zeros is None else (8.0 - zeros.float()) * scale
+    return packed, torch.stack([scale.T, offset.T], dim=-1).contiguous()
+
+
+def _rows(x, K):
+    """x (..., K) as the 2-D (M, K) the kernels take, contiguous."""
+    return x.reshape(-1, K).contiguous()
+
+
+def int8_cpu_linear(x, qweight, scales, bias=None) -> torch.Tensor:
+    """y = x @ (codes * scale).T + bias for symmetric per-channel INT8 codes (N, K), scales (N, 1)."""
+    K, N = x.shape[-1], qweight.shape[0]
+    y = torch.ops.aten._weight_int8pack_mm(_rows(x, K), qweight, scales.reshape(N).to(x.dtype))
+    y = y.reshape(*x.shape[:-1], N)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def int4_cpu_linear(x, packed, scales_and_zeros, group_size, bias=None) -> torch.Tensor:
+    """y = x @ dequant(W).T + bias from `pack_int4_for_cpu`'s tensors (group_size None: per channel)."""
+    K, N = x.shape[-1], packed.shape[0]
+    group = K if group_size is None else group_size
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, K), packed, group, scales_and_zeros.to(x.dtype))
+    y = y.reshape(*x.shape[:-1], N)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def benchmark(shapes=((768, 256), (4096, 256), (2048, 2048), (5632, 2048), (11008, 4096)), rows=(1, 16),
+              dtypes=(torch.float32, torch.bfloat16), group_size: int = 128) -> list[dict]:
+    """Median time of the float layer, the reference (dequantize + matmul) and the CPU kernels, W8
+    per channel and W4 groups of `group_size` (or per channel where K is smaller), random weights."""
+    from ..bench import time_fn
+    from ..quant.linear import QuantConfig, QuantLinear
+    from .w4a16 import w4a16_reference
+    from .w8a16 import w8a16_reference
+
+    torch.manual_seed(0)
+    out = []
+    for N, K in shapes:
+        linear = torch.nn.Linear(K, N, bias=False)
+        g = group_size if K > group_size else None
+        w8 = QuantLinear.from_linear(linear, QuantConfig(bits=8))
+        w4 = QuantLinear.from_linear(linear, QuantConfig(bits=4, group_size=g, symmetric=False))
+        packed, sz = pack_int4_for_cpu(w4.qweight, w4.scales, w4.zeros, g)
+        for dtype in dtypes:
+            w = linear.weight.detach().to(dtype)
+            for m in rows:
+                x = torch.randn(m, K, dtype=dtype)
+                runs = {   # partial binds this iteration's tensors
+                    "float": partial(F.linear, x, w),
+                    "w8 reference": partial(w8a16_reference, x, w8.qweight, w8.scales, None, None),
+                    "w8 cpu kernel": partial(int8_cpu_linear, x, w8.qweight, w8.scales),
+                    "w4 reference": partial(w4a16_reference, x, w4.qweight, w4.scales, w4.zeros, g),
+                    "w4 cpu kernel": partial(int4_cpu_linear, x, packed, sz, g),
+                }
+                row = {"N": N, "K": K, "rows": m, "dtype": str(dtype).removeprefix("torch.")}
+                row.update({name: 1e3 * time_fn(fn, warmup=3, repeats=20).median for name, fn in runs.items()})
+                out.append(row)
+    return out
+
+
+NAMES = ("float", "w8 reference", "w8 cpu kernel", "w4 reference", "w4 cpu kernel")
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'N x K':>12} {'rows':>4} {'dtype':>8} " + " ".join(f"{n:>14}" for n in NAMES) + "   (ms, median of 20)"]
+    for r in rows:
+        lines.append(f"{r['N']:>5} x {r['K']:<4} {r['rows']:>4} {r['dtype']:>8} "
+                     + " ".join(f"{r[n]:>14.3f}" for n in NAMES))
+    return "\n".join(lines)
+
+
+def main(json_path=None, **kwargs) -> list[dict]:
+    """What `llmopt bench weight-only` runs: `benchmark(**kwargs)`, printed (and saved as JSON)."""
+    import json
+
+    from ..bench import environment
+
+    rows = benchmark(**kwargs)
+    print(format_rows(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"env": environment(), "rows": rows}, f, indent=1)
+        print(f"saved {json_path}")
+    return rows

@@ -1,0 +1,209 @@
+"""PyTorch's weight-only INT8 / INT4 CPU kernels (`kernels.cpu`) against the references, on
+`QuantLinear`'s own formats, and `KernelQuantLinear` / `fuse` choosing them on a CPU.
+
+Tolerances are max |kernel - reference| over max |reference| (the output's scale):
+- float32: the kernel dequantizes in float32 as the reference does (W4 as (code - 8) * scale +
+  offset, a rounding or two apart from (code - zero) * scale) and sums in its own order: ~1e-6
+  has been seen, 1e-5 is the bar;
+- bfloat16 / float16: the kernel's scales and offsets are rounded to x's dtype (bfloat16 keeps 8
+  bits of the fp16 scale's 11) before the sums: ~6e-3 has been seen in bfloat16, 2e-2 is the bar
+  (5e-3 for float16).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llmopt import bench, kernels
+from llmopt.kernels import cpu
+from llmopt.kernels.qlinear import KernelQuantLinear
+from llmopt.kernels.w4a16 import w4a16_reference
+from llmopt.kernels.w8a16 import w8a16_reference
+from llmopt.quant import QuantConfig, QuantLinear, quantize
+
+pytestmark = pytest.mark.skipif(not cpu.has_cpu_kernels(), reason="this PyTorch lacks the weight-only CPU kernels")
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 1000, 3, 77]])
+
+
+def make(N, K, group, symmetric, bias, bits, seed=0) -> QuantLinear:
+    torch.manual_seed(seed)
+    return QuantLinear.from_linear(nn.Linear(K, N, bias=bias), QuantConfig(bits=bits, group_size=group,
+                                                                           symmetric=symmetric))
+
+
+def rand(*shape, dtype=torch.float32, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def assert_close(got, want, bias=None):
+    """The scale is the larger of the output's and the product's before the bias: the kernels add the
+    bias after rounding the product to x's dtype, so a bias that cancels the product leaves that rounding."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    err = (got.float() - want.float()).abs().max()
+    scale = want.float().abs().max()
+    if bias is not None:
+        scale = max(scale, (want.float() - bias.float()).abs().max())
+    assert err <= TOL[want.dtype] * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
+# (N, K, group_size, symmetric, bias): N a multiple of 16 but not of the kernel's 64-row blocks (48,
+# 80), every group size the kernel takes, per channel (None: one group of K), zero points and not
+INT4_CASES = [
+    (48, 256, 32, True, True),
+    (80, 256, 64, False, False),
+    (64, 384, 128, False, True),
+    (32, 512, 256, True, False),
+    (48, 128, None, False, True),
+    (16, 64, None, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", INT4_CASES)
+def test_int4_kernel_equals_the_reference(case, dtype):
+    N, K, group, symmetric, bias = case
+    q = make(N, K, group, symmetric, bias, bits=4)
+    assert cpu.cpu_format_problem(4, symmetric, group, N, K) is None
+    packed, sz = cpu.pack_int4_for_cpu(q.qweight, q.scales, q.zeros, group)
+    assert packed.shape == q.qweight.shape and packed.dtype == torch.uint8 and sz.shape == (K // (group or K), N, 2)
+    assert not torch.equal(packed, q.qweight)   # a nibble order of its own, not a copy of ours
+    for shape in [(1, K), (3, K), (2, 5, K), (33, K)]:
+        x = rand(*shape, dtype=dtype)
+        want = w4a16_reference(x, q.qweight, q.scales, q.zeros, group, q.bias)
+        assert_close(cpu.int4_cpu_linear(x, packed, sz, group, q.bias), want, q.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N, K, bias", [(37, 96, True), (100, 192, False), (1, 48, True)])
+def test_int8_kernel_equals_the_reference(N, K, bias, dtype):
+    q = make(N, K, None, True, bias, bits=8)
+    assert cpu.cpu_format_problem(8, True, None, N, K) is None
+    for shape in [(1, K), (4, K), (2, 3, K), (40, K)]:
+        x = rand(*shape, dtype=dtype)
+        want = w8a16_reference(x, q.qweight, q.scales, None, None, q.bias)
+        assert_close(cpu.int8_cpu_linear(x, q.qweight, q.scales, q.bias), want, q.bias)
+
+
+@pytest.mark.parametrize("bits, symmetric, group, N, K, said", [
+    (8, False, None, 32, 64, "symmetric"),
+    (8, True, 32, 32, 64, "per output channel"),
+    (8, True, None, 32, 40, "16 at a time"),    # in bfloat16 such a K crashed the process
+    (4, True, 16, 32, 64, "group sizes"),
+    (4, True, None, 32, 96, "group sizes"),     # per channel: the group is all of K = 96
+    (4, False, 32, 24, 64, "multiple"),
+    (2, True, 32, 32, 64, "no CPU kernel"),
+])
+def test_formats_the_kernels_cannot_read_are_said(bits, symmetric, group, N, K, said):
+    assert said in cpu.cpu_format_problem(bits, symmetric, group, N, K)
+
+
+def _use(monkeypatch):
+    """Count the CPU kernels' calls; the reference path counts none."""
+    calls = []
+    for name in ("int4_cpu_linear", "int8_cpu_linear"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(kernels.qlinear, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (4, 64, False), (8, None, True)])
+def test_kernel_quant_linear_runs_the_cpu_kernels_on_auto(monkeypatch, bits, group, symmetric):
+    q = make(48, 128, group, symmetric, True, bits=bits)
+    k = KernelQuantLinear.from_quant_linear(q)
+    assert k.cpu_kernel and "cpu kernel" in repr(k)
+    assert list(k.state_dict()) == list(q.state_dict())   # the kernel's copy is not saved
+    calls = _use(monkeypatch)
+    for dtype, shape in ((torch.float32, (2, 1, 128)), (torch.bfloat16, (2, 3, 128)), (torch.bfloat16, (64, 128))):
+        x = rand(*shape, dtype=dtype)
+        assert_close(k.to(dtype)(x), q.to(dtype)(x), q.bias)
+    assert len(calls) == 3
+    k.backend = "torch"   # the reference, bit for bit
+    x = rand(3, 128, dtype=torch.bfloat16)
+    assert torch.equal(k(x), q(x)) and len(calls) == 3
+
+
+def test_many_rows_keep_the_reference(monkeypatch):
+    """Prefill, and float32 past two rows, where dequantize + matmul is the faster path (kernels.cpu.MAX_ROWS)."""
+    q = make(48, 128, 32, False, True, bits=4)
+    k = KernelQuantLinear.from_quant_linear(q)
+    calls = _use(monkeypatch)
+    for dtype, rows in ((torch.float32, 3), (torch.bfloat16, 65)):
+        x = rand(rows, 128, dtype=dtype)
+        k, q = k.to(dtype), q.to(dtype)
+        assert torch.equal(k(x), q(x))
+    assert not calls
+
+
+def test_the_kernel_path_is_the_one_that_runs():
+    """Spoil the kernel's copy of the codes: "auto" must give wrong outputs, "torch" right ones."""
+    q = make(48, 128, 32, False, False, bits=4)
+    k = KernelQuantLinear.from_quant_linear(q)
+    k.cpu_codes.zero_()
+    x = rand(2, 128)
+    assert not torch.allclose(k(x), q(x), atol=1e-2)
+    k.backend = "torch"
+    assert torch.equal(k(x), q(x))
+    k.backend = "auto"
+    assert k.prepare_cpu() is None and torch.allclose(k(x), q(x), atol=1e-5)   # repacked from qweight
+
+
+def test_formats_without_a_cpu_kernel_keep_the_reference(monkeypatch):
+    calls = _use(monkeypatch)
+    for q in (make(24, 64, 32, True, False, bits=4), make(32, 64, 32, True, False, bits=8),
+              make(32, 64, None, False, True, bits=8)):
+        k = KernelQuantLinear.from_quant_linear(q)
+        assert not k.cpu_kernel and k.cpu_codes is None
+        x = rand(3, 64)
+        assert torch.equal(k(x), q(x))
+    assert not calls
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=64, symmetric=False), QuantConfig(bits=8)],
+                         ids=["w4-zp-g64", "w8-channel"])
+def test_fused_bundled_model_on_the_cpu_kernels(bundled, monkeypatch, cfg):
+    model, _ = bundled
+    q = quantize(copy.deepcopy(model), cfg)
+    calls = _use(monkeypatch)
+    for merge in (False, True):   # merged q/k/v and gate/up are packed anew
+        fused = kernels.fuse(copy.deepcopy(q), merge=merge)
+        linears = [m for m in fused.modules() if isinstance(m, KernelQuantLinear)]
+        assert linears and all(m.cpu_kernel for m in linears)
+        assert not any("cpu_" in key for key in fused.state_dict())   # saves as it did without the kernels
+        with torch.no_grad():
+            want, got = q(IDS).logits, fused(IDS).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(fused.generate(IDS, max_new_tokens=8, do_sample=False, pad_token_id=0),
+                           q.generate(IDS, max_new_tokens=8, do_sample=False, pad_token_id=0))
+    assert len(calls) > 0
+    fused = kernels.fuse(copy.deepcopy(q))   # a step reads one copy of the codes, whichever path runs
+    read, saved = bench.weight_bytes(fused), bench.weight_bytes(q)
+    assert read == saved if cfg.bits == 8 else saved < read < 1.1 * saved   # W4: float32 scale and offset
+    assert bench.weight_bytes(kernels.set_backend(fused, "torch")) == saved
+    with torch.no_grad():   # in bfloat16: the kernels' fast dtype; the model still predicts as in float
+        fused = kernels.fuse(copy.deepcopy(q)).to(torch.bfloat16)
+        want, got = q(IDS).logits, fused(IDS).logits.float()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_compiled_module_equals_eager():
+    q = make(64, 256, 64, False, True, bits=4)
+    k = KernelQuantLinear.from_quant_linear(q)
+    x = rand(2, 256)
+    torch.testing.assert_close(torch.compile(k, dynamic=False)(x), k(x), rtol=1e-6, atol=1e-6)
+
+
+def test_benchmark_times_every_path(tmp_path, capsys):
+    import json
+
+    from llmopt.cli import build_parser
+
+    out = tmp_path / "w.json"
+    rows = cpu.main(str(out), shapes=((64, 256),), rows=(1, 3), dtypes=(torch.float32, torch.bfloat16))
+    assert [(r["rows"], r["dtype"]) for r in rows] == [(1, "float32"), (3, "float32"), (1, "bfloat16"), (3, "bfloat16")]
+    assert all(r[name] > 0 for r in rows for name in cpu.NAMES)
+    assert "w4 cpu kernel" in capsys.readouterr().out and json.loads(out.read_text())["rows"] == rows
+    assert build_parser().parse_args(["bench", "weight-only"]).what == "weight-only"
