@@ -52,7 +52,7 @@ def _bench(args):
 
         decode_main(args.model, batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, json_path=args.json,
                     repeats=min(args.repeats or 10, 10), systems=tuple(args.variants),
-                    scheduler_steps=args.scheduler_steps)
+                    scheduler_steps=args.scheduler_steps, dtype=None if args.dtype == "auto" else args.dtype)
     elif args.what == "http":
         from .serving.http_bench import main
 
@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--e2e", action="store_true", help="also decode with the fused model and the W4 and W8 models, "
                    "unfused and fused")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="kernels --e2e: the model's dtype (auto: bfloat16 on a GPU, float32 on a CPU; on a CPU "
-                   "PyTorch's weight-only kernels are fast in bfloat16)")
+                   help="kernels --e2e and decode: the model's dtype (auto: bfloat16 on a GPU, float32 on a CPU; "
+                   "on a CPU PyTorch's weight-only kernels behind the W4 variants are fast in bfloat16)")
     t.add_argument("--configs", action="store_true", help="kernels, on a GPU: also time every W4A16 GEMV "
                    "candidate config on the 7B-class layers")
     t.add_argument("--config-rows", type=int, nargs="*", default=[1, 8], help="kernels --configs: the batch "

@@ -113,6 +113,17 @@ def test_bench_decode_rows_and_floor(tmp_path):
     assert "x HF generate" in r.stdout
 
 
+def test_bench_decode_takes_a_dtype(tmp_path):
+    out = tmp_path / "decode.json"
+    r = llmopt("bench", "decode", "--dtype", "bfloat16", "--batch-sizes", "1", "--new-tokens", "4", "--repeats", "1",
+               "--variants", "eager", "w4-fused", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "torch.bfloat16" and "(torch.bfloat16)" in r.stdout
+    rows = {x["system"]: x for x in res["rows"]}
+    assert rows["llmopt engine, eager"]["weight_MB"] < 12   # 2 bytes a weight: the bundled model's 22 MB halved
+
+
 def test_serve_passes_the_engine_flags(monkeypatch):
     """`llmopt serve --kv-cache-dtype fp8 --num-scheduler-steps 4`: the flags reach the engine's
     arguments (the server itself is not started)."""

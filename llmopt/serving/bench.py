@@ -489,10 +489,11 @@ def format_decode_row(r: dict) -> str:
 
 
 def decode_main(model=None, batch_sizes=(1, 32), new_tokens: int = 128, json_path=None, repeats: int = 3,
-                systems=("hf", "eager", "graphs", "fused", "w4-fused"), scheduler_steps: int = 8) -> dict:
-    """What `llmopt bench decode` runs."""
+                systems=("hf", "eager", "graphs", "fused", "w4-fused"), scheduler_steps: int = 8, dtype=None) -> dict:
+    """What `llmopt bench decode` runs (`dtype`: None for the model's default, or a torch dtype or its name)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     result = decode_benchmark(model, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats, systems=systems,
-                              scheduler_steps=scheduler_steps)
+                              scheduler_steps=scheduler_steps, dtype=dtype)
     print(f"{result['model']} on {result['device']} ({result['dtype']}), copy bandwidth "
           f"{result['copy_bandwidth_GBps']:.0f} GB/s, prompt {result['prompt_len']}, {result['new_tokens']} new tokens"
           + (", decode kernels with programmatic dependent launch" if result["programmatic_dependent_launch"] else ""))
