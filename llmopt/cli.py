@@ -200,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--variants", nargs="*", default=["hf", "eager", "graphs", "fused", "w4-fused"],
                    choices=["hf", "eager", "graphs", "graphs-multistep", "compiled", "compiled-multistep", "fused",
                             "merged", "multistep", "gemv", "gemv-multistep", "gemv-pdl", "gemv-multistep-pdl",
-                            "w4-fused", "w4-merged", "w4-multistep"],
+                            "w4-fused", "w4-merged", "w4-multistep", "w4-compiled"],
                    help="decode: what to run (merged: fuse(merge=True), q/k/v and gate/up as one matmul each; "
                    "gemv: fuse(gemv=True), the norms and the SwiGLU inside the decode matmuls; "
-                   "*-pdl: with programmatic dependent launch (Hopper); compiled: the decode step by torch.compile; "
+                   "*-pdl: with programmatic dependent launch (Hopper); compiled: the decode step by torch.compile "
+                   "(w4-compiled: the W4 multistep one's); "
                    "*multistep: also multi-step decoding, --scheduler-steps tokens per host sync)")
     t.add_argument("--scheduler-steps", type=int, default=8, help="decode: num_scheduler_steps of the multistep "
                    "variants")

@@ -92,11 +92,24 @@ def int8_cpu_linear(x, qweight, scales, bias=None) -> torch.Tensor:
     return y if bias is None else y + bias.to(x.dtype)
 
 
+@torch.library.custom_op("llmopt::int4_cpu_mm", mutates_args=())
+def _int4_mm_opaque(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+
+
+@_int4_mm_opaque.register_fake
+def _(x, packed, group, scales_and_zeros):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
 def int4_cpu_linear(x, packed, scales_and_zeros, group_size, bias=None) -> torch.Tensor:
     """y = x @ dequant(W).T + bias from `pack_int4_for_cpu`'s tensors (group_size None: per channel)."""
     K, N = x.shape[-1], packed.shape[0]
     group = K if group_size is None else group_size
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, K), packed, group, scales_and_zeros.to(x.dtype))
+    # Under torch.compile the op goes in as an opaque custom op: Inductor's own lowering of it failed
+    # (PyTorch 2.13, bfloat16, its input fused from the embedding lookup and the first norm).
+    mm = _int4_mm_opaque if torch.compiler.is_compiling() else torch.ops.aten._weight_int4pack_mm_for_cpu
+    y = mm(_rows(x, K), packed, group, scales_and_zeros.to(x.dtype))
     y = y.reshape(*x.shape[:-1], N)
     return y if bias is None else y + bias.to(x.dtype)
 

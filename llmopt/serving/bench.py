@@ -283,12 +283,12 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
     W4A16 kernels ("w4-fused", "w4-merged"); "gemv": fused and merged, with the norms and the SwiGLU
     inside the decode matmuls (`fuse(gemv=True)`); "graphs-multistep", "multistep" (fused and merged),
     "gemv-multistep" and "w4-multistep" (W4, fused and merged) add multi-step decoding
-    (`num_scheduler_steps=scheduler_steps`); "compiled" and "compiled-multistep" the plain model's decode
-    step compiled by `torch.compile` (`compilation_config=3`; the first steps of each batch size wait for
-    the compiler, as a warm-up run does); "gemv-pdl" and "gemv-multistep-pdl" are the gemv ones with
-    the decode kernels launched by programmatic dependent launch (`kernels.common.set_pdl`, on for
-    that engine only; in the same process the block configs picked for "gemv" are reused, not timed
-    again).
+    (`num_scheduler_steps=scheduler_steps`), "w4-compiled" that with the step compiled; "compiled" and
+    "compiled-multistep" the plain model's decode step compiled by `torch.compile` (`compilation_config=3`;
+    the first steps of each batch size wait for the compiler, as a warm-up run does); "gemv-pdl" and
+    "gemv-multistep-pdl" are the gemv ones with the decode kernels launched by programmatic dependent
+    launch (`kernels.common.set_pdl`, on for that engine only; in the same process the block configs
+    picked for "gemv" are reused, not timed again).
     CUDA graphs wherever there is a GPU.
     Batch-1 rows also carry the share of the decode floor (weight bytes / measured bandwidth)."""
     import copy
@@ -341,13 +341,15 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
                          + ((", programmatic dependent launch" + ("" if dev.type == "cuda" else " (needs a GPU)"))
                             if "pdl" in kw else ""),
                          fuse(copy.deepcopy(model), gemv=True), kw))
-    for variant, merge, kw in (("w4-fused", False, {}), ("w4-merged", True, {}), ("w4-multistep", True, multi)):
+    for variant, merge, kw in (("w4-fused", False, {}), ("w4-merged", True, {}), ("w4-multistep", True, multi),
+                               ("w4-compiled", True, {"compilation_config": 3, **multi})):
         if variant in systems:
             from ..quant import QuantConfig, quantize
 
             w4 = fuse(quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=group_size)), merge=merge)
-            runs.append(("llmopt engine, W4 + fused kernels" + (", merged qkv / gate-up" if merge else "") + graphs
-                         + (steps if kw else ""), w4, kw))
+            runs.append(("llmopt engine, W4 + fused kernels" + (", merged qkv / gate-up" if merge else "")
+                         + (", torch.compile" if "compilation_config" in kw else "") + graphs
+                         + (steps if "num_scheduler_steps" in kw else ""), w4, kw))
     pdl_before = common.pdl_enabled()
     try:
         for name, m, kw in runs:
