@@ -46,7 +46,7 @@ def _bench(args):
     elif args.what == "weight-only":
         from .kernels.cpu import main
 
-        main(args.json)
+        main(args.json, copies=args.copies)
     elif args.what == "decode":
         from .serving.bench import decode_main
 
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "decode: 10; http: 3, each run of the workload over HTTP followed by one in-process; serve: 1, "
                    "the systems interleaved)")
     t.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    t.add_argument("--copies", type=int, default=1, help="weight-only: cycle through this many copies of each "
+                   "layer's weights, so they come from memory rather than the caches, as in a model's decode step")
     t.add_argument("--e2e", action="store_true", help="also decode with the fused model and the W4 and W8 models, "
                    "unfused and fused")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

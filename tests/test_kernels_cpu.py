@@ -202,11 +202,14 @@ def test_benchmark_times_every_path(tmp_path, capsys):
     from llmopt.cli import build_parser
 
     out = tmp_path / "w.json"
-    rows = cpu.main(str(out), shapes=((64, 256),), rows=(1, 3), dtypes=(torch.float32, torch.bfloat16))
+    rows = cpu.main(str(out), shapes=((64, 256),), rows=(1, 3), dtypes=(torch.float32, torch.bfloat16), copies=2)
     assert [(r["rows"], r["dtype"]) for r in rows] == [(1, "float32"), (3, "float32"), (1, "bfloat16"), (3, "bfloat16")]
     assert all(r[name] > 0 for r in rows for name in cpu.NAMES)
     assert "w4 cpu kernel" in capsys.readouterr().out and json.loads(out.read_text())["rows"] == rows
-    assert build_parser().parse_args(["bench", "weight-only"]).what == "weight-only"
+    assert all(r["copies"] == 2 for r in rows)
+    assert build_parser().parse_args(["bench", "weight-only", "--copies", "8"]).copies == 8
+    with pytest.raises(ValueError, match="copies"):
+        cpu.benchmark(shapes=((64, 256),), copies=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

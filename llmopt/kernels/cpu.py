@@ -20,7 +20,7 @@ at one or two rows but not the float layer. Measure on your CPU: `llmopt bench w
 """
 from __future__ import annotations
 
-from functools import partial
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -114,15 +114,25 @@ def int4_cpu_linear(x, packed, scales_and_zeros, group_size, bias=None) -> torch
     return y if bias is None else y + bias.to(x.dtype)
 
 
+def _rotating(fn, arg_sets):
+    """A call of `fn` on the next of `arg_sets` each time: weights that come from memory, not a cache."""
+    sets = itertools.cycle(arg_sets)
+    return lambda: fn(*next(sets))
+
+
 def benchmark(shapes=((768, 256), (4096, 256), (2048, 2048), (5632, 2048), (11008, 4096)), rows=(1, 16),
-              dtypes=(torch.float32, torch.bfloat16), group_size: int = 128) -> list[dict]:
+              dtypes=(torch.float32, torch.bfloat16), group_size: int = 128, copies: int = 1) -> list[dict]:
     """Median time of the float layer, the reference (dequantize + matmul) and the CPU kernels, W8
-    per channel and W4 groups of `group_size` (or per channel where K is smaller), random weights."""
+    per channel and W4 groups of `group_size` (or per channel where K is smaller), random weights.
+    `copies` > 1: each call reads the next of that many copies of the layer's weights, so a layer that
+    fits in the caches is read from memory, as a whole model's decode step reads it."""
     from ..bench import time_fn
     from ..quant.linear import QuantConfig, QuantLinear
     from .w4a16 import w4a16_reference
     from .w8a16 import w8a16_reference
 
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
     torch.manual_seed(0)
     out = []
     for N, K in shapes:
@@ -131,19 +141,21 @@ def benchmark(shapes=((768, 256), (4096, 256), (2048, 2048), (5632, 2048), (1100
         w8 = QuantLinear.from_linear(linear, QuantConfig(bits=8))
         w4 = QuantLinear.from_linear(linear, QuantConfig(bits=4, group_size=g, symmetric=False))
         packed, sz = pack_int4_for_cpu(w4.qweight, w4.scales, w4.zeros, g)
+        q8s, q4s, packs = ([t.clone() for _ in range(copies)] for t in (w8.qweight, w4.qweight, packed))
         for dtype in dtypes:
-            w = linear.weight.detach().to(dtype)
+            ws = [linear.weight.detach().to(dtype, copy=True) for _ in range(copies)]
             for m in rows:
                 x = torch.randn(m, K, dtype=dtype)
-                runs = {   # partial binds this iteration's tensors
-                    "float": partial(F.linear, x, w),
-                    "w8 reference": partial(w8a16_reference, x, w8.qweight, w8.scales, None, None),
-                    "w8 cpu kernel": partial(int8_cpu_linear, x, w8.qweight, w8.scales),
-                    "w4 reference": partial(w4a16_reference, x, w4.qweight, w4.scales, w4.zeros, g),
-                    "w4 cpu kernel": partial(int4_cpu_linear, x, packed, sz, g),
+                runs = {
+                    "float": _rotating(F.linear, [(x, w) for w in ws]),
+                    "w8 reference": _rotating(w8a16_reference, [(x, q, w8.scales, None, None) for q in q8s]),
+                    "w8 cpu kernel": _rotating(int8_cpu_linear, [(x, q, w8.scales) for q in q8s]),
+                    "w4 reference": _rotating(w4a16_reference, [(x, q, w4.scales, w4.zeros, g) for q in q4s]),
+                    "w4 cpu kernel": _rotating(int4_cpu_linear, [(x, p, sz, g) for p in packs]),
                 }
-                row = {"N": N, "K": K, "rows": m, "dtype": str(dtype).removeprefix("torch.")}
-                row.update({name: 1e3 * time_fn(fn, warmup=3, repeats=20).median for name, fn in runs.items()})
+                row = {"N": N, "K": K, "rows": m, "dtype": str(dtype).removeprefix("torch."), "copies": copies}
+                row.update({name: 1e3 * time_fn(fn, warmup=max(3, copies), repeats=max(20, copies)).median
+                            for name, fn in runs.items()})
                 out.append(row)
     return out
 
@@ -152,7 +164,7 @@ NAMES = ("float", "w8 reference", "w8 cpu kernel", "w4 reference", "w4 cpu kerne
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'N x K':>12} {'rows':>4} {'dtype':>8} " + " ".join(f"{n:>14}" for n in NAMES) + "   (ms, median of 20)"]
+    lines = [f"{'N x K':>12} {'rows':>4} {'dtype':>8} " + " ".join(f"{n:>14}" for n in NAMES) + "   (ms, median)"]
     for r in rows:
         lines.append(f"{r['N']:>5} x {r['K']:<4} {r['rows']:>4} {r['dtype']:>8} "
                      + " ".join(f"{r[n]:>14.3f}" for n in NAMES))
