@@ -150,6 +150,14 @@ def test_the_kernel_path_is_the_one_that_runs():
     assert k.prepare_cpu() is None and torch.allclose(k(x), q(x), atol=1e-5)   # repacked from qweight
 
 
+def test_loading_a_state_dict_repacks_the_kernels_copy():
+    k = KernelQuantLinear.from_quant_linear(make(48, 128, 32, False, False, bits=4, seed=0))
+    other = make(48, 128, 32, False, False, bits=4, seed=5)
+    k.load_state_dict(other.state_dict())
+    x = rand(1, 128)
+    assert torch.allclose(k(x), other(x), atol=1e-5)
+
+
 def test_formats_without_a_cpu_kernel_keep_the_reference(monkeypatch):
     calls = _use(monkeypatch)
     for q in (make(24, 64, 32, True, False, bits=4), make(32, 64, 32, True, False, bits=8),

@@ -47,6 +47,7 @@ class KernelQuantLinear(QuantLinear):
         self.cpu_kernel = False
         self.register_buffer("cpu_codes", None, persistent=False)
         self.register_buffer("cpu_scales_zeros", None, persistent=False)
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
     @torch.no_grad()
     def prepare_cpu(self) -> str | None:
@@ -100,6 +101,12 @@ class KernelQuantLinear(QuantLinear):
     def extra_repr(self) -> str:
         cpu = ", cpu kernel" if self.cpu_kernel else ""
         return f"{super().extra_repr()}, backend={self.backend!r}{cpu}"
+
+
+def _repack_after_load(module: KernelQuantLinear, incompatible_keys) -> None:
+    """New codes loaded into a layer that holds the CPU kernel's copy of them: copy them again."""
+    if module.cpu_codes is not None:
+        module.prepare_cpu()
 
 
 class StackedQuantLinear(nn.Module):
