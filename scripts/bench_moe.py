@@ -6,7 +6,9 @@ BENCHMARKS.md's MoE tables come from here.
     python scripts/bench_moe.py models
     python scripts/bench_moe.py upcycle [--steps 200] [--out moe_results]
     python scripts/bench_moe.py quantize [--steps 200] [--out moe_results]
-    python scripts/bench_moe.py kernels [--tokens 1 4 16]      # a GPU: the experts at decode, float vs W4
+    python scripts/bench_moe.py decode [--dtype bfloat16]      # the upcycled model quantized, fused or not
+    python scripts/bench_moe.py kernels [--tokens 1 4 16]      # the experts at decode, float vs W4 (a GPU's sizes
+                                                                # there; on a CPU the bundled model's, --dtype)
 """
 import argparse
 import copy
@@ -193,6 +195,43 @@ def quantize(args):
     return rows
 
 
+def decode(args):
+    """Batch-1 greedy decode of the upcycled bundled model (not fine-tuned: the speed does not depend on
+    it) in `--dtype`: float, and W8 per channel / W4 in groups of 128 (round to nearest, experts
+    included) unfused (dequantize + matmul) and fused (`kernels.fuse`: on a CPU PyTorch's weight-only
+    kernels, per hit expert in the MoE layers), with the bytes a step reads and the largest logit
+    difference of each fused model from its unfused one on two tokens."""
+    from llmopt import kernels as kernel_lib
+    from llmopt.quant import QuantConfig
+    from llmopt.quant import quantize as quantize_model
+
+    dense, _ = llmopt.load(args.model, dtype=torch.float32)
+    model = moe.upcycle(dense, args.experts, args.top_k).to(args.device, args.dtype).eval()
+    ids = bench.random_prompts(model.config.vocab_size, 1, 32, device=args.device)
+    print(bench.environment())
+    print(f"{args.model} upcycled {args.experts}x top-{args.top_k}, {args.dtype}, batch 1, 32-token prompt, "
+          "64 new tokens")
+    print("| weights | tok/s b=1 | MB read per token | max logit diff, fused vs unfused |")
+    print("|---|---|---|---|")
+    rows = []
+    with torch.no_grad():
+        variants = [("float", model, None)]
+        for name, cfg in (("W8 per channel", QuantConfig(bits=8)), ("W4 g128", QuantConfig(bits=4, group_size=128))):
+            q = quantize_model(copy.deepcopy(model), cfg)
+            variants += [(name, q, None), (f"{name}, fused", kernel_lib.fuse(copy.deepcopy(q)), q)]
+        for name, m, unfused in variants:
+            tok_s = bench.generation(m, 1, 32, 64, repeats=args.repeats).tokens_per_s
+            two = ids[:, :2]   # two rows: a decode step's size, where the fused kernels run in either dtype
+            diff = None if unfused is None else (m(two).logits.float() - unfused(two).logits.float()).abs().max().item()
+            rows.append(dict(weights=name, tok_s_b1=tok_s, read_mb=bench.weight_bytes(m) / 1e6, max_logit_diff=diff))
+            print(f"| {name} | {tok_s:.1f} | {rows[-1]['read_mb']:.2f} | {'-' if diff is None else f'{diff:.3g}'} |",
+                  flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": bench.environment(), "dtype": str(args.dtype), "rows": rows},
+                                              indent=2))
+    return rows
+
+
 def kernels(args):
     """One Mixtral-8x7B-shaped MoE layer's experts at decode: float against W4 (RTN, groups of 128), run four
     or five ways (`moe.speed.expert_decode_times`); GB/s of the hit experts' bytes against a copy's."""
@@ -221,7 +260,7 @@ def kernels(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["dispatch", "models", "upcycle", "quantize", "kernels"])
+    ap.add_argument("what", choices=["dispatch", "models", "upcycle", "quantize", "decode", "kernels"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 128, 1024, 4096])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
@@ -237,14 +276,18 @@ def main():
     ap.add_argument("--calib", type=int, default=32, help="quantize: calibration windows of 256 tokens")
     ap.add_argument("--ppl-tokens", type=int, default=None, help="default: the whole test split")
     ap.add_argument("--out", default="moe_results")
-    ap.add_argument("--json", default=None, help="kernels: write the rows here")
+    ap.add_argument("--json", default=None, help="decode, kernels: write the rows here")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="dispatch, decode, kernels: default bfloat16 on a GPU, float32 on a CPU")
     args = ap.parse_args()
-    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    default = torch.bfloat16 if args.device == "cuda" else torch.float32
+    args.dtype = getattr(torch, args.dtype) if args.dtype else default
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = {"dispatch": dispatch, "models": models, "upcycle": upcycle, "quantize": quantize, "kernels": kernels}
+    run = {"dispatch": dispatch, "models": models, "upcycle": upcycle, "quantize": quantize, "decode": decode,
+           "kernels": kernels}
     run[args.what](args)
 
 

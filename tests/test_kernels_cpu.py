@@ -188,13 +188,35 @@ def test_fused_bundled_model_on_the_cpu_kernels(bundled, monkeypatch, cfg):
     assert len(calls) > 0
     fused = kernels.fuse(copy.deepcopy(q))   # a step reads one copy of the codes, whichever path runs
     read, saved = bench.weight_bytes(fused), bench.weight_bytes(q)
-    assert read == saved if cfg.bits == 8 else saved < read < 1.1 * saved   # W4: float32 scale and offset
+    assert saved < read < 1.1 * saved   # W4: a float32 scale and offset per group; W8: float32 scales
     assert bench.weight_bytes(kernels.set_backend(fused, "torch")) == saved
     with torch.no_grad():   # in bfloat16: the kernels' fast dtype; the model still predicts as in float
         fused = kernels.fuse(copy.deepcopy(q)).to(torch.bfloat16)
         want, got = q(IDS).logits, fused(IDS).logits.float()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_the_kernels_scales_are_kept_in_the_activations_dtype(bundled):
+    """`fuse` keeps the CPU kernels' scales in the model's dtype (merged layers too), so no call casts
+    them; loading new scales refreshes that copy (W8 reads it instead of `scales`)."""
+    for bits, group in ((4, 32), (8, None)):
+        q = make(48, 128, group, True, False, bits=bits)
+        k = KernelQuantLinear.from_quant_linear(q, dtype=torch.bfloat16)
+        assert k.cpu_scales_zeros.dtype == torch.bfloat16
+        x = rand(1, 128, dtype=torch.bfloat16)
+        assert_close(k(x), q.to(torch.bfloat16)(x))
+        other = make(48, 128, group, True, False, bits=bits, seed=7)
+        k.load_state_dict(other.state_dict())
+        assert k.cpu_scales_zeros.dtype == torch.bfloat16
+        assert_close(k(x), other.to(torch.bfloat16)(x))
+    model, _ = bundled
+    for dtype in (torch.float32, torch.bfloat16):
+        for merge in (False, True):
+            fused = kernels.fuse(quantize(copy.deepcopy(model).to(dtype), QuantConfig(bits=4, group_size=64)),
+                                 merge=merge)
+            linears = [m for m in fused.modules() if isinstance(m, KernelQuantLinear)]
+            assert linears and {m.cpu_scales_zeros.dtype for m in linears} == {dtype}
 
 
 def test_compiled_module_equals_eager():

@@ -327,6 +327,59 @@ def test_fused_experts_run_the_grouped_kernels(tmp_path, monkeypatch, cfg):
         save_quantized(fused, None, tmp_path / "fused")
 
 
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=32), QuantConfig(bits=4, group_size=64,
+                                                                                 symmetric=False),
+                                 QuantConfig(bits=8)], ids=["w4-g32", "w4-zp-g64", "w8"])
+def test_fused_experts_run_the_cpu_kernels(monkeypatch, cfg):
+    """On a CPU with backend "auto", decode rows (up to 2 in float32, 64 in bfloat16) run each hit expert's
+    matrices on PyTorch's weight-only kernels: the reference's logits (float32: 1e-4; bfloat16: 3% of
+    the largest logit, both sides rounding differently), the kernels' copies not saved, a step's bytes
+    counted once, and a spoiled copy spoils the output: the path is the one that runs."""
+    from llmopt import bench, kernels
+    from llmopt.kernels import KernelQuantExperts, cpu, qlinear
+
+    if not cpu.has_cpu_kernels():
+        pytest.skip("this PyTorch lacks the weight-only CPU kernels")
+    model = quantize(_family("upcycled"), cfg)
+    fused = kernels.fuse(copy.deepcopy(model))
+    experts = [m for m in fused.modules() if isinstance(m, KernelQuantExperts)]
+    assert len(experts) == 2 and all(m.cpu_kernel for m in experts) and "cpu kernel" in repr(experts[0])
+    assert experts[0].cpu_gate_up_scales.dtype == torch.float32
+    assert not any("cpu_" in key for key in fused.state_dict())
+    runs = []
+    real = qlinear.loop_dispatch
+    monkeypatch.setattr(qlinear, "loop_dispatch", lambda *a, **k: runs.append(a[0].shape[0]) or real(*a, **k))
+    ids = IDS[:1, :2]   # two rows: float32's decode
+    torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert runs == [2, 2]   # both layers, on the kernels
+    runs.clear()
+    fused(IDS)   # 20 rows in float32: the reference (dequantize the hit experts)
+    assert runs == []
+    with torch.no_grad():   # bfloat16: 20 rows go to the kernels too
+        half = kernels.fuse(quantize(_family("upcycled").to(torch.bfloat16), cfg))
+        assert half.model.layers[0].mlp.experts.cpu_gate_up_scales.dtype == torch.bfloat16
+        got = half(IDS).logits.float()
+        want = kernels.set_backend(copy.deepcopy(half), "torch")(IDS).logits.float()
+    assert runs == [20, 20] and (got - want).abs().max() <= 0.03 * want.abs().max()
+    # a step reads the kernels' copies, of top_k of the E experts: their scales are float32 (W4: a scale
+    # and an offset per group of 32 here, against a float16 scale), so a little more than the saved codes
+    from llmopt.moe.stats import _expert_bytes
+    ex = experts[0]
+    copies = [ex.gate_up_proj.qweight, ex.down_proj.qweight] if cfg.bits == 8 else [ex.cpu_gate_up_codes,
+                                                                                      ex.cpu_down_codes]
+    copies += [ex.cpu_gate_up_scales, ex.cpu_down_scales]
+    assert _expert_bytes(fused.model.layers[0].mlp) * 4 == sum(t.numel() * t.element_size() for t in copies)
+    read, saved = bench.weight_bytes(fused), bench.weight_bytes(model)
+    assert saved < read < 1.4 * saved
+    assert bench.weight_bytes(kernels.set_backend(copy.deepcopy(fused), "torch")) == saved
+    experts[0].cpu_gate_up_scales.zero_()   # spoil the kernels' copy: "auto" goes wrong, "torch" does not
+    assert not torch.allclose(fused(ids).logits, model(ids).logits, atol=1e-2)
+    torch.testing.assert_close(kernels.set_backend(fused, "torch")(ids).logits, model(ids).logits)
+    kernels.set_backend(fused, "auto")
+    fused.load_state_dict(fused.state_dict())   # loading repacks the copies from the saved codes
+    torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_only_plain_quantized_experts_are_stacked():
     """NF4, W8A8 and 2-bit experts have no grouped kernel: fuse leaves their QuantExperts as they are."""
     from llmopt import kernels

@@ -182,7 +182,7 @@ def merge_linears(linears: list[nn.Module]) -> nn.Module | None:
         merged.qweight = torch.cat([m.qweight for m in linears])
         merged.scales = torch.cat([m.scales for m in linears])
         merged.zeros = None if first.zeros is None else torch.cat([m.zeros for m in linears])
-        merged.prepare_cpu()
+        merged.prepare_cpu(None if first.cpu_scales_zeros is None else first.cpu_scales_zeros.dtype)
     else:
         return None
     if bias is not None:
@@ -251,14 +251,18 @@ def fuse(model: nn.Module, backend: str = "auto", quantized: bool = True, merge:
     if isinstance(getattr(base, "norm", None), nn.Module) and hasattr(base.norm, "weight"):
         base.norm = _fused_norm(base.norm, backend)
     if quantized:
+        # the activations' dtype: the CPU kernels keep their scales in it (`KernelQuantLinear.prepare_cpu`)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         for name, module in list(model.named_modules()):
             if can_stack_experts(module):   # before the linears: its matrices go with it
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, KernelQuantExperts.from_quant_experts(module, backend))
+                setattr(model.get_submodule(parent), child,
+                        KernelQuantExperts.from_quant_experts(module, backend, dtype))
         for name, module in list(model.named_modules()):
             if has_kernel(module):
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, KernelQuantLinear.from_quant_linear(module, backend))
+                setattr(model.get_submodule(parent), child,
+                        KernelQuantLinear.from_quant_linear(module, backend, dtype))
     if merge or gemv:
         for layer in layers:
             layer.self_attn.merge()

@@ -14,11 +14,13 @@
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe.dispatch import DispatchChoice, hit_experts, sorted_dispatch
+from ..moe.dispatch import DispatchChoice, hit_experts, loop_dispatch, sorted_dispatch
 from ..quant.linear import QuantConfig, QuantLinear
 from .common import HAS_TRITON, check_backend, use_triton
 from .cpu import cpu_format_problem, int4_cpu_linear, int8_cpu_linear, kernel_rows, pack_int4_for_cpu
@@ -26,6 +28,12 @@ from .w4a16 import w4a16_linear
 from .w8a16 import w8a16_linear
 
 KERNEL_BITS = (4, 8)
+
+
+def _cpu_kernels_on(module: nn.Module, device: torch.device) -> bool:
+    """Whether `module` (`KernelQuantLinear`, `KernelQuantExperts`) runs PyTorch's CPU kernels for
+    tensors on `device`: prepared for them (a format they read), backend "auto", and a CPU."""
+    return module.cpu_kernel and module.backend == "auto" and device.type == "cpu"
 
 
 def has_kernel(module: nn.Module) -> bool:
@@ -50,10 +58,14 @@ class KernelQuantLinear(QuantLinear):
         self.register_load_state_dict_post_hook(_repack_after_load)
 
     @torch.no_grad()
-    def prepare_cpu(self) -> str | None:
-        """Let `forward` use PyTorch's CPU kernels: on a CPU, where they read this format, and W4's
-        codes copied once into their nibble order (not saved with the model). Returns why not, or None.
-        `fuse` calls it; call it again after changing qweight."""
+    def prepare_cpu(self, dtype: torch.dtype | None = None) -> str | None:
+        """Let `forward` use PyTorch's CPU kernels: on a CPU, where they read this format. W4's codes are
+        copied once into their nibble order, and the scales (W4: with tinygemm's offsets) kept in `dtype`,
+        the activations' dtype the kernels want them in (default: float32, or the dtype they had), so
+        no call casts them; these copies are not saved with the model. Returns why not, or None.
+        `fuse` calls it; call it again after changing qweight or scales."""
+        if dtype is None:
+            dtype = torch.float32 if self.cpu_scales_zeros is None else self.cpu_scales_zeros.dtype
         self.cpu_kernel, self.cpu_codes, self.cpu_scales_zeros = False, None, None
         if self.qweight.device.type != "cpu":
             return f"the codes are on {self.qweight.device}, not a CPU"
@@ -61,39 +73,48 @@ class KernelQuantLinear(QuantLinear):
                                  self.in_features)
         if why is None:
             if self.cfg.bits == 4:
-                self.cpu_codes, self.cpu_scales_zeros = pack_int4_for_cpu(self.qweight, self.scales, self.zeros,
-                                                                          self.cfg.group_size)
+                self.cpu_codes, sz = pack_int4_for_cpu(self.qweight, self.scales, self.zeros, self.cfg.group_size)
+            else:
+                sz = self.scales.reshape(self.out_features)
+            self.cpu_scales_zeros = sz.to(dtype)
             self.cpu_kernel = True
         return why
 
+    def runs_cpu_kernel(self, x: torch.Tensor) -> bool:
+        """True when `forward(x)` runs the CPU kernels: on "auto", on a CPU, a format they read, and
+        few enough rows (`kernels.cpu.kernel_rows`)."""
+        return _cpu_kernels_on(self, x.device) and kernel_rows(x)
+
     @classmethod
-    def from_quant_linear(cls, q: QuantLinear, backend: str = "auto") -> KernelQuantLinear:
+    def from_quant_linear(cls, q: QuantLinear, backend: str = "auto", dtype: torch.dtype | None = None
+                          ) -> KernelQuantLinear:
         """Wrap `q`'s codes, scales, zeros and bias as they are: the same tensors, no copy and no
-        re-quantization (the swapped-out module usually goes away, so no memory is doubled)."""
+        re-quantization (the swapped-out module usually goes away, so no memory is doubled; the CPU
+        kernels' copies aside, `prepare_cpu`). `dtype`: the activations' dtype (`prepare_cpu`)."""
         if not isinstance(q, QuantLinear):
             raise ValueError(f"q must be a QuantLinear, got {type(q).__name__}")
         m = cls(q.in_features, q.out_features, q.cfg, bias=False, device="meta", backend=backend)
         m.qweight, m.scales, m.zeros = q.qweight, q.scales, q.zeros
         if q.bias is not None:  # a Parameter of its own over the same data: m.to(...) must not move q's
             m.bias = nn.Parameter(q.bias.data, requires_grad=q.bias.requires_grad)
-        m.prepare_cpu()
+        m.prepare_cpu(dtype)
         return m
 
     def unread_bytes(self) -> int:
-        """Bytes held but not read by a forward (`bench.weight_bytes`): W4's saved codes, scales and zeros
-        where the CPU kernel reads its own copy, else that copy."""
-        if self.cpu_codes is None:
+        """Bytes held but not read by a decode step (`bench.weight_bytes`): where the CPU kernels run, the
+        saved tensors they do not read (W4: codes, scales and zeros; W8: the scales), else their copies."""
+        if self.cpu_scales_zeros is None:
             return 0
-        if self.cpu_kernel and self.backend == "auto" and self.qweight.device.type == "cpu":
-            held = (self.qweight, self.scales, self.zeros)
+        if _cpu_kernels_on(self, self.qweight.device):
+            held = (self.qweight, self.scales, self.zeros) if self.cfg.bits == 4 else (self.scales,)
         else:
             held = (self.cpu_codes, self.cpu_scales_zeros)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel and self.backend == "auto" and x.device.type == "cpu" and kernel_rows(x):
+        if self.runs_cpu_kernel(x):
             if self.cfg.bits == 8:
-                return int8_cpu_linear(x, self.qweight, self.scales, self.bias)
+                return int8_cpu_linear(x, self.qweight, self.cpu_scales_zeros, self.bias)
             return int4_cpu_linear(x, self.cpu_codes, self.cpu_scales_zeros, self.cfg.group_size, self.bias)
         fn = w4a16_linear if self.cfg.bits == 4 else w8a16_linear
         return fn(x, self.qweight, self.scales, self.zeros, self.cfg.group_size, self.bias, backend=self.backend)
@@ -103,9 +124,9 @@ class KernelQuantLinear(QuantLinear):
         return f"{super().extra_repr()}, backend={self.backend!r}{cpu}"
 
 
-def _repack_after_load(module: KernelQuantLinear, incompatible_keys) -> None:
-    """New codes loaded into a layer that holds the CPU kernel's copy of them: copy them again."""
-    if module.cpu_codes is not None:
+def _repack_after_load(module: nn.Module, incompatible_keys) -> None:
+    """New codes or scales loaded into a module that holds the CPU kernels' copies of them: copy them again."""
+    if module.cpu_kernel:
         module.prepare_cpu()
 
 
@@ -157,8 +178,10 @@ def can_stack_experts(module: nn.Module) -> bool:
 
 class KernelQuantExperts(DispatchChoice, nn.Module):
     """Quantized SwiGLU experts run by the grouped MoE kernels: called like `Experts`, (x, experts,
-    weights) -> (T, H). `backend` "auto": the kernels on a GPU (SiLU experts), the reference elsewhere,
-    which dequantizes the hit experts and runs the `dispatch` path ("sorted" for "triton")."""
+    weights) -> (T, H). `backend` "auto": the kernels on a GPU (SiLU experts); on a CPU, for decode
+    rows, each hit expert's matrices on PyTorch's weight-only kernels (`prepare_cpu`, as
+    `KernelQuantLinear`); elsewhere the reference, which dequantizes the hit experts and runs the
+    `dispatch` path ("sorted" for "triton")."""
     quantized = True
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, cfg: QuantConfig,
@@ -171,10 +194,65 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         self.act = F.silu
         self.backend = check_backend(backend)
         self.dispatch = dispatch
+        self.cpu_kernel = False
+        for name in ("cpu_gate_up_codes", "cpu_gate_up_scales", "cpu_down_codes", "cpu_down_scales"):
+            self.register_buffer(name, None, persistent=False)
+        self.register_load_state_dict_post_hook(_repack_after_load)
+
+    @torch.no_grad()
+    def prepare_cpu(self, dtype: torch.dtype | None = None) -> str | None:
+        """Let `forward` run the hit experts on PyTorch's CPU kernels (`KernelQuantLinear.prepare_cpu`:
+        the same formats, W4's codes copied into the kernel's nibble order, the scales kept in `dtype`),
+        every expert's copies stacked, not saved. Returns why not, or None."""
+        if dtype is None:
+            dtype = torch.float32 if self.cpu_gate_up_scales is None else self.cpu_gate_up_scales.dtype
+        self.cpu_kernel = False
+        self.cpu_gate_up_codes = self.cpu_gate_up_scales = self.cpu_down_codes = self.cpu_down_scales = None
+        copies = {}
+        for name, stacked in (("gate_up", self.gate_up_proj), ("down", self.down_proj)):
+            if stacked.qweight.device.type != "cpu":
+                return f"the codes are on {stacked.qweight.device}, not a CPU"
+            why = cpu_format_problem(self.cfg.bits, stacked.zeros is None, self.cfg.group_size,
+                                     stacked.out_features, stacked.in_features)
+            if why is not None:
+                return why
+            if self.cfg.bits == 4:
+                packs = [pack_int4_for_cpu(stacked.qweight[e], stacked.scales[e],
+                                           None if stacked.zeros is None else stacked.zeros[e], self.cfg.group_size)
+                         for e in range(self.num_experts)]
+                copies[name] = (torch.stack([p for p, _ in packs]), torch.stack([sz for _, sz in packs]).to(dtype))
+            else:
+                copies[name] = (None, stacked.scales.reshape(self.num_experts, stacked.out_features).to(dtype))
+        (self.cpu_gate_up_codes, self.cpu_gate_up_scales), (self.cpu_down_codes, self.cpu_down_scales) = (
+            copies["gate_up"], copies["down"])
+        self.cpu_kernel = True
+        return None
+
+    def _cpu_matrix(self, name: str, e: int):
+        """Expert e's `name` matrix ("gate_up" or "down") as a function x -> x @ W^T on the CPU kernels."""
+        scales = getattr(self, f"cpu_{name}_scales")[e]
+        if self.cfg.bits == 8:
+            return partial(int8_cpu_linear, qweight=getattr(self, f"{name}_proj").qweight[e], scales=scales)
+        return partial(int4_cpu_linear, packed=getattr(self, f"cpu_{name}_codes")[e], scales_and_zeros=scales,
+                       group_size=self.cfg.group_size)
+
+    def unread_bytes(self) -> int:
+        """Bytes held but not read (`bench.weight_bytes`, as `KernelQuantLinear.unread_bytes`), every expert's."""
+        if self.cpu_gate_up_scales is None:
+            return 0
+        if _cpu_kernels_on(self, self.gate_up_proj.qweight.device):
+            held = [*self.gate_up_proj.buffers(), *self.down_proj.buffers()]
+            if self.cfg.bits == 8:
+                held = [self.gate_up_proj.scales, self.down_proj.scales]
+        else:
+            held = [self.cpu_gate_up_codes, self.cpu_gate_up_scales, self.cpu_down_codes, self.cpu_down_scales]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     @classmethod
-    def from_quant_experts(cls, q: nn.Module, backend: str = "auto") -> KernelQuantExperts:
-        """The codes of `q` (see `can_stack_experts`) stacked, the same values (a copy: `q` can go)."""
+    def from_quant_experts(cls, q: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None
+                           ) -> KernelQuantExperts:
+        """The codes of `q` (see `can_stack_experts`) stacked, the same values (a copy: `q` can go).
+        `dtype`: the activations' dtype (`prepare_cpu`)."""
         if not can_stack_experts(q):
             raise ValueError(f"{type(q).__name__}: KernelQuantExperts holds QuantExperts of plain 4- or 8-bit "
                              "QuantLinear matrices (rtn, gptq, awq)")
@@ -183,6 +261,7 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         m.gate_up_proj = StackedQuantLinear.stack(list(q.gate_up_proj))
         m.down_proj = StackedQuantLinear.stack(list(q.down_proj))
         m.act = q.act
+        m.prepare_cpu(dtype)
         return m
 
     @property
@@ -199,6 +278,10 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         if use_triton(x, self.backend) and is_silu(self.act):
             return triton_dispatch(x, experts, weights, self.gate_up_proj.packed(), self.down_proj.packed(), self.act)
         hit = hit_experts(experts, self.num_experts)
+        if _cpu_kernels_on(self, x.device) and kernel_rows(x):
+            gate_up = {e: self._cpu_matrix("gate_up", e) for e in hit}
+            down = {e: self._cpu_matrix("down", e) for e in hit}
+            return loop_dispatch(x, experts, weights, gate_up, down, self.act, only=hit)
         gate_up = self.gate_up_proj.packed().dequantize(x.dtype, hit)
         down = self.down_proj.packed().dequantize(x.dtype, hit)
         fn = sorted_dispatch if self.dispatch == "triton" else self._fn
@@ -216,4 +299,5 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"dispatch={self.dispatch!r}, backend={self.backend!r}"
+        cpu = ", cpu kernel" if self.cpu_kernel else ""
+        return f"dispatch={self.dispatch!r}, backend={self.backend!r}{cpu}"

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def _project(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w^T for a weight matrix, or w(x) for a module (a quantized expert matrix, `QuantExperts`)."""
-    return w(x) if isinstance(w, nn.Module) else F.linear(x, w)
+    """x @ w^T for a weight matrix, or w(x) for a module or function that applies one (a quantized
+    expert matrix: `QuantExperts`, or a CPU kernel's call in `kernels.KernelQuantExperts`)."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
 def expert_ffn(x: torch.Tensor, gate_up, down, act=F.silu) -> torch.Tensor:
     """One SwiGLU expert on rows x: (n, H) -> (n, H), with gate_up (2I, H) and down (H, I), weight
-    matrices or modules that apply them."""
+    matrices or modules (functions) that apply them."""
     gate, up = _project(x, gate_up).chunk(2, dim=-1)
     return _project(act(gate) * up, down)
 
@@ -56,8 +56,8 @@ def hit_experts(experts: torch.Tensor, num_experts: int) -> list[int]:
 
 
 def loop_dispatch(x, experts, weights, gate_up, down, act=F.silu, only=None):
-    # gate_up / down: stacked weights, or one module per expert (`QuantExperts`); `only`: the expert ids
-    # to visit, when the caller knows which ones have tokens
+    # gate_up / down: stacked weights, or one module (function) per expert (`QuantExperts`), indexed by
+    # expert id; `only`: the expert ids to visit, when the caller knows which ones have tokens
     out = torch.zeros_like(x)
     for e in range(len(gate_up)) if only is None else only:
         token, slot = torch.where(experts == e)

@@ -95,7 +95,9 @@ def expert_decode_times(tokens: int = 1, hidden: int = 4096, intermediate: int =
       float sorted / float triton      lesson 07's dispatch paths on the float experts;
       W4 QuantExperts                  dequantize the hit experts, then sorted dispatch (lesson 07);
       W4 GEMV loop                     one W4A16 GEMV per hit expert and matrix (`KernelQuantLinear`s);
-      W4 grouped kernels               `KernelQuantExperts`: two launches over every hit expert.
+      W4 grouped kernels               `KernelQuantExperts`: two launches over every hit expert;
+      W4 CPU kernels                   `KernelQuantExperts` on a CPU (backend "auto", decode rows): PyTorch's
+                                       weight-only kernel per hit expert and matrix (`kernels.cpu`).
 
     Returns {"times": {way: seconds}, "bytes": {way: bytes the hit experts hold}, "hit": experts hit}.
     The calls cycle through `rotate` routings that hit different experts, so each call reads its
@@ -128,8 +130,9 @@ def expert_decode_times(tokens: int = 1, hidden: int = 4096, intermediate: int =
         "float sorted": lambda ex, w: sorted_dispatch(x, ex, w, float_experts.gate_up_proj, float_experts.down_proj),
         "W4 QuantExperts": lambda ex, w: q(x, ex, w),
         "W4 GEMV loop": lambda ex, w: gemv(x, ex, w),
-        "W4 grouped kernels": lambda ex, w: grouped(x, ex, w),
     }
+    on_cpu = grouped.cpu_kernel and backend == "auto" and torch.device(device).type == "cpu"
+    ways["W4 CPU kernels" if on_cpu else "W4 grouped kernels"] = lambda ex, w: grouped(x, ex, w)
     if torch.device(device).type == "cuda":
         from .triton_moe import triton_dispatch
 
@@ -149,6 +152,7 @@ def expert_decode_times(tokens: int = 1, hidden: int = 4096, intermediate: int =
         times[name] = bench.time_fn(lambda fn=fn, turns=turns: fn(*next(turns)), device=device, warmup=warmup,
                                     repeats=repeats).median
     float_bytes = 3 * hidden * intermediate * torch.empty((), dtype=dtype).element_size()
-    w4_bytes = sum(b.numel() * b.element_size() for b in grouped.buffers()) // num_experts
+    # the bytes a call reads: on a CPU the kernels read their own copy of the codes (`unread_bytes`: the other)
+    w4_bytes = (sum(b.numel() * b.element_size() for b in grouped.buffers()) - grouped.unread_bytes()) // num_experts
     return {"times": times, "hit": hit,
             "bytes": {name: hit * (float_bytes if name.startswith("float") else w4_bytes) for name in times}}

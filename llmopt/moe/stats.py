@@ -26,12 +26,15 @@ def _expert_params(block: nn.Module) -> int:
 
 
 def _expert_bytes(block: nn.Module) -> int:
-    """Bytes one expert's weights take as stored (codes and scales, when quantized: `QuantExperts`, or
-    `kernels.KernelQuantExperts` with every expert's codes in one tensor)."""
+    """Bytes of one expert's weights a forward reads (codes and scales, when quantized: `QuantExperts`, or
+    `kernels.KernelQuantExperts` with every expert's codes in one tensor, of which the CPU kernels read
+    their own copy: the other is `unread_bytes`)."""
     ex = block.experts
     if isinstance(ex.gate_up_proj, torch.Tensor):
         return _expert_params(block) * ex.gate_up_proj.element_size()
-    return sum(b.numel() * b.element_size() for b in ex.buffers()) // _num_experts(block)   # every expert alike
+    held = sum(b.numel() * b.element_size() for b in ex.buffers())
+    unread = ex.unread_bytes() if hasattr(ex, "unread_bytes") else 0
+    return (held - unread) // _num_experts(block)   # every expert alike
 
 
 def _num_experts(block: nn.Module) -> int:
