@@ -80,11 +80,15 @@ def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=
     return report, {"bandwidth": bw, "roofline": roof, "model": model, "tokenizer": tok}
 
 
-def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -> list:
+def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None, base_dtype=None) -> list:
     """(row name, function that turns a copy of the float model into the candidate).
-    Each lesson adds its methods here, so `llmopt tour` grows a row per technique."""
+    Each lesson adds its methods here, so `llmopt tour` grows a row per technique.
+    `base_dtype`: the float model's dtype; the "bfloat16" row is left out when it is bfloat16."""
+    import torch
+
     from . import distill, lowrank, moe, prune, train
     from .data import calibration_batches
+    from .kernels import fuse
     from .quant import QuantConfig, bnb, quantize
 
     cfg = cfg or TourConfig()
@@ -127,6 +131,14 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -
         w4 += [(f"rtn w4 g128 {label}", lambda m, kw=kw: quantize(m, QuantConfig(**kw))),
                (f"gptq w4 g128 {label}", calibrated(QuantConfig(**kw, method="gptq", act_order=True))),
                (f"awq w4 g128 {label}", calibrated(QuantConfig(**kw, method="awq")))]
+
+    def kernels_bf16(qcfg):  # lesson 08: quantized in bfloat16, then fused (PyTorch's weight-only kernels on a
+        return lambda m: fuse(quantize(m.to(torch.bfloat16), qcfg), merge=True)  # CPU, Triton's on a GPU)
+
+    bf16 = ([] if base_dtype == torch.bfloat16 else [("bfloat16", lambda m: m.to(torch.bfloat16))]) + [
+        ("bfloat16 + rtn w8 per-channel, fused", kernels_bf16(QuantConfig(bits=8))),
+        ("bfloat16 + rtn w4 g128 symmetric, fused", kernels_bf16(QuantConfig(bits=4, group_size=128))),
+    ]
     return [
         ("rtn w8 per-channel", lambda m: quantize(m, QuantConfig(bits=8))),
         *w4,
@@ -142,7 +154,7 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None) -
         # lesson 06: every decoder linear as two thin factors holding half its weights
         ("low-rank whitened 50%", calibrated(then=lambda m, c: lowrank.factorize(m, "whitened", ratio=0.5,
                                                                                    calibration=c))),
-    ] + trained + ([  # bitsandbytes loads the model itself, from its folder
+    ] + trained + bf16 + ([  # bitsandbytes loads the model itself, from its folder
         ("bnb nf4 double-quant", lambda m: bnb.load(model_name, "nf4", double_quant=True, compute_dtype=m.dtype,
                                                     device=m.device)[0]),
         ("bnb llm.int8", lambda m: bnb.load(model_name, "int8", device=m.device)[0]),
@@ -155,7 +167,8 @@ def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress:
     cfg = TourConfig.smoke() if smoke else TourConfig()
     report, raw = baseline(model_name, cfg, progress=progress)
     roof = raw["roofline"]
-    for name, make in techniques(raw["tokenizer"], cfg, model_name or models.default_model()):
+    base = raw["model"]
+    for name, make in techniques(raw["tokenizer"], cfg, model_name or models.default_model(), base.dtype):
         candidate = make(copy.deepcopy(raw["model"]))
         row, details = measure(candidate, raw["tokenizer"], cfg, raw["bandwidth"], progress)
         row["size_mb"] += bnb.quant_state_bytes(candidate) / 1e6  # 0 unless bitsandbytes holds a quant_state

@@ -36,6 +36,14 @@ def test_tour_smoke_writes_table_json_and_plot(tmp_path):
     assert all(r["perplexity"] < 1.2 * row["perplexity"] for r in res["rows"] if not r["method"].startswith("student"))
     assert by["moe 8x top-2 upcycled + 2 steps"]["size_mb"] > 3 * row["size_mb"]
     assert res["rows"][2]["size_mb"] < res["rows"][1]["size_mb"] < row["size_mb"]
+    # lesson 08's rows: bfloat16, then W8 / W4 in bfloat16 on the fused kernels (PyTorch's weight-only ones
+    # here): the same codes as the float32 RTN rows, so the same perplexity within bfloat16's rounding
+    bf16, w8, w4 = (by[m] for m in ("bfloat16", "bfloat16 + rtn w8 per-channel, fused",
+                                    "bfloat16 + rtn w4 g128 symmetric, fused"))
+    assert abs(bf16["perplexity"] / row["perplexity"] - 1) < 0.01 and bf16["size_mb"] < 0.55 * row["size_mb"]
+    assert abs(w8["perplexity"] / by["rtn w8 per-channel"]["perplexity"] - 1) < 0.01
+    assert abs(w4["perplexity"] / by["rtn w4 g128 symmetric"]["perplexity"] - 1) < 0.01
+    assert w8["size_mb"] < bf16["size_mb"] and w4["size_mb"] < bf16["size_mb"]
     for key in ("size_mb", "perplexity", "tok_s_b1", "ttft_ms", "tpot_ms", "peak_mem_mb", "roofline_pct"):
         assert row[key] > 0, key
     assert 10 < row["size_mb"] < 60  # 6.6M params in fp32
