@@ -44,9 +44,12 @@ def _bench(args):
              e2e=args.e2e, model=args.model, configs=args.configs, config_rows=tuple(args.config_rows),
              e2e_dtype=None if args.dtype == "auto" else args.dtype)
     elif args.what == "weight-only":
+        import torch
+
         from .kernels.cpu import main
 
-        main(args.json, copies=args.copies)
+        dtypes = ("float32", "bfloat16") if args.dtype == "auto" else (args.dtype,)
+        main(args.json, copies=args.copies, rows=tuple(args.rows), dtypes=tuple(getattr(torch, d) for d in dtypes))
     elif args.what == "decode":
         from .serving.bench import decode_main
 
@@ -172,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "unfused and fused")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="kernels --e2e and decode: the model's dtype (auto: bfloat16 on a GPU, float32 on a CPU; "
-                   "on a CPU PyTorch's weight-only kernels behind the W4 variants are fast in bfloat16)")
+                   "on a CPU PyTorch's weight-only kernels behind the W4 variants are fast in bfloat16); "
+                   "weight-only: the one dtype to time (auto: float32 and bfloat16)")
     t.add_argument("--configs", action="store_true", help="kernels, on a GPU: also time every W4A16 GEMV "
                    "candidate config on the 7B-class layers")
+    t.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="weight-only: rows of x (tokens) to time")
     t.add_argument("--config-rows", type=int, nargs="*", default=[1, 8], help="kernels --configs: the batch "
                    "sizes (rows) to sweep (default: 1 8)")
     t.add_argument("--model", default=None, help="model for --e2e and serve (default: the bundled one; "

@@ -116,7 +116,8 @@ def test_kernel_quant_linear_runs_the_cpu_kernels_on_auto(monkeypatch, bits, gro
     assert k.cpu_kernel and "cpu kernel" in repr(k)
     assert list(k.state_dict()) == list(q.state_dict())   # the kernel's copy is not saved
     calls = _use(monkeypatch)
-    for dtype, shape in ((torch.float32, (2, 1, 128)), (torch.bfloat16, (2, 3, 128)), (torch.bfloat16, (64, 128))):
+    most = cpu.MAX_ROWS[bits][torch.bfloat16]   # W4 256, W8 64
+    for dtype, shape in ((torch.float32, (2, 1, 128)), (torch.bfloat16, (2, 3, 128)), (torch.bfloat16, (most, 128))):
         x = rand(*shape, dtype=dtype)
         assert_close(k.to(dtype)(x), q.to(dtype)(x), q.bias)
     assert len(calls) == 3
@@ -125,12 +126,14 @@ def test_kernel_quant_linear_runs_the_cpu_kernels_on_auto(monkeypatch, bits, gro
     assert torch.equal(k(x), q(x)) and len(calls) == 3
 
 
-def test_many_rows_keep_the_reference(monkeypatch):
-    """Prefill, and float32 past two rows, where dequantize + matmul is the faster path (kernels.cpu.MAX_ROWS)."""
-    q = make(48, 128, 32, False, True, bits=4)
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, None)])
+def test_many_rows_keep_the_reference(monkeypatch, bits, group):
+    """Long prompts, and float32 past two rows, where dequantize + matmul is the faster path (kernels.cpu.MAX_ROWS)."""
+    q = make(48, 128, group, bits == 8, True, bits=bits)
     k = KernelQuantLinear.from_quant_linear(q)
+    assert k.cpu_kernel
     calls = _use(monkeypatch)
-    for dtype, rows in ((torch.float32, 3), (torch.bfloat16, 65)):
+    for dtype, rows in ((torch.float32, 3), (torch.bfloat16, cpu.MAX_ROWS[bits][torch.bfloat16] + 1)):
         x = rand(rows, 128, dtype=dtype)
         k, q = k.to(dtype), q.to(dtype)
         assert torch.equal(k(x), q(x))
@@ -226,10 +229,10 @@ def test_compiled_module_equals_eager():
     torch.testing.assert_close(torch.compile(k, dynamic=False)(x), k(x), rtol=1e-6, atol=1e-6)
 
 
-def test_benchmark_times_every_path(tmp_path, capsys):
+def test_benchmark_times_every_path(tmp_path, capsys, monkeypatch):
     import json
 
-    from llmopt.cli import build_parser
+    from llmopt.cli import _bench, build_parser
 
     out = tmp_path / "w.json"
     rows = cpu.main(str(out), shapes=((64, 256),), rows=(1, 3), dtypes=(torch.float32, torch.bfloat16), copies=2)
@@ -238,6 +241,10 @@ def test_benchmark_times_every_path(tmp_path, capsys):
     assert "w4 cpu kernel" in capsys.readouterr().out and json.loads(out.read_text())["rows"] == rows
     assert all(r["copies"] == 2 for r in rows)
     assert build_parser().parse_args(["bench", "weight-only", "--copies", "8"]).copies == 8
+    seen = {}   # `llmopt bench weight-only --rows 64 256 --dtype bfloat16` reaches the benchmark
+    monkeypatch.setattr(cpu, "main", lambda json_path=None, **kw: seen.update(kw))
+    _bench(build_parser().parse_args(["bench", "weight-only", "--rows", "64", "256", "--dtype", "bfloat16"]))
+    assert seen == {"copies": 1, "rows": (64, 256), "dtypes": (torch.bfloat16,)}
     with pytest.raises(ValueError, match="copies"):
         cpu.benchmark(shapes=((64, 256),), copies=0)
 

@@ -29,12 +29,15 @@ from ..quant import packing
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
-# The most rows x may have for the kernels to beat the reference. In bfloat16 they stay far ahead of
-# dequantize + matmul at any decode batch (and beat the bfloat16 layer itself up to 4-8 rows); in
-# float32 and float16 they run row by row, and from about 4-8 rows the reference is faster. Measured on
-# a 2-core Intel Xeon (AVX-512, AMX), PyTorch 2.13, `llmopt bench weight-only`; prefill keeps the
-# reference.
-MAX_ROWS = {torch.float32: 2, torch.float16: 2, torch.bfloat16: 64}
+# The most rows x may have for the kernels to beat the reference, by bits and x's dtype. The kernels run
+# row by row, so their time grows with the rows, while dequantize + matmul costs about the same from 1
+# row to a few hundred (the dequantization dominates it). In bfloat16 the INT4 kernel was ahead up to 256
+# rows on every layer measured (768 x 256 to 11008 x 4096; at 512 it lost on three of five), the INT8
+# one up to 64 (at 128 it lost on the two smallest); in float32 and float16 the reference is faster
+# from about 4-8 rows. Measured on a 2-core Intel Xeon (AVX-512, AMX), PyTorch 2.13: `llmopt bench
+# weight-only [--rows 64 128 256 512 --dtype bfloat16]`. Longer prompts keep the reference.
+MAX_ROWS = {4: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 256},
+            8: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 64}}
 
 
 def has_cpu_kernels() -> bool:
@@ -63,9 +66,10 @@ def cpu_format_problem(bits: int, symmetric: bool, group_size: int | None, N: in
     return f"no CPU kernel for {bits}-bit codes (4 and 8 have one)"
 
 
-def kernel_rows(x: torch.Tensor) -> bool:
-    """True when x (..., K) has few enough rows, for its dtype, that the CPU kernels are the faster path."""
-    return x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1]
+def kernel_rows(x: torch.Tensor, bits: int) -> bool:
+    """True when x (..., K) has few enough rows, for its dtype, that the `bits`-bit CPU kernel is the
+    faster path (`MAX_ROWS`)."""
+    return x.numel() <= MAX_ROWS[bits].get(x.dtype, 0) * x.shape[-1]
 
 
 @torch.no_grad()

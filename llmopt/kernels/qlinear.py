@@ -83,7 +83,7 @@ class KernelQuantLinear(QuantLinear):
     def runs_cpu_kernel(self, x: torch.Tensor) -> bool:
         """True when `forward(x)` runs the CPU kernels: on "auto", on a CPU, a format they read, and
         few enough rows (`kernels.cpu.kernel_rows`)."""
-        return _cpu_kernels_on(self, x.device) and kernel_rows(x)
+        return _cpu_kernels_on(self, x.device) and kernel_rows(x, self.cfg.bits)
 
     @classmethod
     def from_quant_linear(cls, q: QuantLinear, backend: str = "auto", dtype: torch.dtype | None = None
@@ -278,7 +278,7 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         if use_triton(x, self.backend) and is_silu(self.act):
             return triton_dispatch(x, experts, weights, self.gate_up_proj.packed(), self.down_proj.packed(), self.act)
         hit = hit_experts(experts, self.num_experts)
-        if _cpu_kernels_on(self, x.device) and kernel_rows(x):
+        if _cpu_kernels_on(self, x.device) and kernel_rows(x, self.cfg.bits):
             gate_up = {e: self._cpu_matrix("gate_up", e) for e in hit}
             down = {e: self._cpu_matrix("down", e) for e in hit}
             return loop_dispatch(x, experts, weights, gate_up, down, self.act, only=hit)
