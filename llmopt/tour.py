@@ -132,8 +132,9 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None, b
                (f"gptq w4 g128 {label}", calibrated(QuantConfig(**kw, method="gptq", act_order=True))),
                (f"awq w4 g128 {label}", calibrated(QuantConfig(**kw, method="awq")))]
 
-    def kernels_bf16(qcfg):  # lesson 08: quantized in bfloat16, then fused (PyTorch's weight-only kernels on a
-        return lambda m: fuse(quantize(m.to(torch.bfloat16), qcfg), merge=True)  # CPU, Triton's on a GPU)
+    # lesson 08: quantized in bfloat16, then fused (PyTorch's weight-only kernels on a CPU, Triton's on a GPU)
+    def kernels_bf16(qcfg):
+        return lambda m: fuse(quantize(m.to(torch.bfloat16), qcfg), merge=True)
 
     bf16 = ([] if base_dtype == torch.bfloat16 else [("bfloat16", lambda m: m.to(torch.bfloat16))]) + [
         ("bfloat16 + rtn w8 per-channel, fused", kernels_bf16(QuantConfig(bits=8))),
@@ -167,8 +168,7 @@ def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress:
     cfg = TourConfig.smoke() if smoke else TourConfig()
     report, raw = baseline(model_name, cfg, progress=progress)
     roof = raw["roofline"]
-    base = raw["model"]
-    for name, make in techniques(raw["tokenizer"], cfg, model_name or models.default_model(), base.dtype):
+    for name, make in techniques(raw["tokenizer"], cfg, model_name or models.default_model(), raw["model"].dtype):
         candidate = make(copy.deepcopy(raw["model"]))
         row, details = measure(candidate, raw["tokenizer"], cfg, raw["bandwidth"], progress)
         row["size_mb"] += bnb.quant_state_bytes(candidate) / 1e6  # 0 unless bitsandbytes holds a quant_state

@@ -241,9 +241,8 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         if self.cpu_gate_up_scales is None:
             return 0
         if _cpu_kernels_on(self, self.gate_up_proj.qweight.device):
-            held = [*self.gate_up_proj.buffers(), *self.down_proj.buffers()]
-            if self.cfg.bits == 8:
-                held = [self.gate_up_proj.scales, self.down_proj.scales]
+            held = ([self.gate_up_proj.scales, self.down_proj.scales] if self.cfg.bits == 8
+                    else [*self.gate_up_proj.buffers(), *self.down_proj.buffers()])
         else:
             held = [self.cpu_gate_up_codes, self.cpu_gate_up_scales, self.cpu_down_codes, self.cpu_down_scales]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
