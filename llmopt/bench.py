@@ -34,7 +34,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes one batch-1 decode step must read: everything but the embedding table, of which a
     step reads one row per token (a tied lm_head is read in full and stays counted), and, in a
     Mixture-of-Experts model, only the top_k experts of each MoE block that the token goes to; of
-    a layer holding its weights twice (`KernelQuantLinear` on a CPU), the copy its forward reads."""
+    a layer holding part of its weights twice (the CPU kernels' copies, `unread_bytes`), the copy its forward reads."""
     from .moe.stats import inactive_expert_bytes
 
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None

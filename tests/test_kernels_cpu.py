@@ -76,6 +76,62 @@ def test_int4_kernel_equals_the_reference(case, dtype):
         assert_close(cpu.int4_cpu_linear(x, packed, sz, group, q.bias), want, q.bias)
 
 
+_ORDER_CHECK = """
+import torch
+from llmopt.kernels import cpu
+for N, K in [(16, 64), (48, 256), (64, 64), (80, 128), (208, 96)]:   # partial blocks of 16, 32 and 48
+    codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(N), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    order, want = cpu.int4_cpu_order(packed, codes), codes.to(torch.uint8)
+    assert order is not None and torch.equal(cpu.unpack_int4_from_cpu(packed, order), want)
+    wrong = [o for o in cpu.INT4_CPU_ORDERS if not torch.equal(cpu.unpack_int4_from_cpu(packed, o), want)]
+    assert N < 32 or wrong, (N, K)   # the orders differ: a right answer is not an accident
+print(torch.backends.cpu.get_cpu_capability(), order)
+"""
+
+
+@pytest.mark.parametrize("capability, order", [("default", "(32, 'pairs')"), ("avx2", "(32, 'halves')"),
+                                               ("avx512", "(64, 'halves')")])
+def test_the_kernels_nibble_order_reads_back(capability, order):
+    """`unpack_int4_from_cpu` inverts PyTorch's packing on every CPU layout, forced with
+    ATEN_CPU_CAPABILITY (in a fresh process: PyTorch reads it once)."""
+    import os
+    import subprocess
+    import sys
+
+    if capability == "avx512" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        pytest.skip("this CPU has no AVX-512")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", _ORDER_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(None, 1) == [capability.upper(), order + "\n"]
+
+
+def test_a_w4_layer_keeps_its_codes_once():
+    """On "auto", the kernel's copy is the only one; saving, loading and moving give the saved layout."""
+    q = make(80, 256, 64, False, True, bits=4)
+    k = KernelQuantLinear.from_quant_linear(copy.deepcopy(q))
+    assert k.qweight is None and "its codes only" in repr(k)
+    held = bench.model_size_bytes(k) - k.cpu_scales_zeros.numel() * 4
+    assert held == bench.model_size_bytes(q)   # codes, scales, zeros and bias, once
+    assert torch.equal(k.packed_codes(), q.qweight) and torch.equal(k.codes(), q.codes())
+    saved = k.state_dict()
+    assert list(saved) == list(q.state_dict()) and all(torch.equal(saved[n], t) for n, t in q.state_dict().items())
+    fresh = QuantLinear(256, 80, q.cfg, bias=True)
+    fresh.load_state_dict(saved)   # a plain QuantLinear reads what the fused one saved
+    x = rand(3, 256)
+    assert torch.equal(fresh(x), q(x))
+    other = make(80, 256, 64, False, True, bits=4, seed=7)
+    k.load_state_dict(other.state_dict())   # loading into the one-copy module repacks
+    assert k.qweight is None and torch.allclose(k(x[:1]), other(x[:1]), atol=1e-5)
+    half = copy.deepcopy(k).to(torch.bfloat16)   # a cast packs again, in the new dtype
+    assert half.qweight is None and half.cpu_scales_zeros.dtype == torch.bfloat16
+    assert_close(half(x[:1].bfloat16()), other.to(torch.bfloat16)(x[:1].bfloat16()), other.bias)
+    moved = copy.deepcopy(k).to("meta")   # off the CPU (as to a GPU): the saved layout moves, no kernel
+    assert moved.qweight is not None and moved.qweight.device.type == "meta" and not moved.cpu_kernel
+    assert moved.cpu_codes is None and moved.cpu_scales_zeros is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N, K, bias", [(37, 96, True), (100, 192, False), (1, 48, True)])
 def test_int8_kernel_equals_the_reference(N, K, bias, dtype):
@@ -141,16 +197,16 @@ def test_many_rows_keep_the_reference(monkeypatch, bits, group):
 
 
 def test_the_kernel_path_is_the_one_that_runs():
-    """Spoil the kernel's copy of the codes: "auto" must give wrong outputs, "torch" right ones."""
+    """Spoil the kernel's copy of the scales: "auto" must give wrong outputs, "torch" right ones."""
     q = make(48, 128, 32, False, False, bits=4)
     k = KernelQuantLinear.from_quant_linear(q)
-    k.cpu_codes.zero_()
+    k.cpu_scales_zeros.zero_()
     x = rand(2, 128)
     assert not torch.allclose(k(x), q(x), atol=1e-2)
-    k.backend = "torch"
-    assert torch.equal(k(x), q(x))
-    k.backend = "auto"
-    assert k.prepare_cpu() is None and torch.allclose(k(x), q(x), atol=1e-5)   # repacked from qweight
+    k.backend = "torch"   # reads the saved layout, rebuilt from the kernel's codes
+    assert k.qweight is not None and torch.equal(k(x), q(x))
+    k.backend = "auto"   # copied again from the saved scales
+    assert k.qweight is None and torch.allclose(k(x), q(x), atol=1e-5)
 
 
 def test_loading_a_state_dict_repacks_the_kernels_copy():

@@ -346,6 +346,19 @@ def test_fused_experts_run_the_cpu_kernels(monkeypatch, cfg):
     assert len(experts) == 2 and all(m.cpu_kernel for m in experts) and "cpu kernel" in repr(experts[0])
     assert experts[0].cpu_gate_up_scales.dtype == torch.float32
     assert not any("cpu_" in key for key in fused.state_dict())
+    if cfg.bits == 4:   # the codes are held once, in the kernels' order; saved and moved in the usual layout
+        ex = experts[0]
+        assert ex.gate_up_proj.qweight is None and ex.down_proj.qweight is None and "its codes only" in repr(ex)
+        plain = kernels.set_backend(copy.deepcopy(fused), "torch")   # reads the usual layout: holds both
+        mine, theirs = fused.state_dict(), plain.state_dict()
+        assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+        assert ex.gate_up_proj.qweight is None   # dropped again once saved
+        twice = sum(m.qweight.numel() for m in plain.modules() if isinstance(m, (qlinear.StackedQuantLinear,
+                                                                                 qlinear.KernelQuantLinear)))
+        assert bench.model_size_bytes(plain) - bench.model_size_bytes(fused) == twice
+        moved = copy.deepcopy(fused).to("meta").model.layers[0].mlp.experts   # off the CPU: no kernel copies
+        assert moved.gate_up_proj.qweight.device.type == "meta" and not moved.cpu_kernel
+        assert moved.cpu_gate_up_codes is None
     runs = []
     real = qlinear.loop_dispatch
     monkeypatch.setattr(qlinear, "loop_dispatch", lambda *a, **k: runs.append(a[0].shape[0]) or real(*a, **k))

@@ -12,8 +12,9 @@ CPU kernels that read the codes directly (the ones gpt-fast and torchao use on a
   offset) pair per group and channel. Our w = (code - zero) * scale is the same with
   offset = (8 - zero) * scale (0 for symmetric codes, whose zero is 8).
 
-`pack_int4_for_cpu` builds that copy; `KernelQuantLinear` keeps it beside the saved codes, so on a
-CPU a fused W4 layer holds its codes twice (a deployment would keep only the kernel's layout).
+`pack_int4_for_cpu` builds that copy and `unpack_int4_from_cpu` reads the codes back out of it, so a
+fused W4 layer (`KernelQuantLinear`) keeps its codes once, in the kernel's order, and rebuilds the saved
+layout only to save, to move to a GPU, or for a prompt too long for the kernel.
 These kernels are fast in bfloat16, where at batch 1 they beat the bfloat16 layer itself (weight-only
 quantization making decode faster, not only smaller); in float32 and float16 they beat the reference
 at one or two rows but not the float layer. Measure on your CPU: `llmopt bench weight-only`.
@@ -81,6 +82,46 @@ def pack_int4_for_cpu(qweight, scales, zeros, group_size) -> tuple[torch.Tensor,
     scale = scales.float()
     offset = torch.zeros_like(scale) if zeros is None else (8.0 - zeros.float()) * scale
     return packed, torch.stack([scale.T, offset.T], dim=-1).contiguous()
+
+
+# The kernel's nibble order (PyTorch 2.6-2.13, `_convert_weight_to_int4pack_for_cpu`): output channels in
+# blocks of B, stored block after block; in a block, for each input column k, B / 2 bytes hold the B codes
+# of that column. Byte j holds channels j (low nibble) and j + B/2 (high nibble), "halves", in a full
+# block where the CPU has AVX-512 (B = 64) or AVX2 (B = 32), so that one shift unpacks a whole vector;
+# channels 2j and 2j+1, "pairs", in a partial last block and on other CPUs. The order depends on the CPU
+# PyTorch runs on, so `int4_cpu_order` finds it by trying each on codes whose copy it has just made.
+INT4_CPU_ORDERS = ((64, "halves"), (32, "halves"), (32, "pairs"), (16, "pairs"))
+
+
+def unpack_int4_from_cpu(packed: torch.Tensor, order: tuple[int, str]) -> torch.Tensor:
+    """The unsigned codes (N, K) uint8 in a copy made by `pack_int4_for_cpu` (N, K / 2), read in
+    `order`, one of `INT4_CPU_ORDERS`."""
+    block, layout = order
+    N, K = packed.shape[0], 2 * packed.shape[1]
+    flat = packed.reshape(-1)
+    full = N // block * block
+    out = torch.empty(N, K, dtype=torch.uint8, device=packed.device)
+    for start, stop, size in ((0, full, block), (full, N, N - full)):   # the full blocks, then the partial one
+        if stop == start:
+            continue
+        b = flat[start * K // 2: stop * K // 2].reshape(-1, K, size // 2)   # (blocks, K, bytes)
+        low, high = b & 15, b >> 4
+        if layout == "halves" and size == block:
+            codes = torch.cat([low, high], dim=2)                  # channels j, then j + B/2
+        else:
+            codes = torch.stack([low, high], dim=3).flatten(2)     # channels 2j, 2j + 1
+        out[start:stop] = codes.transpose(1, 2).reshape(stop - start, K)
+    return out
+
+
+def int4_cpu_order(packed: torch.Tensor, codes: torch.Tensor) -> tuple[int, str] | None:
+    """The order of `INT4_CPU_ORDERS` in which `packed` holds `codes` (N, K), or None if none does
+    (another PyTorch's layout: keep the codes then)."""
+    codes = codes.to(torch.uint8)
+    for order in INT4_CPU_ORDERS:
+        if torch.equal(unpack_int4_from_cpu(packed, order), codes):
+            return order
+    return None
 
 
 def _rows(x, K):

@@ -179,7 +179,7 @@ def merge_linears(linears: list[nn.Module]) -> nn.Module | None:
             return None
         merged = KernelQuantLinear(first.in_features, out_features, first.cfg, bias=False, device="meta",
                                    backend=first.backend)
-        merged.qweight = torch.cat([m.qweight for m in linears])
+        merged.qweight = torch.cat([m.packed_codes() for m in linears])
         merged.scales = torch.cat([m.scales for m in linears])
         merged.zeros = None if first.zeros is None else torch.cat([m.zeros for m in linears])
         merged.prepare_cpu(None if first.cpu_scales_zeros is None else first.cpu_scales_zeros.dtype)

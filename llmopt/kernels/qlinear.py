@@ -21,10 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moe.dispatch import DispatchChoice, hit_experts, loop_dispatch, sorted_dispatch
+from ..quant import packing
 from ..quant.linear import QuantConfig, QuantLinear
 from .common import HAS_TRITON, check_backend, use_triton
-from .cpu import cpu_format_problem, int4_cpu_linear, int8_cpu_linear, kernel_rows, pack_int4_for_cpu
-from .w4a16 import w4a16_linear
+from .cpu import (
+    cpu_format_problem,
+    int4_cpu_linear,
+    int4_cpu_order,
+    int8_cpu_linear,
+    kernel_rows,
+    pack_int4_for_cpu,
+    unpack_int4_from_cpu,
+)
+from .w4a16 import dequantize_codes, w4a16_linear
 from .w8a16 import w8a16_linear
 
 KERNEL_BITS = (4, 8)
@@ -44,29 +53,47 @@ def has_kernel(module: nn.Module) -> bool:
 class KernelQuantLinear(QuantLinear):
     """y = x @ dequant(W).T + b computed by `w4a16_linear` / `w8a16_linear` with `backend`
     ("auto": the Triton kernels on a GPU; on a CPU PyTorch's weight-only kernels where they read the
-    format and x has few rows (decode, `kernels.cpu`), else the reference; "triton"; "torch": the reference)."""
+    format and x has few rows (decode, `kernels.cpu`), else the reference; "triton"; "torch": the reference).
+
+    On a CPU with "auto", a W4 layer keeps its codes once, in the CPU kernel's nibble order
+    (`cpu_codes`; `qweight` is None): `packed_codes()` rebuilds the saved layout where it is needed,
+    for `state_dict`, for a move to a GPU (`.to`), and for prompts too long for the kernel."""
 
     def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False, device=None,
                  backend: str = "auto"):
         if cfg.bits not in KERNEL_BITS:
             raise ValueError(f"KernelQuantLinear has kernels for bits in {KERNEL_BITS}, got bits={cfg.bits!r}")
         super().__init__(in_features, out_features, cfg, bias=bias, device=device)
-        self.backend = check_backend(backend)
         self.cpu_kernel = False
+        self.cpu_order = None   # the nibble order of cpu_codes (`kernels.cpu.INT4_CPU_ORDERS`)
         self.register_buffer("cpu_codes", None, persistent=False)
         self.register_buffer("cpu_scales_zeros", None, persistent=False)
+        self.backend = backend
         self.register_load_state_dict_post_hook(_repack_after_load)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str):
+        self._backend = check_backend(value)
+        if self.cpu_kernel:   # "auto" keeps only the CPU kernel's copy of W4 codes; the others read the saved one
+            self.prepare_cpu()
 
     @torch.no_grad()
     def prepare_cpu(self, dtype: torch.dtype | None = None) -> str | None:
         """Let `forward` use PyTorch's CPU kernels: on a CPU, where they read this format. W4's codes are
-        copied once into their nibble order, and the scales (W4: with tinygemm's offsets) kept in `dtype`,
+        moved into their nibble order (with backend "auto" the saved layout is dropped once the new one is
+        checked to give the same codes back), and the scales (W4: with tinygemm's offsets) kept in `dtype`,
         the activations' dtype the kernels want them in (default: float32, or the dtype they had), so
-        no call casts them; these copies are not saved with the model. Returns why not, or None.
-        `fuse` calls it; call it again after changing qweight or scales."""
+        no call casts them. `state_dict` saves the usual layout. Returns why not, or None.
+        `fuse` calls it; `.to` calls it again (a module moved off the CPU stops using the kernels); call it
+        again after changing the codes or scales."""
         if dtype is None:
             dtype = torch.float32 if self.cpu_scales_zeros is None else self.cpu_scales_zeros.dtype
-        self.cpu_kernel, self.cpu_codes, self.cpu_scales_zeros = False, None, None
+        self.qweight = self.packed_codes()
+        self.cpu_kernel, self.cpu_codes, self.cpu_scales_zeros, self.cpu_order = False, None, None, None
         if self.qweight.device.type != "cpu":
             return f"the codes are on {self.qweight.device}, not a CPU"
         why = cpu_format_problem(self.cfg.bits, self.zeros is None, self.cfg.group_size, self.out_features,
@@ -74,11 +101,51 @@ class KernelQuantLinear(QuantLinear):
         if why is None:
             if self.cfg.bits == 4:
                 self.cpu_codes, sz = pack_int4_for_cpu(self.qweight, self.scales, self.zeros, self.cfg.group_size)
+                if self.backend == "auto":
+                    self.cpu_order = int4_cpu_order(self.cpu_codes, packing.unpack(self.qweight, 4))
+                if self.cpu_order is not None:
+                    self.qweight = None   # one copy of the codes: the kernel's
             else:
                 sz = self.scales.reshape(self.out_features)
             self.cpu_scales_zeros = sz.to(dtype)
             self.cpu_kernel = True
         return why
+
+    def packed_codes(self) -> torch.Tensor:
+        """The codes in `QuantLinear`'s packed layout, what `state_dict` saves: `qweight`, or rebuilt
+        from the CPU kernel's copy when the module keeps only that."""
+        if self.qweight is not None:
+            return self.qweight
+        return packing.pack(unpack_int4_from_cpu(self.cpu_codes, self.cpu_order), 4)
+
+    def codes(self) -> torch.Tensor:
+        if self.qweight is not None:
+            return super().codes()
+        c = unpack_int4_from_cpu(self.cpu_codes, self.cpu_order).to(torch.int16)
+        return c - 8 if self.cfg.symmetric else c
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.qweight is not None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        self.qweight = self.packed_codes()   # saved as a QuantLinear's, whichever layout the module holds
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self.qweight = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.qweight is None:   # a buffer to load the saved codes into (`_repack_after_load` moves them)
+            self.qweight = self.packed_codes()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        if not self.cpu_kernel:
+            return super()._apply(fn, *args, **kwargs)
+        # Moved or cast: the saved layout moves, and the kernel's copies are made again (on a CPU).
+        self.qweight, self.cpu_codes = self.packed_codes(), None
+        out = super()._apply(fn, *args, **kwargs)
+        self.prepare_cpu()
+        return out
 
     def runs_cpu_kernel(self, x: torch.Tensor) -> bool:
         """True when `forward(x)` runs the CPU kernels: on "auto", on a CPU, a format they read, and
@@ -105,7 +172,7 @@ class KernelQuantLinear(QuantLinear):
         saved tensors they do not read (W4: codes, scales and zeros; W8: the scales), else their copies."""
         if self.cpu_scales_zeros is None:
             return 0
-        if _cpu_kernels_on(self, self.qweight.device):
+        if _cpu_kernels_on(self, self.scales.device):
             held = (self.qweight, self.scales, self.zeros) if self.cfg.bits == 4 else (self.scales,)
         else:
             held = (self.cpu_codes, self.cpu_scales_zeros)
@@ -116,11 +183,17 @@ class KernelQuantLinear(QuantLinear):
             if self.cfg.bits == 8:
                 return int8_cpu_linear(x, self.qweight, self.cpu_scales_zeros, self.bias)
             return int4_cpu_linear(x, self.cpu_codes, self.cpu_scales_zeros, self.cfg.group_size, self.bias)
+        if self.qweight is None:   # a prompt too long for the kernel: the reference, reading the kernel's copy
+            codes = unpack_int4_from_cpu(self.cpu_codes, self.cpu_order)
+            w = dequantize_codes(codes, self.scales, self.zeros, self.cfg.group_size, 8.0, x.dtype)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         fn = w4a16_linear if self.cfg.bits == 4 else w8a16_linear
         return fn(x, self.qweight, self.scales, self.zeros, self.cfg.group_size, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        cpu = ", cpu kernel" if self.cpu_kernel else ""
+        cpu = ""
+        if self.cpu_kernel:
+            cpu = ", cpu kernel" if self.qweight is not None else ", cpu kernel (its codes only)"
         return f"{super().extra_repr()}, backend={self.backend!r}{cpu}"
 
 
@@ -180,8 +253,8 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
     """Quantized SwiGLU experts run by the grouped MoE kernels: called like `Experts`, (x, experts,
     weights) -> (T, H). `backend` "auto": the kernels on a GPU (SiLU experts); on a CPU, for decode
     rows, each hit expert's matrices on PyTorch's weight-only kernels (`prepare_cpu`, as
-    `KernelQuantLinear`); elsewhere the reference, which dequantizes the hit experts and runs the
-    `dispatch` path ("sorted" for "triton")."""
+    `KernelQuantLinear`, W4 codes kept only in their order); elsewhere the reference, which dequantizes
+    the hit experts and runs the `dispatch` path ("sorted" for "triton")."""
     quantized = True
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, cfg: QuantConfig,
@@ -192,12 +265,16 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         self.gate_up_proj = StackedQuantLinear(num_experts, hidden_size, 2 * intermediate_size, cfg, device)
         self.down_proj = StackedQuantLinear(num_experts, intermediate_size, hidden_size, cfg, device)
         self.act = F.silu
-        self.backend = check_backend(backend)
         self.dispatch = dispatch
         self.cpu_kernel = False
+        self.cpu_orders = None   # W4 on "auto": each expert's nibble order, {"gate_up": [...], "down": [...]}
         for name in ("cpu_gate_up_codes", "cpu_gate_up_scales", "cpu_down_codes", "cpu_down_scales"):
             self.register_buffer(name, None, persistent=False)
+        self.backend = backend
         self.register_load_state_dict_post_hook(_repack_after_load)
+        self._register_state_dict_hook(_drop_codes_after_save)
+
+    backend = KernelQuantLinear.backend   # "auto" keeps only the CPU kernels' copy of W4 codes
 
     @torch.no_grad()
     def prepare_cpu(self, dtype: torch.dtype | None = None) -> str | None:
@@ -206,9 +283,10 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         every expert's copies stacked, not saved. Returns why not, or None."""
         if dtype is None:
             dtype = torch.float32 if self.cpu_gate_up_scales is None else self.cpu_gate_up_scales.dtype
-        self.cpu_kernel = False
+        self._restore_codes()
+        self.cpu_kernel, self.cpu_orders = False, None
         self.cpu_gate_up_codes = self.cpu_gate_up_scales = self.cpu_down_codes = self.cpu_down_scales = None
-        copies = {}
+        copies, orders = {}, {}
         for name, stacked in (("gate_up", self.gate_up_proj), ("down", self.down_proj)):
             if stacked.qweight.device.type != "cpu":
                 return f"the codes are on {stacked.qweight.device}, not a CPU"
@@ -221,12 +299,55 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
                                            None if stacked.zeros is None else stacked.zeros[e], self.cfg.group_size)
                          for e in range(self.num_experts)]
                 copies[name] = (torch.stack([p for p, _ in packs]), torch.stack([sz for _, sz in packs]).to(dtype))
+                orders[name] = [int4_cpu_order(p, packing.unpack(q, 4)) for (p, _), q in zip(packs, stacked.qweight)]
             else:
                 copies[name] = (None, stacked.scales.reshape(self.num_experts, stacked.out_features).to(dtype))
         (self.cpu_gate_up_codes, self.cpu_gate_up_scales), (self.cpu_down_codes, self.cpu_down_scales) = (
             copies["gate_up"], copies["down"])
         self.cpu_kernel = True
+        if orders and self.backend == "auto" and None not in orders["gate_up"] + orders["down"]:
+            self.cpu_orders = orders
+            self._drop_codes()
         return None
+
+    def _saved_codes(self, name: str) -> torch.Tensor:
+        """The `name` ("gate_up", "down") matrices' stacked codes in the saved layout: the stacked
+        qweight, or rebuilt from the CPU kernels' copies where only they are kept."""
+        stacked = getattr(self, f"{name}_proj")
+        if stacked.qweight is not None:
+            return stacked.qweight
+        copies = getattr(self, f"cpu_{name}_codes")
+        return torch.stack([packing.pack(unpack_int4_from_cpu(c, order), 4)
+                            for c, order in zip(copies, self.cpu_orders[name])])
+
+    def _restore_codes(self) -> None:
+        for name in ("gate_up", "down"):
+            getattr(self, f"{name}_proj").qweight = self._saved_codes(name)
+
+    def _drop_codes(self) -> None:
+        if self.cpu_orders is not None:   # one copy of the codes: the kernels'
+            self.gate_up_proj.qweight = self.down_proj.qweight = None
+
+    def _packed(self, name: str):
+        """The `name` matrices as `PackedExperts` in the saved layout."""
+        return getattr(self, f"{name}_proj").packed()._replace(qweight=self._saved_codes(name))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._restore_codes()   # the stacked matrices save the usual layout; dropped again after them
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._restore_codes()   # buffers to load the saved codes into (`_repack_after_load` moves them)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        if not self.cpu_kernel:
+            return super()._apply(fn, *args, **kwargs)
+        self._restore_codes()   # moved or cast: the saved layout moves, the kernels' copies are made again
+        self.cpu_orders = self.cpu_gate_up_codes = self.cpu_down_codes = None
+        out = super()._apply(fn, *args, **kwargs)
+        self.prepare_cpu()
+        return out
 
     def _cpu_matrix(self, name: str, e: int):
         """Expert e's `name` matrix ("gate_up" or "down") as a function x -> x @ W^T on the CPU kernels."""
@@ -240,7 +361,7 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         """Bytes held but not read (`bench.weight_bytes`, as `KernelQuantLinear.unread_bytes`), every expert's."""
         if self.cpu_gate_up_scales is None:
             return 0
-        if _cpu_kernels_on(self, self.gate_up_proj.qweight.device):
+        if _cpu_kernels_on(self, self.gate_up_proj.scales.device):
             held = ([self.gate_up_proj.scales, self.down_proj.scales] if self.cfg.bits == 8
                     else [*self.gate_up_proj.buffers(), *self.down_proj.buffers()])
         else:
@@ -281,8 +402,8 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
             gate_up = {e: self._cpu_matrix("gate_up", e) for e in hit}
             down = {e: self._cpu_matrix("down", e) for e in hit}
             return loop_dispatch(x, experts, weights, gate_up, down, self.act, only=hit)
-        gate_up = self.gate_up_proj.packed().dequantize(x.dtype, hit)
-        down = self.down_proj.packed().dequantize(x.dtype, hit)
+        gate_up = self._packed("gate_up").dequantize(x.dtype, hit)
+        down = self._packed("down").dequantize(x.dtype, hit)
         fn = sorted_dispatch if self.dispatch == "triton" else self._fn
         return fn(x, experts, weights, gate_up, down, self.act)
 
@@ -292,11 +413,15 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
 
         with torch.device("meta"):
             out = Experts(self.num_experts, self.hidden_size, self.intermediate_size, self.dispatch)
-        out.gate_up_proj = nn.Parameter(self.gate_up_proj.packed().dequantize(dtype))
-        out.down_proj = nn.Parameter(self.down_proj.packed().dequantize(dtype))
+        out.gate_up_proj = nn.Parameter(self._packed("gate_up").dequantize(dtype))
+        out.down_proj = nn.Parameter(self._packed("down").dequantize(dtype))
         out.act = self.act
         return out
 
     def extra_repr(self) -> str:
-        cpu = ", cpu kernel" if self.cpu_kernel else ""
+        cpu = (", cpu kernel (its codes only)" if self.cpu_orders else ", cpu kernel") if self.cpu_kernel else ""
         return f"dispatch={self.dispatch!r}, backend={self.backend!r}{cpu}"
+
+
+def _drop_codes_after_save(module, state_dict, prefix, local_metadata) -> None:
+    module._drop_codes()
