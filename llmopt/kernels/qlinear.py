@@ -272,7 +272,6 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
             self.register_buffer(name, None, persistent=False)
         self.backend = backend
         self.register_load_state_dict_post_hook(_repack_after_load)
-        self._register_state_dict_hook(_drop_codes_after_save)
 
     backend = KernelQuantLinear.backend   # "auto" keeps only the CPU kernels' copy of W4 codes
 
@@ -332,9 +331,12 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         """The `name` matrices as `PackedExperts` in the saved layout."""
         return getattr(self, f"{name}_proj").packed()._replace(qweight=self._saved_codes(name))
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._restore_codes()   # the stacked matrices save the usual layout; dropped again after them
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def state_dict(self, *args, **kwargs):
+        self._restore_codes()   # the stacked matrices save the usual layout
+        try:
+            return super().state_dict(*args, **kwargs)
+        finally:
+            self._drop_codes()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._restore_codes()   # buffers to load the saved codes into (`_repack_after_load` moves them)
@@ -422,6 +424,3 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         cpu = (", cpu kernel (its codes only)" if self.cpu_orders else ", cpu kernel") if self.cpu_kernel else ""
         return f"dispatch={self.dispatch!r}, backend={self.backend!r}{cpu}"
 
-
-def _drop_codes_after_save(module, state_dict, prefix, local_metadata) -> None:
-    module._drop_codes()

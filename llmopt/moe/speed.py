@@ -152,7 +152,7 @@ def expert_decode_times(tokens: int = 1, hidden: int = 4096, intermediate: int =
         times[name] = bench.time_fn(lambda fn=fn, turns=turns: fn(*next(turns)), device=device, warmup=warmup,
                                     repeats=repeats).median
     float_bytes = 3 * hidden * intermediate * torch.empty((), dtype=dtype).element_size()
-    # the bytes a call reads: on a CPU the kernels read their own copy of the codes (`unread_bytes`: the other)
+    # the bytes a call reads: on a CPU the kernels read their own copies (`unread_bytes`: what they leave)
     w4_bytes = (sum(b.numel() * b.element_size() for b in grouped.buffers()) - grouped.unread_bytes()) // num_experts
     return {"times": times, "hit": hit,
             "bytes": {name: hit * (float_bytes if name.startswith("float") else w4_bytes) for name in times}}
