@@ -86,7 +86,7 @@ for N, K in [(16, 64), (48, 256), (64, 64), (80, 128), (208, 96)]:   # partial b
     assert order is not None and torch.equal(cpu.unpack_int4_from_cpu(packed, order), want)
     wrong = [o for o in cpu.INT4_CPU_ORDERS if not torch.equal(cpu.unpack_int4_from_cpu(packed, o), want)]
     assert N < 32 or wrong, (N, K)   # the orders differ: a right answer is not an accident
-print(torch.backends.cpu.get_cpu_capability(), order)
+print(torch.backends.cpu.get_cpu_capability(), cpu.CPU_KIND, order)
 """
 
 
@@ -94,7 +94,7 @@ print(torch.backends.cpu.get_cpu_capability(), order)
                                                ("avx512", "(64, 'halves')")])
 def test_the_kernels_nibble_order_reads_back(capability, order):
     """`unpack_int4_from_cpu` inverts PyTorch's packing on every CPU layout, forced with
-    ATEN_CPU_CAPABILITY (in a fresh process: PyTorch reads it once)."""
+    ATEN_CPU_CAPABILITY (in a fresh process: PyTorch reads it once), and `cpu_kind` follows it."""
     import os
     import subprocess
     import sys
@@ -104,7 +104,7 @@ def test_the_kernels_nibble_order_reads_back(capability, order):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     out = subprocess.run([sys.executable, "-c", _ORDER_CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split(None, 1) == [capability.upper(), order + "\n"]
+    assert out.stdout.split(None, 2) == [capability.upper(), capability.upper(), order + "\n"]
 
 
 def test_a_w4_layer_keeps_its_codes_once():
@@ -130,6 +130,52 @@ def test_a_w4_layer_keeps_its_codes_once():
     moved = copy.deepcopy(k).to("meta")   # off the CPU (as to a GPU): the saved layout moves, no kernel
     assert moved.qweight is not None and moved.qweight.device.type == "meta" and not moved.cpu_kernel
     assert moved.cpu_codes is None and moved.cpu_scales_zeros is None
+
+
+_LOAD_CHECK = """
+import sys, torch
+saved = torch.load(sys.argv[1], weights_only=False)
+k, experts = saved["linear"], saved["experts"]
+assert k.qweight is None and experts.gate_up_proj.qweight is None   # this CPU's copies, made on loading
+for got, want in [(k(saved["x"]), saved["linear_out"]), (experts(*saved["moe_in"]), saved["experts_out"])]:
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < 1e-5, err
+print(torch.backends.cpu.get_cpu_capability(), k.cpu_order)
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_a_pickled_w4_model_runs_on_another_cpu(tmp_path, capability):
+    """`torch.save(model)` keeps the saved layout of the codes, not this CPU's nibble order: a fused W4
+    layer and W4 experts pickled here give the same outputs in a process whose CPU layout differs."""
+    import os
+    import subprocess
+    import sys
+
+    from llmopt.kernels.qlinear import KernelQuantExperts
+    from llmopt.moe.layer import Experts
+    from llmopt.quant.experts import QuantExperts
+
+    if torch.backends.cpu.get_cpu_capability() == capability.upper():
+        pytest.skip(f"this process runs the {capability} layout already")
+    q = make(80, 256, 64, False, True, bits=4)
+    torch.manual_seed(0)
+    qe = QuantExperts.from_experts(Experts(4, 64, 96), QuantConfig(bits=4, group_size=32, symmetric=False))
+    x, moe_in = rand(1, 256), (rand(1, 64, seed=2), torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]]))
+    k, ke = KernelQuantLinear.from_quant_linear(copy.deepcopy(q)), KernelQuantExperts.from_quant_experts(qe)
+    assert k.qweight is None and ke.gate_up_proj.qweight is None
+    path = tmp_path / "fused.pt"
+    torch.save({"linear": k, "experts": ke, "x": x, "linear_out": q(x), "moe_in": moe_in,
+                "experts_out": qe(*moe_in)}, path)
+    assert k.qweight is None and ke.gate_up_proj.qweight is None   # saving left the modules as they were
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(path)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(capability.upper())
+    loaded = torch.load(path, weights_only=False)   # and here, back to this CPU's order
+    assert loaded["linear"].cpu_order == k.cpu_order and torch.equal(loaded["linear"](x), k(x))
+    assert torch.equal(loaded["experts"](*moe_in), ke(*moe_in))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -167,12 +213,13 @@ def _use(monkeypatch):
 
 @pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (4, 64, False), (8, None, True)])
 def test_kernel_quant_linear_runs_the_cpu_kernels_on_auto(monkeypatch, bits, group, symmetric):
+    monkeypatch.setattr(cpu, "CPU_KIND", "AVX512")   # its row limits, whatever this CPU's
     q = make(48, 128, group, symmetric, True, bits=bits)
     k = KernelQuantLinear.from_quant_linear(q)
     assert k.cpu_kernel and "cpu kernel" in repr(k)
     assert list(k.state_dict()) == list(q.state_dict())   # the kernel's copy is not saved
     calls = _use(monkeypatch)
-    most = cpu.MAX_ROWS[bits][torch.bfloat16]   # W4 256, W8 64
+    most = cpu.max_rows(bits, torch.bfloat16)   # W4 256, W8 64
     for dtype, shape in ((torch.float32, (2, 1, 128)), (torch.bfloat16, (2, 3, 128)), (torch.bfloat16, (most, 128))):
         x = rand(*shape, dtype=dtype)
         assert_close(k.to(dtype)(x), q.to(dtype)(x), q.bias)
@@ -182,19 +229,43 @@ def test_kernel_quant_linear_runs_the_cpu_kernels_on_auto(monkeypatch, bits, gro
     assert torch.equal(k(x), q(x)) and len(calls) == 3
 
 
+@pytest.mark.parametrize("kind", ["AVX512", "DEFAULT"])
 @pytest.mark.parametrize("bits, group", [(4, 32), (8, None)])
-def test_many_rows_keep_the_reference(monkeypatch, bits, group):
+def test_many_rows_keep_the_reference(monkeypatch, bits, group, kind):
     """Long prompts, and float32 past two rows, where dequantize + matmul is the faster path (kernels.cpu.MAX_ROWS)."""
+    monkeypatch.setattr(cpu, "CPU_KIND", kind)
     q = make(48, 128, group, bits == 8, True, bits=bits)
     k = KernelQuantLinear.from_quant_linear(q)
     assert k.cpu_kernel
     calls = _use(monkeypatch)
-    for dtype, rows in ((torch.float32, 3), (torch.bfloat16, cpu.MAX_ROWS[bits][torch.bfloat16] + 1)):
+    for dtype, rows in ((torch.float32, 3), (torch.bfloat16, cpu.max_rows(bits, torch.bfloat16) + 1)):
         x = rand(rows, 128, dtype=dtype)
         k, q = k.to(dtype), q.to(dtype)
         assert torch.equal(k(x), q(x))
     assert not calls
 
+
+
+def test_the_row_limits_follow_the_cpu(monkeypatch):
+    """`kernel_rows` reads the table of this process's CPU kind: up to its limit the kernel, past it the
+    reference; no limit (AVX2's bfloat16) takes the kernel for any prompt; float16 and float32 two rows."""
+    assert cpu.CPU_KIND in cpu.MAX_ROWS and cpu.cpu_kind() == cpu.CPU_KIND
+    seen = set()
+    for kind, table in cpu.MAX_ROWS.items():
+        monkeypatch.setattr(cpu, "CPU_KIND", kind)
+        for bits in (4, 8):
+            assert table[bits][torch.float32] == table[bits][torch.float16] == 2
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                most = cpu.max_rows(bits, dtype)
+                seen.add(most)
+                if most is None:
+                    assert cpu.kernel_rows(torch.empty(4096, 64, dtype=dtype), bits)
+                    continue
+                assert cpu.kernel_rows(torch.empty(most, 64, dtype=dtype), bits)
+                assert cpu.kernel_rows(torch.empty(1, most, 64, dtype=dtype), bits)
+                assert not cpu.kernel_rows(torch.empty(most + 1, 64, dtype=dtype), bits)
+        assert cpu.max_rows(4, torch.int8) == 0 and not cpu.kernel_rows(torch.empty(1, 64, dtype=torch.int8), 4)
+    assert {None, 2, 4, 64, 256} <= seen   # the tables differ by CPU
 
 def test_the_kernel_path_is_the_one_that_runs():
     """Spoil the kernel's copy of the scales: "auto" must give wrong outputs, "torch" right ones."""

@@ -14,7 +14,7 @@ CPU kernels that read the codes directly (the ones gpt-fast and torchao use on a
 
 `pack_int4_for_cpu` builds that copy and `unpack_int4_from_cpu` reads the codes back out of it, so a
 fused W4 layer (`KernelQuantLinear`) keeps its codes once, in the kernel's order, and rebuilds the saved
-layout only to save, to move to a GPU, or for a prompt too long for the kernel.
+layout only to save or pickle, to move to a GPU, or for a prompt too long for the kernel.
 These kernels are fast in bfloat16, where at batch 1 they beat the bfloat16 layer itself (weight-only
 quantization making decode faster, not only smaller); in float32 and float16 they beat the reference
 at one or two rows but not the float layer. Measure on your CPU: `llmopt bench weight-only`.
@@ -30,15 +30,49 @@ from ..quant import packing
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
-# The most rows x may have for the kernels to beat the reference, by bits and x's dtype. The kernels run
-# row by row, so their time grows with the rows, while dequantize + matmul costs about the same from 1
-# row to a few hundred (the dequantization dominates it). In bfloat16 the INT4 kernel was ahead up to 256
-# rows on every layer measured (768 x 256 to 11008 x 4096; at 512 it lost on three of five), the INT8
-# one up to 64 (at 128 it lost on the two smallest); in float32 and float16 the reference is faster
-# from about 4-8 rows. Measured on a 2-core Intel Xeon (AVX-512, AMX), PyTorch 2.13: `llmopt bench
-# weight-only [--rows 64 128 256 512 --dtype bfloat16]`. Longer prompts keep the reference.
-MAX_ROWS = {4: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 256},
-            8: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 64}}
+# The most rows x may have for the kernels to beat the reference, by the CPU's kind of kernels
+# (`cpu_kind`), bits and x's dtype (None: no limit). The kernels run row by row, so their time grows
+# with the rows; what the reference costs depends on the CPU. Measured with `llmopt bench weight-only`
+# on layers of 768 x 256 to 11008 x 4096 (PyTorch 2.13, a 2-core Intel Xeon with AVX-512 and AMX,
+# the other kinds forced on it with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA: simulated, not real
+# CPUs of that kind), keeping the most rows at which the kernel beat the reference on every layer:
+# - "AVX512": the CPU multiplies bfloat16 in hardware (AMX), so dequantize + matmul costs about the
+#   same from 1 row to a few hundred (the dequantization dominates it). In bfloat16 the INT4 kernel
+#   was ahead up to 256 rows (at 512 it lost on three of five layers), the INT8 one up to 64 (at 128
+#   it lost on the two smallest); in float32 the reference is faster from 4 rows.
+# - "AVX2": a bfloat16 matmul without the hardware for it is slow, so in bfloat16 both kernels were
+#   about 3x faster than the reference at every size measured, 1 to 1,024 rows; float32 as AVX512.
+# - "DEFAULT", PyTorch's kernels without vector instructions (and CPUs not measured: ARM's): in
+#   bfloat16 the INT4 kernel was ahead at 2 rows (at 4 it lost on the smallest layer), the INT8 one
+#   at 4 (at 8 likewise); float32 as the others. float16 is not measured: 2 rows everywhere.
+# Longer prompts keep the reference.
+MAX_ROWS = {
+    "AVX512": {4: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 256},
+               8: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 64}},
+    "AVX2": {4: {torch.float32: 2, torch.float16: 2, torch.bfloat16: None},
+             8: {torch.float32: 2, torch.float16: 2, torch.bfloat16: None}},
+    "DEFAULT": {4: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 2},
+                8: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 4}},
+}
+
+
+def cpu_kind() -> str:
+    """Which of `MAX_ROWS`'s tables this process uses: "AVX512", "AVX2" or "DEFAULT", after the
+    vector instructions PyTorch's CPU kernels use (`torch.backends.cpu.get_cpu_capability()`, which
+    ATEN_CPU_CAPABILITY can lower); any other CPU (ARM, POWER, s390x) gets "DEFAULT"'s."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return "AVX512"
+    return "AVX2" if capability == "AVX2" else "DEFAULT"
+
+
+CPU_KIND = cpu_kind()   # once: PyTorch picks its kernels once per process (and torch.compile reads a constant)
+
+
+def max_rows(bits: int, dtype: torch.dtype) -> int | None:
+    """The most rows for which the `bits`-bit kernel is the faster path on this CPU for x of `dtype`
+    (`MAX_ROWS[CPU_KIND]`; None: no limit, 0: never)."""
+    return MAX_ROWS[CPU_KIND][bits].get(dtype, 0)
 
 
 def has_cpu_kernels() -> bool:
@@ -68,9 +102,10 @@ def cpu_format_problem(bits: int, symmetric: bool, group_size: int | None, N: in
 
 
 def kernel_rows(x: torch.Tensor, bits: int) -> bool:
-    """True when x (..., K) has few enough rows, for its dtype, that the `bits`-bit CPU kernel is the
-    faster path (`MAX_ROWS`)."""
-    return x.numel() <= MAX_ROWS[bits].get(x.dtype, 0) * x.shape[-1]
+    """True when x (..., K) has few enough rows, for its dtype and this CPU, that the `bits`-bit CPU
+    kernel is the faster path (`max_rows`)."""
+    most = max_rows(bits, x.dtype)
+    return most is None or x.numel() <= most * x.shape[-1]
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import torch
@@ -57,7 +58,8 @@ class KernelQuantLinear(QuantLinear):
 
     On a CPU with "auto", a W4 layer keeps its codes once, in the CPU kernel's nibble order
     (`cpu_codes`; `qweight` is None): `packed_codes()` rebuilds the saved layout where it is needed,
-    for `state_dict`, for a move to a GPU (`.to`), and for prompts too long for the kernel."""
+    for `state_dict`, for a move to a GPU (`.to`), for pickling (`torch.save(model)`: the kernel's order
+    depends on the CPU) and for prompts too long for the kernel."""
 
     def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False, device=None,
                  backend: str = "auto"):
@@ -137,6 +139,21 @@ class KernelQuantLinear(QuantLinear):
         if self.qweight is None:   # a buffer to load the saved codes into (`_repack_after_load` moves them)
             self.qweight = self.packed_codes()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self):
+        """Pickled (`torch.save(model)`, `copy.deepcopy`): the saved layout of the codes, not the kernel's
+        copy, whose nibble order depends on the CPU; `__setstate__` makes the copy again where it is loaded."""
+        state = super().__getstate__()
+        if self.cpu_kernel:
+            buffers = self._buffers.copy()
+            buffers.update(qweight=self.packed_codes(), cpu_codes=None)
+            state.update(_buffers=buffers, cpu_order=None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.cpu_kernel:   # this CPU's copy (none where the tensors were loaded onto a GPU)
+            self.prepare_cpu()
 
     def _apply(self, fn, *args, **kwargs):
         if not self.cpu_kernel:
@@ -341,6 +358,25 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._restore_codes()   # buffers to load the saved codes into (`_repack_after_load` moves them)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self):
+        """Pickled: the stacked matrices' saved layout, not the kernels' copies (`KernelQuantLinear.__getstate__`)."""
+        state = super().__getstate__()
+        if self.cpu_kernel:
+            buffers = self._buffers.copy()
+            buffers.update(cpu_gate_up_codes=None, cpu_down_codes=None)
+            modules = self._modules.copy()
+            for name in ("gate_up", "down"):   # shallow copies of the stacked modules, holding the saved codes
+                stacked = modules[f"{name}_proj"] = copy.copy(modules[f"{name}_proj"])
+                stacked._buffers = stacked._buffers.copy()
+                stacked._buffers["qweight"] = self._saved_codes(name)
+            state.update(_buffers=buffers, _modules=modules, cpu_orders=None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.cpu_kernel:
+            self.prepare_cpu()
 
     def _apply(self, fn, *args, **kwargs):
         if not self.cpu_kernel:
