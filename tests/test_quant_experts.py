@@ -331,15 +331,17 @@ def test_fused_experts_run_the_grouped_kernels(tmp_path, monkeypatch, cfg):
                                                                                  symmetric=False),
                                  QuantConfig(bits=8)], ids=["w4-g32", "w4-zp-g64", "w8"])
 def test_fused_experts_run_the_cpu_kernels(monkeypatch, cfg):
-    """On a CPU with backend "auto", decode rows (up to 2 in float32, 64 in bfloat16) run each hit expert's
-    matrices on PyTorch's weight-only kernels: the reference's logits (float32: 1e-4; bfloat16: 3% of
-    the largest logit, both sides rounding differently), the kernels' copies not saved, a step's bytes
-    counted once, and a spoiled copy spoils the output: the path is the one that runs."""
+    """On a CPU with backend "auto", decode rows (AVX512's limits, whatever this CPU's: up to 2 in float32,
+    64 (W8) or 256 (W4) in bfloat16) run each hit expert's matrices on PyTorch's weight-only kernels: the
+    reference's logits (float32: 1e-4; bfloat16: 3% of the largest logit, both sides rounding
+    differently), the kernels' copies not saved, a step's bytes counted once, and a spoiled copy spoils
+    the output: the path is the one that runs."""
     from llmopt import bench, kernels
     from llmopt.kernels import KernelQuantExperts, cpu, qlinear
 
     if not cpu.has_cpu_kernels():
         pytest.skip("this PyTorch lacks the weight-only CPU kernels")
+    monkeypatch.setattr(cpu, "CPU_KIND", "AVX512")
     model = quantize(_family("upcycled"), cfg)
     fused = kernels.fuse(copy.deepcopy(model))
     experts = [m for m in fused.modules() if isinstance(m, KernelQuantExperts)]

@@ -964,8 +964,10 @@ def test_graph_replay_path_with_a_stand_in_graph(model_tok, monkeypatch, steps, 
     eager = LLMEngine(model, tok, block_size=4, num_kv_blocks=300, max_num_seqs=5, enforce_eager=True)
     for (prompt, n), out, ref in zip(reqs, run_engine(engine, reqs), run_engine(eager, reqs)):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, n)
-        # the same logits to rounding: a padding row that wrote into a live block would show here
-        assert out.outputs[0].cumulative_logprob == pytest.approx(ref.outputs[0].cumulative_logprob, abs=1e-4)
+        # the same logits to rounding (a padded batch sums in another order: 1.1e-4 apart over 60 tokens with
+        # PyTorch's unvectorized kernels); a padding row that wrote into a live block would show here
+        assert out.outputs[0].cumulative_logprob == pytest.approx(ref.outputs[0].cumulative_logprob, rel=1e-5,
+                                                                  abs=1e-4)
     assert set(replays) == {1, 2, 4, 5}, set(replays)          # every graph, padded batches among them
     assert bool(runs) == (steps > 1) and (steps == 1 or max(runs) == 8)
 

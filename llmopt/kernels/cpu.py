@@ -42,7 +42,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 #   it lost on the two smallest); in float32 the reference is faster from 4 rows.
 # - "AVX2": a bfloat16 matmul without the hardware for it is slow, so in bfloat16 both kernels were
 #   about 3x faster than the reference at every size measured, 1 to 1,024 rows; float32 as AVX512.
-# - "DEFAULT", PyTorch's kernels without vector instructions (and CPUs not measured: ARM's): in
+# - "DEFAULT", PyTorch's kernels without vector instructions (and the CPUs not measured: ARM's, whose
+#   PyTorch has NEON code for these kernels, may well do better: measure yours): in
 #   bfloat16 the INT4 kernel was ahead at 2 rows (at 4 it lost on the smallest layer), the INT8 one
 #   at 4 (at 8 likewise); float32 as the others. float16 is not measured: 2 rows everywhere.
 # Longer prompts keep the reference.
