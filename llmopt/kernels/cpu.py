@@ -42,10 +42,10 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 #   it lost on the two smallest); in float32 the reference is faster from 4 rows.
 # - "AVX2": a bfloat16 matmul without the hardware for it is slow, so in bfloat16 both kernels were
 #   about 3x faster than the reference at every size measured, 1 to 1,024 rows; float32 as AVX512.
-# - "DEFAULT", PyTorch's kernels without vector instructions (and the CPUs not measured: ARM's, whose
-#   PyTorch has NEON code for these kernels, may well do better: measure yours): in
-#   bfloat16 the INT4 kernel was ahead at 2 rows (at 4 it lost on the smallest layer), the INT8 one
-#   at 4 (at 8 likewise); float32 as the others. float16 is not measured: 2 rows everywhere.
+# - "DEFAULT", PyTorch's kernels without vector instructions: in bfloat16 the INT4 kernel was ahead at
+#   2 rows (at 4 it lost on the smallest layer), the INT8 one at 4 (at 8 likewise); float32 as the
+#   others. The CPUs not measured get this table too: ARM's PyTorch has NEON code for these kernels and
+#   may well do better there (measure yours). float16 is not measured: 2 rows everywhere.
 # Longer prompts keep the reference.
 MAX_ROWS = {
     "AVX512": {4: {torch.float32: 2, torch.float16: 2, torch.bfloat16: 256},
