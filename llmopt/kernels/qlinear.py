@@ -152,8 +152,7 @@ class KernelQuantLinear(QuantLinear):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if self.cpu_kernel:   # this CPU's copy (none where the tensors were loaded onto a GPU)
-            self.prepare_cpu()
+        _repack_after_load(self, None)   # this CPU's copy (none where the tensors were loaded onto a GPU)
 
     def _apply(self, fn, *args, **kwargs):
         if not self.cpu_kernel:
@@ -215,7 +214,8 @@ class KernelQuantLinear(QuantLinear):
 
 
 def _repack_after_load(module: nn.Module, incompatible_keys) -> None:
-    """New codes or scales loaded into a module that holds the CPU kernels' copies of them: copy them again."""
+    """New codes or scales loaded (`load_state_dict`, unpickling) into a module that holds the CPU kernels'
+    copies of them: copy them again."""
     if module.cpu_kernel:
         module.prepare_cpu()
 
@@ -375,8 +375,7 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if self.cpu_kernel:
-            self.prepare_cpu()
+        _repack_after_load(self, None)
 
     def _apply(self, fn, *args, **kwargs):
         if not self.cpu_kernel:
