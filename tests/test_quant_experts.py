@@ -368,8 +368,11 @@ def test_fused_experts_run_the_cpu_kernels(monkeypatch, cfg):
     torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     assert runs == [2, 2]   # both layers, on the kernels
     runs.clear()
-    fused(IDS)   # 20 rows in float32: the reference (dequantize the hit experts)
+    # 20 rows in float32: the reference, dequantizing the hit experts (W4: from the kernels' copy it holds)
+    torch.testing.assert_close(fused(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
     assert runs == []
+    plain_experts = model.model.layers[0].mlp.experts
+    assert torch.equal(experts[0].to_float().down_proj, plain_experts.to_float().down_proj)
     with torch.no_grad():   # bfloat16: 20 rows go to the kernels too
         half = kernels.fuse(quantize(_family("upcycled").to(torch.bfloat16), cfg))
         assert half.model.layers[0].mlp.experts.cpu_gate_up_scales.dtype == torch.bfloat16

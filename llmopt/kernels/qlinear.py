@@ -58,8 +58,8 @@ class KernelQuantLinear(QuantLinear):
 
     On a CPU with "auto", a W4 layer keeps its codes once, in the CPU kernel's nibble order
     (`cpu_codes`; `qweight` is None): `packed_codes()` rebuilds the saved layout where it is needed,
-    for `state_dict`, for a move to a GPU (`.to`), for pickling (`torch.save(model)`: the kernel's order
-    depends on the CPU) and for prompts too long for the kernel."""
+    for `state_dict`, for a move to a GPU (`.to`) and for pickling (`torch.save(model)`: the kernel's
+    order depends on the CPU); a prompt too long for the kernel dequantizes the kernel's copy itself."""
 
     def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False, device=None,
                  backend: str = "auto"):
@@ -348,6 +348,20 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
         """The `name` matrices as `PackedExperts` in the saved layout."""
         return getattr(self, f"{name}_proj").packed()._replace(qweight=self._saved_codes(name))
 
+    def _dequantize(self, name: str, dtype: torch.dtype, only=None) -> torch.Tensor:
+        """The `name` matrices' (E, N, K) float weights, as `PackedExperts.dequantize` (with `only`, the
+        other experts zeros), read from whichever copy of the codes the module keeps: where it keeps only
+        the CPU kernels', straight from theirs (no saved layout rebuilt for a long prompt)."""
+        if self.cpu_orders is None:
+            return self._packed(name).dequantize(dtype, only)
+        stacked, copies = getattr(self, f"{name}_proj"), getattr(self, f"cpu_{name}_codes")
+        out = torch.zeros(self.num_experts, stacked.out_features, stacked.in_features, dtype=dtype)
+        for e in range(self.num_experts) if only is None else only:
+            codes = unpack_int4_from_cpu(copies[e], self.cpu_orders[name][e])
+            zeros = None if stacked.zeros is None else stacked.zeros[e]
+            out[e] = dequantize_codes(codes, stacked.scales[e], zeros, self.cfg.group_size, 8.0, dtype)
+        return out
+
     def state_dict(self, *args, **kwargs):
         self._restore_codes()   # the stacked matrices save the usual layout
         try:
@@ -439,8 +453,7 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
             gate_up = {e: self._cpu_matrix("gate_up", e) for e in hit}
             down = {e: self._cpu_matrix("down", e) for e in hit}
             return loop_dispatch(x, experts, weights, gate_up, down, self.act, only=hit)
-        gate_up = self._packed("gate_up").dequantize(x.dtype, hit)
-        down = self._packed("down").dequantize(x.dtype, hit)
+        gate_up, down = self._dequantize("gate_up", x.dtype, hit), self._dequantize("down", x.dtype, hit)
         fn = sorted_dispatch if self.dispatch == "triton" else self._fn
         return fn(x, experts, weights, gate_up, down, self.act)
 
@@ -450,8 +463,8 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
 
         with torch.device("meta"):
             out = Experts(self.num_experts, self.hidden_size, self.intermediate_size, self.dispatch)
-        out.gate_up_proj = nn.Parameter(self._packed("gate_up").dequantize(dtype))
-        out.down_proj = nn.Parameter(self._packed("down").dequantize(dtype))
+        out.gate_up_proj = nn.Parameter(self._dequantize("gate_up", dtype))
+        out.down_proj = nn.Parameter(self._dequantize("down", dtype))
         out.act = self.act
         return out
 
