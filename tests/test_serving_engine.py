@@ -111,6 +111,9 @@ def test_vllm_style_code_runs_unchanged(model_tok):
         assert o.outputs[0].token_ids == hf_greedy(model, o.prompt_token_ids, len(o.outputs[0].token_ids))
     one = llm.generate("def add(a, b):", SamplingParams(max_tokens=12, temperature=0))
     assert one[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    named = LLM(model=model, tokenizer="tinypy", max_num_seqs=8)   # vLLM's tokenizer=: a name or a path
+    assert named.generate(prompts[0], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].token_ids \
+        == outputs[0].outputs[0].token_ids
 
 
 def test_vllm_prompt_types_and_sampling_fields(model_tok):
@@ -171,6 +174,9 @@ def test_sampling_seed_top_k_top_p_and_logprobs(model_tok):
     b = llm.generate([p], SamplingParams(temperature=1.0, seed=7, max_tokens=20, ignore_eos=True))[0]
     c = llm.generate([p], SamplingParams(temperature=1.0, seed=8, max_tokens=20, ignore_eos=True))[0]
     assert a.outputs[0].token_ids == b.outputs[0].token_ids != c.outputs[0].token_ids
+    # top_k 0 is "no top-k" too (vLLM's default now), the same draws as -1
+    off = llm.generate([p], SamplingParams(temperature=1.0, seed=7, max_tokens=20, ignore_eos=True, top_k=0))[0]
+    assert off.outputs[0].token_ids == a.outputs[0].token_ids
     greedy = llm.generate([p], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
     for sp in (SamplingParams(top_k=1, max_tokens=10, ignore_eos=True, seed=1),
                SamplingParams(top_p=1e-6, max_tokens=10, ignore_eos=True, seed=1)):
@@ -367,12 +373,48 @@ def test_stop_conditions(model_tok):
                                          ignore_eos=True))[0].outputs[0]
     assert o.finish_reason == "stop" and o.stop_reason == tok_stop and o.token_ids[-1] == tok_stop
     assert len(o.token_ids) == free.token_ids.index(tok_stop) + 1
+    assert o.text == tok.decode(o.token_ids[:-1])   # as vLLM: the stop token in token_ids, not in the text
+    for stop in (None, ["never printed"]):   # with stop strings the text is made token by token: the same
+        kept = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[tok_stop], stop=stop,
+                                                ignore_eos=True, include_stop_str_in_output=True))[0].outputs[0]
+        assert kept.token_ids == o.token_ids and kept.text == tok.decode(o.token_ids)
+        assert llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[tok_stop], stop=stop,
+                                                ignore_eos=True))[0].outputs[0].text == o.text
     stop = free.text[5:8]
     o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))[0].outputs[0]
     assert o.finish_reason == "stop" and o.stop_reason == stop and stop not in o.text
     assert free.text.startswith(o.text)
     o = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0]
     assert o.finish_reason == "length" and len(o.token_ids) == 4
+
+
+def test_min_tokens_hold_back_eos_and_stop_tokens(model_tok):
+    """vLLM's `min_tokens`: EOS and `stop_token_ids` cannot be picked before the completion has that many
+    tokens (HF's `min_new_tokens` holds back EOS the same way); after it, they end the completion."""
+    model, tok = model_tok
+    llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64)
+    prompt = "if __name__ == '__main__':\n    main()\n"
+    ids = tok(prompt).input_ids
+    (eos,) = llm.engine.eos
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=9))[0].outputs[0]
+    assert first.token_ids == [eos] and first.finish_reason == "stop" and first.text == ""   # ends at once
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=9, min_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    want = hf[0, len(ids):].tolist()
+    want = want[:want.index(eos) + 1] if eos in want else want
+    for steps in (1, 4):   # held back on the multi-step path too
+        llm = LLM(model=model, tokenizer=tok, num_kv_blocks=64, num_scheduler_steps=steps)
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=9, min_tokens=6))[0].outputs[0]
+        assert out.token_ids == want and eos not in out.token_ids[:6]
+        # a stop token held back likewise: the model's 2nd token, banned as a stop until 3 tokens are out
+        stop = want[1]
+        held = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=9, min_tokens=3, stop_token_ids=[stop])
+                            )[0].outputs[0]
+        assert held.token_ids[:1] == want[:1] and not {stop, eos} & set(held.token_ids[:3])
+        assert held.finish_reason == "length" or held.token_ids[-1] in (stop, eos)
+    sampled = llm.generate([prompt] * 4, SamplingParams(temperature=1.0, seed=3, max_tokens=8, min_tokens=5))
+    assert all(eos not in o.outputs[0].token_ids[:5] for o in sampled)
 
 
 def test_streaming_steps_add_up(model_tok):
@@ -392,7 +434,6 @@ def test_bad_input_is_a_clear_error(model_tok):
     engine = LLMEngine(model, tok, num_kv_blocks=64)
     for kwargs, field in ((dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
                           (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"),
-                          (dict(top_k=0), "top_k"),
                           (dict(n=0), "n"), (dict(n=2.5), "n")):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kwargs)
@@ -430,6 +471,8 @@ def test_bad_input_is_a_clear_error(model_tok):
     assert not llm.engine.has_unfinished_requests()          # the good prompt was not left queued
     with pytest.raises(ValueError, match="unsupported"):
         LLM(model=model, tokenizer=tok, bogus=1)
+    with pytest.raises(ValueError, match="tokenizer"):
+        LLM(model=model, tokenizer=42)
 
 
 def test_a_request_with_nothing_to_pick_ends_alone(model_tok):
@@ -712,6 +755,15 @@ def test_llm_chat_renders_each_conversation_and_generates_it(model_tok):
     templated = copy.deepcopy(tok)
     templated.chat_template = template
     assert chat_prompt(templated, other, add_generation_prompt=False) == "<user>sort a list"
+    # a template that writes the BOS itself (Llama-3's): encoded without the tokenizer adding another
+    # (this tokenizer adds one to any text), as vLLM; the plain template has none and gets the usual one
+    templated.chat_template = "{{ bos_token }}" + template
+    bos = tok("x").input_ids[0]
+    assert tok("x", add_special_tokens=False).input_ids[0] != bos
+    with_bos = LLM(model=model, tokenizer=templated, num_kv_blocks=64).chat(other, greedy)[0]
+    assert with_bos.prompt_token_ids == tok(with_bos.prompt, add_special_tokens=False).input_ids
+    assert with_bos.prompt_token_ids[0] == bos != with_bos.prompt_token_ids[1]
+    assert out.prompt_token_ids == tok(out.prompt).input_ids
     for bad in ([], [{"role": "robot", "content": "hi"}], [{"role": "user", "content": 3}], "hi"):
         with pytest.raises(ValueError, match="messages"):
             llm.chat(bad, greedy)

@@ -147,6 +147,7 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer")
             params.update_from_tokenizer(self.tokenizer)
+        params.update_from_eos(self.eos)   # min_tokens holds them back
         seq = Sequence(ids, params, request_id, prompt=text)
         if seq.request_id in self.requests and not self._finished(seq.request_id):
             raise ValueError(f"request_id {seq.request_id!r} is already running")
@@ -357,10 +358,10 @@ class LLMEngine:
         if p.stop:   # text is needed now only to look for stop strings; otherwise `_output` makes it
             seq.text = self._decode(seq.completion_token_ids, p)
         if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos:
-                return self._finish(seq, "stop", None)
-            if token in p.stop_token_ids:
-                return self._finish(seq, "stop", token)
+            if token in p.all_stop_token_ids:   # EOS (stop_reason None) or one of stop_token_ids
+                if p.stop and not p.include_stop_str_in_output:
+                    seq.text = self._decode(seq.completion_token_ids[:-1], p)
+                return self._finish(seq, "stop", None if token in self.eos and not p.ignore_eos else token)
             for s in p.stop:
                 at = seq.text.find(s)
                 if at >= 0:
@@ -408,7 +409,7 @@ class LLMEngine:
         for seq in seqs:
             done = seq.status == SequenceStatus.FINISHED
             if (text or done) and not seq.params.stop:
-                seq.text = self._decode(seq.completion_token_ids, seq.params)
+                seq.text = self._decode(_text_ids(seq), seq.params)
             comps.append(CompletionOutput(seq.index, seq.text, seq.completion_token_ids, seq.cumulative_logprob,
                                           list(seq.logprobs) if seq.params.logprobs is not None else None,
                                           seq.finish_reason if done else None, seq.stop_reason if done else None))
@@ -480,6 +481,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
         elif isinstance(e, (list, tuple)):
             ids.update(int(x) for x in e)
     return ids
+
+
+def _text_ids(seq: Sequence) -> list[int]:
+    """The completion tokens its text shows: as vLLM, not the token that ended it (EOS or one of
+    `stop_token_ids`) unless `include_stop_str_in_output`."""
+    ids = seq.completion_token_ids
+    by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+    return ids[:-1] if by_token and ids and not seq.params.include_stop_str_in_output else ids
 
 
 def _prompt_ids(prompt, tokenizer) -> tuple[str | None, list[int]]:

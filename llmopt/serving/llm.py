@@ -50,6 +50,12 @@ class LLM:
             self.model, tok = models.load(model, dtype=None if dtype == "auto" else dtype, device=device,
                                           trust_remote_code=trust_remote_code)
             self.tokenizer = tokenizer or tok
+        if isinstance(self.tokenizer, str):   # vLLM's tokenizer=: a name or a path
+            from .. import models
+
+            self.tokenizer = models.load_tokenizer(self.tokenizer)
+        if not callable(self.tokenizer):
+            raise ValueError(f"tokenizer must be a tokenizer, or its name or path; got {type(self.tokenizer).__name__}")
         kv_memory = None
         p = next(self.model.parameters())
         if p.is_cuda and num_kv_blocks is None:
@@ -83,9 +89,9 @@ class LLM:
             raise ValueError("messages must be a conversation (a non-empty list of {role, content} dicts) or a "
                              "non-empty list of them")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        prompts = [chat_prompt(self.tokenizer, c, chat_template=chat_template,
-                               add_generation_prompt=add_generation_prompt,
-                               continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+        prompts = [chat_input(self.tokenizer, c, chat_template=chat_template,
+                              add_generation_prompt=add_generation_prompt,
+                              continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -162,6 +168,17 @@ def chat_prompt(tokenizer, messages: list[dict], chat_template: str | None = Non
     if continue_final_message:
         return text[:-1]
     return text + ("# assistant:\n" if add_generation_prompt else "")
+
+
+def chat_input(tokenizer, messages: list[dict], chat_template: str | None = None, **kwargs) -> dict:
+    """A conversation as a prompt dict, its text (`chat_prompt`) and token ids. A chat template writes the
+    special tokens it wants (Llama-3's starts with the BOS), so its text is encoded without adding any,
+    as vLLM does; the plain template has none, and gets the tokenizer's usual ones, as any prompt."""
+    if tokenizer is None:
+        raise ValueError("a chat needs a tokenizer")
+    text = chat_prompt(tokenizer, messages, chat_template=chat_template, **kwargs)
+    templated = chat_template is not None or bool(getattr(tokenizer, "chat_template", None))
+    return {"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=not templated).input_ids}
 
 
 # arguments of our `LLM` that vLLM's does not take: dropped when the real vLLM is used

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -87,7 +87,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1                  # -1: no top-k
+    top_k: int = -1                  # -1 or 0: no top-k (vLLM takes both)
     min_p: float = 0.0
     presence_penalty: float = 0.0    # subtracted from the logit of every token the completion has used
     frequency_penalty: float = 0.0   # subtracted once per use in the completion
@@ -108,6 +108,8 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None   # tokenizer fills these in, `update_from_tokenizer`)
     detokenize: bool = True                         # False: token ids only, no text (no stop strings then)
     truncate_prompt_tokens: int | None = None       # keep only the prompt's last k tokens
+    # the model's end-of-sequence ids, which the engine fills in (`update_from_eos`): min_tokens holds them back
+    eos_token_ids: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self):
         # types first (a float top_k or seed, or a nan temperature, would pass the range checks below and
@@ -127,8 +129,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < -1 or self.top_k == 0:
-            raise ValueError(f"top_k must be -1 (disabled) or a positive int, got {self.top_k!r}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive int, got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -180,10 +182,21 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
+    def all_stop_token_ids(self) -> set[int]:
+        """The tokens that end a completion: `stop_token_ids` and, unless `ignore_eos`, the model's EOS."""
+        return set(self.stop_token_ids) | (set() if self.ignore_eos else set(self.eos_token_ids))
+
+    @property
     def adjusted(self) -> bool:
-        """The logits are changed before a token is picked: penalties, a bias, allowed or banned tokens."""
+        """The logits are changed before a token is picked: penalties, a bias, allowed or banned tokens,
+        or stop tokens held back until `min_tokens`."""
         return self.penalized or bool(self.logit_bias) or self.allowed_token_ids is not None or bool(
-            self.bad_words_token_ids)
+            self.bad_words_token_ids) or (self.min_tokens > 0 and bool(self.all_stop_token_ids))
+
+    def update_from_eos(self, eos_token_ids) -> None:
+        """The engine's model ends completions with these ids: `min_tokens` holds them back too (vLLM
+        reads them from the model's generation config)."""
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
 
     def update_from_tokenizer(self, tokenizer) -> None:
         """`bad_words` as token ids (vLLM's name): each word as it starts a text and after a space."""
@@ -216,8 +229,9 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, token_ids: list[int
 
 def adjust_logits(logits: torch.Tensor, p: SamplingParams, token_ids: list[int], num_prompt_tokens: int):
     """One row of logits as `p` wants it picked from: the penalties, then vLLM's `logit_bias`,
-    `allowed_token_ids` (everything else -inf) and `bad_words` (a word's last token is banned when the
-    completion ends with the tokens before it; a one-token word is banned always)."""
+    `allowed_token_ids` (everything else -inf), `bad_words` (a word's last token is banned when the
+    completion ends with the tokens before it; a one-token word is banned always), and `min_tokens`
+    (EOS and the stop tokens banned until the completion has that many tokens, as vLLM)."""
     logits = apply_penalties(logits, p, token_ids, num_prompt_tokens) if p.penalized else logits.clone()
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
@@ -230,6 +244,9 @@ def adjust_logits(logits: torch.Tensor, p: SamplingParams, token_ids: list[int],
     for word in p.bad_words_token_ids or []:
         if len(word) == 1 or (len(out) >= len(word) - 1 and out[len(out) - len(word) + 1:] == word[:-1]):
             logits[word[-1]] = float("-inf")
+    stops = [t for t in p.all_stop_token_ids if t < logits.numel()]
+    if len(out) < p.min_tokens and stops:
+        logits[torch.tensor(stops, dtype=torch.long, device=logits.device)] = float("-inf")
     return logits
 
 

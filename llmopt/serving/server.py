@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from .async_engine import AsyncEngine, Busy, EngineProcess, EngineStopped, Timeout, load_engine
 from .beam import BeamSearchParams
 from .engine import LLMEngine
-from .llm import chat_prompt
+from .llm import chat_input
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 
@@ -142,7 +142,7 @@ def build_app(engine: LLMEngine | EngineProcess, model_name: str, max_queue: int
                         param="model", code="model_not_found")
         try:
             if chat:
-                prompt = chat_prompt(async_engine().tokenizer, body.get("messages"))
+                prompt = chat_input(async_engine().tokenizer, body.get("messages"))
             else:
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
