@@ -89,6 +89,9 @@ def test_balancing_loss_passes(capsys):
     (lambda p, e: balancing_loss(p, e, per_token=True), "T*k assignments"),
     (lambda p, e: balancing_loss(p, e, times_e=False), "multiply by E"),
     (lambda p, e: "1.0x", "expected a number"),
+    (lambda p, e: float(balancing_loss(p, e)), "return the 0-d tensor"),        # right value, no graph
+    (lambda p, e: balancing_loss(p.detach(), e), "no gradient"),
+    (lambda p, e: balancing_loss(p.detach(), e) + 0 * p.sum(), "wrong gradient"),
     (stub, "not attempted"),
 ])
 def test_balancing_loss_fails(fn, says, capsys):

@@ -1,12 +1,18 @@
 """Lesson 11's check: passes on an answer written here from the definition, fails with a useful message on
 plausible mistakes, and says "not attempted yet" for the stub; llmopt's pareto_front on small cases."""
+import math
+
 import pytest
 
 from llmopt.exercises import lesson11 as exercises
 
 
-def front(rows, keys, honour_max=True, keep_order=True, strict_everywhere=False):
-    rows = [r for r in rows if all(r.get(k) is not None for k in keys)]
+def front(rows, keys, honour_max=True, keep_order=True, strict_everywhere=False, incomplete="leave out"):
+    if incomplete == "leave out":
+        rows = [r for r in rows if all(r.get(k) is not None for k in keys)]
+    elif incomplete == "as worst":      # a missing value counted as the worst possible one
+        rows = [{**r, **{k: (math.inf if s == "min" else -math.inf) for k, s in keys.items() if r.get(k) is None}}
+                for r in rows]
     pts = [[-r[k] if honour_max and s == "max" else r[k] for k, s in keys.items()] for r in rows]
 
     def dominates(a, b):
@@ -35,6 +41,8 @@ def test_check_passes_on_a_correct_answer():
     (dict(honour_max=False), "higher"),
     (dict(keep_order=False), "rows' order"),
     (dict(strict_everywhere=True), "expected"),
+    (dict(incomplete="as worst"), "leave out rows missing a key"),
+    (dict(incomplete="kept"), "raised KeyError"),
 ])
 def test_check_fails_on_mistakes(mistake, message, capsys):
     assert not exercises.check_pareto_front(lambda r, k: front(r, k, **mistake))

@@ -66,15 +66,33 @@ def check_balancing_loss(fn) -> bool:
     even = torch.full((8, 4), 0.25)
     cases.append((even, (torch.arange(16).reshape(8, 2) % 4), "a perfectly even router"))
     for probs, experts, what in cases:
-        ok, out = _call(name, fn, probs.clone(), experts.clone())
+        leaf = probs.clone().requires_grad_(True)   # the gradient is checked w.r.t. this (the fn gets a copy)
+        ok, out = _call(name, fn, leaf.clone(), experts.clone())
         if not ok:
             return _result(name, False, out)
-        try:
-            got = float(out)
-        except (TypeError, ValueError):
-            return _result(name, False, f"returned {type(out).__name__}, expected a number (a 0-d tensor is fine)")
+        if not isinstance(out, torch.Tensor):
+            try:
+                float(out)
+            except (TypeError, ValueError):
+                return _result(name, False, f"returned {type(out).__name__}, expected a number (a 0-d tensor)")
+            return _result(name, False, f"returned a Python {type(out).__name__}: return the 0-d tensor, so the "
+                                        "gradient can flow back to the router's probabilities")
+        if out.numel() != 1:
+            return _result(name, False, f"returned a tensor of shape {tuple(out.shape)}, expected one number")
+        got = float(out)
         want = load_balancing_loss(probs, experts).item()
         if abs(got - want) <= 1e-4 * max(1.0, abs(want)):
+            T, E = probs.shape
+            # d loss / d probs[t, i] = E * f_i / T: only P carries a gradient, f is a count
+            want_grad = (E * expert_load(experts, E).float() / experts.numel() / T).expand(T, E)
+            grad = torch.autograd.grad(out, leaf, allow_unused=True)[0] if out.requires_grad else None
+            if grad is None:
+                return _result(name, False, f"the loss has no gradient w.r.t. probs for {what}: compute P = "
+                                            "probs.mean(0) without .detach(), .item() or float(), so the "
+                                            "gradient flows through P to the router")
+            if not torch.allclose(grad.float(), want_grad, atol=1e-5):
+                return _result(name, False, f"wrong gradient w.r.t. probs for {what}: it should come only through "
+                                            "P = probs.mean(0), with f (a count of assignments) as constants")
             continue
         T, E = probs.shape
         k = experts.shape[1]

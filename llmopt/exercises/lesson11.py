@@ -39,6 +39,8 @@ def check_pareto_front(fn) -> bool:
          {"perplexity": "min", "size_mb": "min"}, "ties: two equal rows, one only worse in size"),
         (_rows([(16.6, 26.5, 170), (16.8, 10.7, 75), (18.2, 17.4, 340), (16.7, 12.0, 80)]),
          {"perplexity": "min", "size_mb": "min", "tok_s": "max"}, "three keys"),
+        (_rows([(16.6, 26.5, 170), (16.8, 10.7, 75), (15.9, None, 90), (15.5,), (17.7, 17.4, 236)]),
+         {"perplexity": "min", "size_mb": "min"}, "rows with a size of None or none at all"),
     ]
     for rows, keys, what in cases:
         want = pareto_front(rows, keys)
@@ -51,6 +53,10 @@ def check_pareto_front(fn) -> bool:
             return _result(name, False, f"return a list of method names, got {type(got).__name__}")
         if got == want:
             continue
+        incomplete = [m for m in got if any(r.get(k) is None for r in rows if r["method"] == m for k in keys)]
+        if incomplete:
+            return _result(name, False, f"got {got}, expected {want} for {what}: leave out rows missing a key "
+                                        f"({incomplete})")
         if sorted(got) == sorted(want):
             return _result(name, False, f"got {got}: the right methods, but keep the rows' order ({what})")
         if got == pareto_front(rows, {k: "min" for k in keys}):

@@ -13,13 +13,15 @@ and returns (T, H) = sum over slots of weight * expert(x), expert(x) = down(act(
 0. `dense_dispatch`: every expert on every token, multiplied by a (T, E) gate matrix that is zero
    off the top-k. E/k times the arithmetic: what an MoE costs if dispatch is not solved.
 1. `loop_dispatch`: for each expert, find its tokens (`torch.where`), gather them, run the expert,
-   scatter-add back (Hugging Face's eager Mixtral). Right FLOPs, but E small matmuls, E searches
-   over all T*k assignments and E gathers; with many small experts the overhead dominates.
+   scatter-add back (Hugging Face's eager Mixtral). Right FLOPs, but 2E small matmuls (gate/up, then
+   down), E searches over all T*k assignments and E gathers; with many small experts the overhead
+   dominates.
 2. `sorted_dispatch`: sort the T*k assignments by expert once, gather the rows in that order so
    each expert's tokens are one contiguous segment, run a grouped matmul over the segments, then
    weight and scatter-add back. One sort, one gather, one scatter, whatever E is.
-3. the Triton kernel (`llmopt.moe.triton_moe`): the grouped matmul as one kernel launch over
-   (segment tile, expert) blocks, with SiLU and the gate weight fused in.
+3. the Triton kernels (`llmopt.moe.triton_moe`): the grouped matmuls as two kernel launches, gate/up
+   with SiLU and the product fused in, then down with the gate weight, each over a (row tile, column
+   tile) grid whose row tiles each belong to one expert's padded segment.
 """
 from __future__ import annotations
 
