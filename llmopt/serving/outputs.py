@@ -9,7 +9,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float | None
+    cumulative_logprob: float | None     # always summed here; vLLM's V1 engine gives None without logprobs=
     logprobs: list[dict] | None
     finish_reason: str | None = None     # "stop", "length", "abort" or "error"
     stop_reason: int | str | None = None
