@@ -3,7 +3,8 @@
 Timing: warm-up runs, then `repeats` timed runs; we report the median and the spread
 (min/max). On CUDA we time with CUDA events after a synchronize; on CPU with
 `time.perf_counter`. Memory: CUDA's max allocated on a GPU, the process's peak resident
-set (RSS) on CPU.
+set (RSS) on CPU; both count everything the process holds (every model still alive, and on
+a CPU Python and PyTorch themselves), not one model: `model_size_bytes` is a model's own.
 """
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ class GenerationResult:
     batch_size: int
     prompt_len: int
     new_tokens: int
-    ttft_s: float              # time to first token (prefill + one decode step), median
+    ttft_s: float              # time to first token: generate(ids, 1), one forward over the prompt, median
     tpot_s: float              # time per output token after the first, median
     total_s: float             # one whole generate call, median
     tokens_per_s: float        # batch_size * new_tokens / total_s

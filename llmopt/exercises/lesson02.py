@@ -18,7 +18,11 @@ def check_gptq_column(fn) -> bool:
         H = 2 * x.T @ x / x.shape[0] + 0.01 * torch.eye(n)
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
         W = torch.randn(rows, n, generator=g)
-        scale = W.abs().amax(dim=1) / (2 ** (bits - 1) - 1)
+        qmax = 2 ** (bits - 1) - 1
+        scale = W.abs().amax(dim=1) / qmax
+        # in GPTQ the earlier columns' error feedback can push column i past the range its
+        # scale was set for: two weights here land outside it, so the clamp matters
+        W[0, i], W[-1, i] = 1.6 * qmax * scale[0], -1.6 * qmax * scale[-1]
         want_W = W.clone()
         want_q, _ = column_update(want_W, U, i, scale[:, None], None, bits)
         ok, got = _call(name, fn, W.clone(), U.clone(), i, scale.clone(), bits)
@@ -28,6 +32,9 @@ def check_gptq_column(fn) -> bool:
             return _result(name, False, "return a pair (codes of column i, updated W)")
         q, W_new = (torch.as_tensor(t).float() for t in got)
         what = f"column {i} of a {rows}x{n} weight at {bits} bits"
+        if q.shape == want_q.shape and q.abs().max() > qmax:
+            return _result(name, False, f"codes outside [-{qmax}, {qmax}] for {what}: clamp round(W[:, i] / scale) "
+                           "to the range")
         if q.shape != want_q.shape or not torch.equal(q.reshape(-1), want_q):
             return _result(name, False, f"codes differ from round(W[:, i] / scale) clamped to the range, for {what}")
         if W_new.shape != W.shape:

@@ -24,9 +24,16 @@ def check_wanda_mask(fn) -> bool:
 
     name = "Exercise 4.1 (the Wanda mask)"
     g = torch.Generator().manual_seed(0)
-    for rows, cols, s in [(6, 16, 0.5), (5, 12, 0.25), (3, 40, 0.7)]:
-        w = torch.randn(rows, cols, generator=g)
-        x_norm = torch.rand(cols, generator=g) * 4 + 0.1
+    # (4, 12, 0.3): 3.6 weights per row, so round() and int() differ; the last case has tied scores
+    for rows, cols, s, tied in [(6, 16, 0.5, False), (5, 12, 0.25, False), (3, 40, 0.7, False),
+                                (4, 12, 0.3, False), (4, 16, 0.5, True)]:
+        if tied:  # weights in {-2, -1, 1, 2} and norms in {1, 2}: many equal scores in every row
+            w = torch.randint(1, 3, (rows, cols), generator=g).float()
+            w *= torch.randint(0, 2, (rows, cols), generator=g).float() * 2 - 1
+            x_norm = torch.randint(1, 3, (cols,), generator=g).float()
+        else:
+            w = torch.randn(rows, cols, generator=g)
+            x_norm = torch.rand(cols, generator=g) * 4 + 0.1
         x_norm[cols // 3] = 40.0  # one loud input channel: its small weights must survive
         ok, got = _call(name, fn, w.clone(), x_norm.clone(), s)
         if ok:
@@ -40,10 +47,16 @@ def check_wanda_mask(fn) -> bool:
         if not (kept == kept[0]).all():
             return _result(name, False, f"rows keep {kept.tolist()} weights: compare within each output row, "
                            f"so every row keeps the same number ({what})")
+        k = round(s * cols)
+        if kept[0] != cols - k:
+            return _result(name, False, f"rows keep {int(kept[0])} weights, expected {cols - k}: drop "
+                           f"round(sparsity * in_features) = round({cols} * {s}) = {k} per row ({what})")
         if torch.equal(got, magnitude_mask(w, s)) or torch.equal(got, wanda_mask(w, torch.ones(cols), s)):
             return _result(name, False, f"this is magnitude pruning: multiply |W| by the input norm first ({what})")
         return _result(name, False, f"{int((got != want).sum())} entries differ from llmopt.prune.wanda_mask "
-                       f"for {what}: score |W_ij| * x_norm[j], drop the lowest round(sparsity * in_features) per row")
+                       f"for {what}: score |W_ij| * x_norm[j], drop the lowest round(sparsity * in_features) per row"
+                       + (", and break ties between equal scores by position (a stable sort: the earlier input "
+                          "is dropped first)" if tied else ""))
     return _result(name, True, "matches llmopt.prune.wanda_mask (per-row comparison of |W| * ||X||)")
 
 

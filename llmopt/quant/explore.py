@@ -112,8 +112,9 @@ def error_plot(weight: torch.Tensor, bits: int = 4, granularity="channel", symme
                ax=None, max_points: int = 20000) -> dict:
     """Dequantized against original value for every weight (a subsample of `max_points`).
 
-    Per tensor it is one staircase with 2^bits steps; finer granularity overlays many
-    staircases, one per scale, each closer to the diagonal. Returns `quant_error`'s numbers.
+    Per tensor it is one staircase with 2^bits - 1 levels (2^bits with symmetric=False); finer
+    granularity overlays many staircases, one per scale, each closer to the diagonal. Returns
+    `quant_error`'s numbers.
     """
     w = _check_weight(weight)
     approx, result = _measure(w, "int", bits, granularity, symmetric)
