@@ -248,13 +248,14 @@ def test_many_rows_keep_the_reference(monkeypatch, bits, group, kind):
 
 def test_the_row_limits_follow_the_cpu(monkeypatch):
     """`kernel_rows` reads the table of this process's CPU kind: up to its limit the kernel, past it the
-    reference; no limit (AVX2's bfloat16) takes the kernel for any prompt; float16 and float32 two rows."""
+    reference; no limit (AVX2's bfloat16) takes the kernel for any prompt; float32 two rows, float16 one
+    to four."""
     assert cpu.CPU_KIND in cpu.MAX_ROWS and cpu.cpu_kind() == cpu.CPU_KIND
     seen = set()
     for kind, table in cpu.MAX_ROWS.items():
         monkeypatch.setattr(cpu, "CPU_KIND", kind)
         for bits in (4, 8):
-            assert table[bits][torch.float32] == table[bits][torch.float16] == 2
+            assert table[bits][torch.float32] == 2 and 1 <= table[bits][torch.float16] <= 4
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 most = cpu.max_rows(bits, dtype)
                 seen.add(most)
@@ -265,7 +266,7 @@ def test_the_row_limits_follow_the_cpu(monkeypatch):
                 assert cpu.kernel_rows(torch.empty(1, most, 64, dtype=dtype), bits)
                 assert not cpu.kernel_rows(torch.empty(most + 1, 64, dtype=dtype), bits)
         assert cpu.max_rows(4, torch.int8) == 0 and not cpu.kernel_rows(torch.empty(1, 64, dtype=torch.int8), 4)
-    assert {None, 2, 4, 64, 256} <= seen   # the tables differ by CPU
+    assert {None, 1, 2, 4, 64, 256} <= seen   # the tables differ by CPU
 
 def test_the_kernel_path_is_the_one_that_runs():
     """Spoil the kernel's copy of the scales: "auto" must give wrong outputs, "torch" right ones."""
