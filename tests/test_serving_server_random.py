@@ -30,7 +30,7 @@ JSON = {"content-type": "application/json"}
 TEXTS = ["def add(a, b):", "import os\n", "class Foo:\n    def __init__(self):", "x = [i * i for i in range(",
          "# compute the mean\n", "for k, v in d.items():\n    ", "print(", "return"]
 BAD = [("temperature", -1), ("temperature", float("nan")), ("top_p", 2.5), ("max_tokens", 0), ("max_tokens", 2.5),
-       ("top_k", 0), ("top_k", 2.5), ("seed", 1.5), ("logprobs", 1.5), ("stop", [3]), ("stop", [""]), ("n", 0),
+       ("top_k", -2), ("top_k", 2.5), ("seed", 1.5), ("logprobs", 1.5), ("stop", [3]), ("stop", [""]), ("n", 0),
        ("logit_bias", {"x": 1}), ("stop_token_ids", "ab"), ("min_tokens", -1), ("max_tokens", True),
        ("presence_penalty", float("inf")), ("bad_words", [4])]
 
