@@ -358,10 +358,11 @@ class LLMEngine:
         if p.stop:   # text is needed now only to look for stop strings; otherwise `_output` makes it
             seq.text = self._decode(seq.completion_token_ids, p)
         if n_out >= p.min_tokens:
-            if token in p.all_stop_token_ids:   # EOS (stop_reason None) or one of stop_token_ids
+            by_eos = token in self.eos and not p.ignore_eos   # (p.all_stop_token_ids, without a set a token)
+            if by_eos or token in p.stop_token_ids:   # EOS (stop_reason None) or one of stop_token_ids
                 if p.stop and not p.include_stop_str_in_output:
                     seq.text = self._decode(seq.completion_token_ids[:-1], p)
-                return self._finish(seq, "stop", None if token in self.eos and not p.ignore_eos else token)
+                return self._finish(seq, "stop", None if by_eos else token)
             for s in p.stop:
                 at = seq.text.find(s)
                 if at >= 0:
