@@ -2,7 +2,6 @@
 walk (hypothesis) that simulates the KV cache slot by slot and checks every sequence reads its own tokens."""
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,12 +21,9 @@ class Seq:
 
 
 def check_refs(bm: BlockManager, live: list[Seq]) -> None:
-    bm.check()
-    held = Counter(b for s in live for b in s.block_table)
+    bm.check(live)
     for s in live:
         assert len(set(s.block_table)) == len(s.block_table), "a table holds a block twice"
-    for b in bm.blocks:
-        assert b.ref_count == held[b.block_id], f"block {b.block_id}"
 
 
 def append(bm: BlockManager, seq: Seq, token: int) -> list[tuple[int, int]]:
@@ -235,6 +231,16 @@ def test_fork_and_copy_on_write():
     check_refs(bm, [parent, child])
     assert append(bm, parent, 200) == []                     # the parent now holds its block alone
     check_refs(bm, [parent, child])
+
+
+def test_check_counts_the_holders_of_each_block():
+    bm, parent, child = forked(8, 6)
+    bm.check([parent, child])
+    with pytest.raises(AssertionError, match="held by 1 tables"):
+        bm.check([parent])                                   # the child's holds are not accounted for
+    bm.blocks[parent.block_table[0]].ref_count += 1
+    with pytest.raises(AssertionError, match="ref_count 3, held by 2"):
+        bm.check([parent, child])
 
 
 def test_full_pool():

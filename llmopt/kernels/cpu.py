@@ -114,11 +114,13 @@ def kernel_rows(x: torch.Tensor, bits: int) -> bool:
 
 
 @torch.no_grad()
-def pack_int4_for_cpu(qweight, scales, zeros, group_size) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int4_for_cpu(qweight, scales, zeros, group_size, codes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`QuantLinear`'s W4 buffers -> (codes in the kernel's nibble order (N, K / 2) uint8,
-    scales_and_zeros (n_groups, N, 2) float32: each group's scale and tinygemm offset)."""
-    codes = packing.unpack(qweight, 4).to(torch.int32)   # unsigned 0..15, (N, K)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales_and_zeros (n_groups, N, 2) float32: each group's scale and tinygemm offset).
+    `codes`: `qweight` already unpacked (N, K), where the caller has it (spares unpacking it again)."""
+    if codes is None:
+        codes = packing.unpack(qweight, 4)   # unsigned 0..15, (N, K)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     scale = scales.float()
     offset = torch.zeros_like(scale) if zeros is None else (8.0 - zeros.float()) * scale
     return packed, torch.stack([scale.T, offset.T], dim=-1).contiguous()

@@ -102,9 +102,11 @@ class KernelQuantLinear(QuantLinear):
                                  self.in_features)
         if why is None:
             if self.cfg.bits == 4:
-                self.cpu_codes, sz = pack_int4_for_cpu(self.qweight, self.scales, self.zeros, self.cfg.group_size)
+                codes = packing.unpack(self.qweight, 4)
+                self.cpu_codes, sz = pack_int4_for_cpu(self.qweight, self.scales, self.zeros, self.cfg.group_size,
+                                                       codes)
                 if self.backend == "auto":
-                    self.cpu_order = int4_cpu_order(self.cpu_codes, packing.unpack(self.qweight, 4))
+                    self.cpu_order = int4_cpu_order(self.cpu_codes, codes)
                 if self.cpu_order is not None:
                     self.qweight = None   # one copy of the codes: the kernel's
             else:
@@ -311,11 +313,13 @@ class KernelQuantExperts(DispatchChoice, nn.Module):
             if why is not None:
                 return why
             if self.cfg.bits == 4:
+                codes = [packing.unpack(q, 4) for q in stacked.qweight]
                 packs = [pack_int4_for_cpu(stacked.qweight[e], stacked.scales[e],
-                                           None if stacked.zeros is None else stacked.zeros[e], self.cfg.group_size)
+                                           None if stacked.zeros is None else stacked.zeros[e], self.cfg.group_size,
+                                           codes[e])
                          for e in range(self.num_experts)]
                 copies[name] = (torch.stack([p for p, _ in packs]), torch.stack([sz for _, sz in packs]).to(dtype))
-                orders[name] = [int4_cpu_order(p, packing.unpack(q, 4)) for (p, _), q in zip(packs, stacked.qweight)]
+                orders[name] = [int4_cpu_order(p, c) for (p, _), c in zip(packs, codes)]
             else:
                 copies[name] = (None, stacked.scales.reshape(self.num_experts, stacked.out_features).to(dtype))
         (self.cpu_gate_up_codes, self.cpu_gate_up_scales), (self.cpu_down_codes, self.cpu_down_scales) = (

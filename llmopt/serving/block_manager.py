@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 
@@ -213,7 +213,10 @@ class BlockManager:
             self.blocks[bid].ref_count += 1
         child.block_table = list(parent.block_table)
 
-    def check(self) -> None:
+    def check(self, seqs=None) -> None:
+        """Assert the invariants: no block in the free list twice, a block is free exactly when its
+        count is 0, every hashed block is full and indexed under its hash. Given `seqs`, every live
+        sequence, also that each block's count is the number of their tables that hold it."""
         free = set(self.free_block_ids)
         assert len(free) == len(self.free_block_ids), "a block is in the free list twice"
         for b in self.blocks:
@@ -225,3 +228,8 @@ class BlockManager:
         for h, bid in self.hash_to_block_id.items():
             assert self.blocks[bid].hash == h, f"hash table entry for block {bid} is stale"
         assert self.enable_prefix_caching or not self.hash_to_block_id
+        if seqs is not None:
+            held = Counter(bid for seq in seqs for bid in seq.block_table)
+            for b in self.blocks:
+                assert b.ref_count == held[b.block_id], (
+                    f"block {b.block_id}: ref_count {b.ref_count}, held by {held[b.block_id]} tables")
