@@ -41,7 +41,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 #   was ahead up to 256 rows (at 512 it lost on three of five layers), the INT8 one up to 64 (at 128
 #   it lost on the two smallest); in float32 the reference is faster from 4 rows.
 # - "AVX2": a bfloat16 matmul without the hardware for it is slow, so in bfloat16 both kernels were
-#   about 3x faster than the reference at every size measured, 1 to 1,024 rows; float32 as AVX512.
+#   at least 2.6x faster than the reference at every size measured, 1 to 1,024 rows; float32 as AVX512.
 # - "DEFAULT", PyTorch's kernels without vector instructions: in bfloat16 the INT4 kernel was ahead at
 #   2 rows (at 4 it lost on the smallest layer), the INT8 one at 4 (at 8 likewise); float32 as the
 #   others. The CPUs not measured get this table too: ARM's PyTorch has NEON code for these kernels and
