@@ -253,6 +253,9 @@ def generation(model, batch_size: int = 1, prompt_len: int = 32, new_tokens: int
     device = next(model.parameters()).device
     if input_ids is None:
         input_ids = random_prompts(model.config.vocab_size, batch_size, prompt_len, device=device)
+    elif not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError("input_ids must be a non-empty 2-D tensor (batch, prompt_len), got "
+                         f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}")
     batch_size, prompt_len = input_ids.shape
     if generate_fn is None:
         def generate_fn(ids, n):
@@ -299,6 +302,10 @@ class Roofline:
 def decode_roofline(model, measured_s_per_token: float, bandwidth: float | None = None) -> Roofline:
     """Batch-1 decode reads every weight once per token: weight bytes / bandwidth is
     the floor on its time per token; compare a measured time per output token."""
+    if not measured_s_per_token > 0:
+        raise ValueError(f"measured_s_per_token must be > 0, got {measured_s_per_token!r}")
+    if bandwidth is not None and not bandwidth > 0:
+        raise ValueError(f"bandwidth must be None (measure it) or > 0 bytes/s, got {bandwidth!r}")
     device = next(model.parameters()).device
     bw = bandwidth or memory_bandwidth(device)
     wb = weight_bytes(model)
@@ -311,6 +318,9 @@ def prefill(model, tokens: int = 512, batch_size: int = 1, warmup: int = 2, repe
     """Time one forward pass over a prompt of `tokens` tokens, as `generate` starts: every
     position through every layer (compute-bound, so fewer FLOPs show), logits for the last
     position only (the next token's; all 512 rows of a large vocabulary would swamp the rest)."""
+    for name, v in (("tokens", tokens), ("batch_size", batch_size)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
     device = next(model.parameters()).device
     ids = random_prompts(model.config.vocab_size, batch_size, tokens, seed=seed, device=device)
     with torch.no_grad():
@@ -318,23 +328,50 @@ def prefill(model, tokens: int = 512, batch_size: int = 1, warmup: int = 2, repe
                        warmup=warmup, repeats=repeats)
 
 
+def _macs_per_token(module: torch.nn.Module) -> int:
+    """Multiply-adds one token costs in `module`'s matrix products: in_features * out_features of every
+    innermost linear-like module (nn.Linear, the quantized ones, which compute the same product from
+    their codes, the factors of a low-rank layer, the merged projections of `kernels.fuse(merge=True)`),
+    and, in a Mixture-of-Experts block, the router and the top_k experts each token goes to."""
+    from .moe.layer import MoEFeedForward, is_hf_moe_block
+    from .moe.stats import _expert_params
+
+    if isinstance(module, MoEFeedForward) or is_hf_moe_block(module):
+        return module.gate.weight.numel() + module.gate.top_k * _expert_params(module)
+    inner = sum(_macs_per_token(m) for m in module.children())
+    if inner == 0 and isinstance(getattr(module, "in_features", None), int) \
+            and isinstance(getattr(module, "out_features", None), int):
+        return module.in_features * module.out_features
+    return inner
+
+
+def _q_dim(attn: torch.nn.Module) -> int:
+    """Width of the layer's queries: q_proj's outputs, or the first part of a merged qkv_proj."""
+    if hasattr(attn, "q_proj"):
+        return attn.q_proj.out_features
+    return attn.qkv_sizes[0]   # kernels.FusedAttention after merge()
+
+
 def matmul_flops(model, tokens: int, context: float, logits: int | None = None) -> dict[str, float]:
     """Multiply-add FLOPs (2 per MAC) of the matrix products in a Llama-family forward pass
     over `tokens` tokens that each attend to `context` positions on average, with `logits`
-    rows of lm_head (default: one per token). By part, from the model's actual linears, so a
-    pruned or factorised model is counted as it is. What is left out (norms, activations,
-    rotary, softmax) is small in FLOPs but not always in time."""
+    rows of lm_head (default: one per token). By part, from the model's actual modules, so a
+    pruned or factorised model is counted as it is; a quantized linear does the same product
+    as its float one, fused and merged projections count as their parts, and a Mixture-of-Experts
+    block counts its router and the top_k experts each token goes to (not all of them). What is
+    left out (norms, activations, rotary, softmax, MoE dispatch) is small in FLOPs but not always in time."""
     from .quant import calibrate
 
+    if tokens < 1 or context < 0 or (logits is not None and logits < 0):
+        raise ValueError(f"need tokens >= 1, context >= 0 and logits None or >= 0, got {tokens=}, {context=}, "
+                         f"{logits=}")
     parts = dict.fromkeys(("attention projections", "attention scores", "mlp", "lm_head"), 0.0)
     for layer in calibrate.decoder_layers(model):
-        for name, lin in calibrate.linears(layer).items():
+        for name, child in layer.named_children():
             part = "mlp" if "mlp" in name else "attention projections"
-            parts[part] += 2 * tokens * lin.in_features * lin.out_features
-        q_dim = layer.self_attn.q_proj.out_features
-        parts["attention scores"] += 2 * 2 * tokens * context * q_dim  # q.k over the context, then p.v
-    head = model.get_output_embeddings()
-    parts["lm_head"] = 2 * (tokens if logits is None else logits) * head.in_features * head.out_features
+            parts[part] += 2 * tokens * _macs_per_token(child)
+        parts["attention scores"] += 2 * 2 * tokens * context * _q_dim(layer.self_attn)  # q.k, then p.v
+    parts["lm_head"] = 2 * (tokens if logits is None else logits) * _macs_per_token(model.get_output_embeddings())
     parts["total"] = sum(parts.values())
     return parts
 

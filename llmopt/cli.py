@@ -14,13 +14,31 @@ import sys
 from pathlib import Path
 
 
+def _need_extra(extra: str, *modules: str) -> None:
+    """A one-line error naming the pip extra to install, rather than an ImportError later."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} not installed: this command needs llmopt's {extra!r} extra, "
+                         f"pip install \"llmopt[{extra}]\"")
+
+
+def _check_output(option: str, path) -> None:
+    """An output file's folder must exist: checked before a run, not after it."""
+    if path is not None and not Path(path).expanduser().parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {Path(path).expanduser().parent} does not exist")
+
+
 def _train(args):
     from . import train
 
     cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                             lr=args.lr, seed=args.seed, autocast=args.autocast)
+    if args.ppl_tokens is not None and args.ppl_tokens < 2:
+        raise ValueError(f"--ppl-tokens must be >= 2, got {args.ppl_tokens}")
     out = args.out
-    record = train.build_bundled(out, cfg, vocab_size=args.vocab_size, tiny=args.tiny)
+    record = train.build_bundled(out, cfg, vocab_size=args.vocab_size, tiny=args.tiny, ppl_tokens=args.ppl_tokens)
     print(f"saved {out}: {record['parameters']/1e6:.2f}M params, {record['tokens_seen']:,} tokens, "
           f"{record['train_seconds']/60:.1f} min; perplexity {record['perplexity_bf16_weights']}")
     print(record["sample"]["greedy_60_tokens"])
@@ -37,6 +55,16 @@ def _tour(args):
 def _bench(args):
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.device is not None:
+        if args.what in ("http", "weight-only"):
+            raise ValueError(f"--device is for bench kernels, serve and decode; bench {args.what} runs "
+                             + ("on the CPU (PyTorch's CPU kernels)" if args.what == "weight-only" else
+                                "the server on its default device (cuda if present, else cpu)"))
+        from .models import pick_device
+
+        pick_device(args.device)   # a clear error now, before any model is loaded
+    _check_output("--json", args.json)
+    _check_output("--plot", args.plot)
     if args.what == "kernels":
         from .kernels.bench import main
 
@@ -54,13 +82,16 @@ def _bench(args):
         from .serving.bench import decode_main
 
         decode_main(args.model, batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, json_path=args.json,
-                    repeats=min(args.repeats or 10, 10), systems=tuple(args.variants),
+                    repeats=args.repeats or 10, systems=tuple(args.variants), device=args.device,
                     scheduler_steps=args.scheduler_steps, dtype=None if args.dtype == "auto" else args.dtype)
     elif args.what == "http":
+        _need_extra("serve", "fastapi", "uvicorn")   # the server it starts
         from .serving.http_bench import main
 
         if args.requests < 1 or args.concurrency < 1:
             raise ValueError("--requests and --concurrency must be >= 1")
+        if not args.time_limit > 0:
+            raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
         main(args.model, n=args.requests, concurrency=args.concurrency, json_path=args.json, threads=args.threads,
              stream=not args.no_stream, engine_thread=args.engine_thread, repeats=args.repeats or 3,
              time_limit=args.time_limit)
@@ -71,13 +102,20 @@ def _bench(args):
             raise ValueError("--requests and --batch-size must be >= 1")
         if args.kv_cache_mb is not None and args.kv_cache_mb <= 0:
             raise ValueError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
+        if args.block_size < 1:
+            raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
+        if args.shared_prefix < 0:
+            raise ValueError(f"--shared-prefix must be >= 0 tokens, got {args.shared_prefix}")
         main(args.model, n=args.requests, batch_size=args.batch_size, json_path=args.json, plot_path=args.plot,
              shared_prefix=args.shared_prefix, systems=tuple(args.systems), block_size=args.block_size,
-             repeats=args.repeats or 1,
+             repeats=args.repeats or 1, device=args.device,
              kv_cache_memory=None if args.kv_cache_mb is None else int(args.kv_cache_mb * 2**20))
 
 
 def _export(args):
+    if args.new_tokens < 2:   # the first token's time is the prompt's: the decode speed needs a second one
+        raise ValueError(f"--new-tokens must be >= 2, got {args.new_tokens}")
+    _need_extra("export", "onnx", "onnxruntime", *(["onnx_ir"] if "q4" in args.quantize else []))
     from .export.onnx import export_onnx, format_export, measure_export
     from .models import default_model
 
@@ -87,6 +125,7 @@ def _export(args):
 
 
 def _serve(args):
+    _need_extra("serve", "fastapi", "uvicorn")
     from .serving.server import serve
 
     if not 0 < args.port < 65536:
@@ -140,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None, help="bundled name, local directory or hub id "
                    "(default: $LLMOPT_MODEL or the bundled model)")
     t.add_argument("--out", default="tour_results", help="folder for results.json and plots")
-    t.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI (also LLMOPT_SMOKE=1)")
+    t.add_argument("--smoke", action="store_true", help="tiny sizes and 1 repeat, for CI (also LLMOPT_SMOKE=1)")
     t.set_defaults(func=_tour)
 
     t = sub.add_parser("train", help="train the bundled model from scratch (the recipe in data/)")
@@ -155,19 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
                    help="bf16 autocast; auto: where the device computes bf16 fast (the bundled model: bf16)")
     t.add_argument("--tiny", action="store_true", help="the 2-layer test architecture")
+    t.add_argument("--ppl-tokens", type=int, default=None, help="measure the final perplexities on this many "
+                   "tokens of each split (default: the whole validation and test splits, minutes on a CPU)")
     t.set_defaults(func=_train)
 
-    t = sub.add_parser("bench", help="benchmarks: `kernels` times the Triton kernels (lesson 08), `serve` the "
-                       "engine against HF generate (lessons 09-10), `decode` the engine's decode speed (CUDA graphs, "
-                       "W4 + fused kernels) against HF generate and the bandwidth floor, `http` `llmopt serve`")
+    t = sub.add_parser("bench", help="benchmarks: `kernels` times the Triton kernels (lesson 08), `weight-only` "
+                       "PyTorch's INT8/INT4 CPU kernels, `serve` the engine against HF generate (lessons 09-10), "
+                       "`decode` the engine's decode speed (CUDA graphs, W4 + fused kernels) against HF generate and "
+                       "the bandwidth floor, `http` `llmopt serve`")
     t.add_argument("what", choices=["kernels", "serve", "decode", "http", "weight-only"],
                    help="weight-only: PyTorch's INT8/INT4 CPU kernels vs the float layer and dequantize + matmul")
-    t.add_argument("--device", default=None, help="default: cuda if present, else cpu (correctness checks only)")
+    t.add_argument("--device", default=None, help="kernels, serve, decode: cpu, cuda[:N] or mps (default: cuda if "
+                   "present, else cpu; kernels on a CPU: correctness checks and the references' timings only)")
     t.add_argument("--json", default=None, help="also write the results to this JSON file")
-    t.add_argument("--only", nargs="*", default=[], help="kernel names to keep (e.g. rmsnorm w4a16)")
-    t.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (kernels: default 100; "
-                   "decode: 10; http: 3, each run of the workload over HTTP followed by one in-process; serve: 1, "
-                   "the systems interleaved)")
+    t.add_argument("--only", nargs="*", default=[], help="kernels: the kernels to keep, by the start of their "
+                   "names (rmsnorm, swiglu, softmax, rope, w4a16, w8a16, gemv)")
+    t.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (kernels: default 100, at "
+                   "most 25 on a CPU; decode: 10; http: 3, each run of the workload over HTTP followed by one "
+                   "in-process; serve: 1, the systems interleaved)")
     t.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     t.add_argument("--copies", type=int, default=1, help="weight-only: cycle through this many copies of each "
                    "layer's weights, so they come from memory rather than the caches, as in a model's decode step")
@@ -180,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--configs", action="store_true", help="kernels, on a GPU: also time every W4A16 GEMV "
                    "candidate config on the 7B-class layers")
     t.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="weight-only: rows of x (tokens) to time")
-    t.add_argument("--config-rows", type=int, nargs="*", default=[1, 8], help="kernels --configs: the batch "
+    t.add_argument("--config-rows", type=int, nargs="+", default=[1, 8], help="kernels --configs: the batch "
                    "sizes (rows) to sweep (default: 1 8)")
-    t.add_argument("--model", default=None, help="model for --e2e and serve (default: the bundled one; "
-                   "tinyllama-1.1b-random for a 1.1B-shaped random model)")
+    t.add_argument("--model", default=None, help="kernels --e2e, serve, decode and http: the model (default: the "
+                   "bundled one; tinyllama-1.1b-random for a 1.1B-shaped random model)")
     t.add_argument("--requests", type=int, default=64, help="serve: number of requests")
     t.add_argument("--batch-size", type=int, default=16, help="serve: HF static batch size")
     t.add_argument("--concurrency", type=int, default=32, help="http: concurrent clients")
@@ -194,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--engine-thread", action="store_true", help="http: the server runs its engine in a thread, "
                    "not in a process of its own")
     t.add_argument("--shared-prefix", type=int, default=0, help="serve: tokens of system prompt all requests share")
-    t.add_argument("--systems", nargs="*", default=["single", "static", "engine"],
+    t.add_argument("--systems", nargs="+", default=["single", "static", "engine"],
                    choices=["single", "static", "engine", "engine-no-prefix-cache", "engine-multistep", "engine-fp8",
                             "engine-compiled"],
                    help="serve: which servers to run (engine-multistep: num_scheduler_steps=8; engine-fp8: "
@@ -202,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kv-cache-mb", type=float, default=None, help="serve: the engines' KV cache in MB (default: "
                    "room for every sequence); a small one shows what an FP8 cache's 2-4x the tokens buy")
     t.add_argument("--block-size", type=int, default=16, help="serve: KV block size of the engine")
-    t.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 32], help="decode: batch sizes")
+    t.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="decode: batch sizes")
     t.add_argument("--new-tokens", type=int, default=128, help="decode: tokens generated per sequence")
-    t.add_argument("--variants", nargs="*", default=["hf", "eager", "graphs", "fused", "w4-fused"],
+    t.add_argument("--variants", nargs="+", default=["hf", "eager", "graphs", "fused", "w4-fused"],
                    choices=["hf", "eager", "graphs", "graphs-multistep", "compiled", "compiled-multistep", "fused",
                             "merged", "multistep", "gemv", "gemv-multistep", "gemv-pdl", "gemv-multistep-pdl",
                             "w4-fused", "w4-merged", "w4-multistep", "w4-compiled"],
@@ -225,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="onnx_export", help="folder to write (Transformers.js' layout)")
     t.add_argument("--quantize", nargs="*", default=["q8", "q4"], choices=["q8", "q4", "none"],
                    help="quantized variants to add beside the fp32 file")
-    t.add_argument("--new-tokens", type=int, default=64, help="tokens generated to time each file")
+    t.add_argument("--new-tokens", type=int, default=64, help="tokens generated to time each file (>= 2)")
     t.set_defaults(func=_export)
 
     t = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine (lesson 11)")
@@ -264,7 +308,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:   # bad input, a missing or existing file, a folder not writable
         print(f"llmopt: error: {e}", file=sys.stderr)
         return 2
     return 0

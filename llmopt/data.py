@@ -134,8 +134,27 @@ def token_stream(split: str, tokenizer, root: Path | None = None, cache: bool = 
     return flat
 
 
+def check_token_ids(ids: torch.Tensor, name: str, model=None) -> torch.Tensor:
+    """`ids` as a LongTensor, after checking that they are token ids: an integer dtype (a float
+    tensor would be truncated silently) and, given the model, each in [0, its vocabulary size)
+    (an id past the embedding table fails deep inside torch)."""
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and ids.numel():
+        lo, hi = ids.min().item(), ids.max().item()
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{name} must hold token ids in [0, {vocab}) (the model's vocabulary), "
+                             f"got ids from {lo} to {hi}")
+    return ids.long()
+
+
 def random_batches(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
     """Endless (input, target) batches of random windows from a token stream."""
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
     if stream.numel() <= seq_len + 1:
         raise ValueError(f"stream of {stream.numel()} tokens is too short for seq_len={seq_len}")
     while True:
@@ -146,8 +165,9 @@ def random_batches(stream: torch.Tensor, batch_size: int, seq_len: int, generato
 
 def calibration_batches(tokenizer, n_samples: int = 128, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
     """`n_samples` random windows from the *train* split, for PTQ calibration: (n, seq_len)."""
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    for name, v in (("n_samples", n_samples), ("seq_len", seq_len)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
     g = torch.Generator().manual_seed(seed)
     x, _ = next(random_batches(token_stream("train", tokenizer), n_samples, seq_len, g))
     return x

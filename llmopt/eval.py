@@ -30,10 +30,14 @@ def _windows(n_tokens: int, seq_len: int, stride: int):
 def nll(model, stream: torch.Tensor, seq_len: int = 512, stride: int | None = None,
         batch_size: int = 8, progress: bool = True) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of `stream` and the number of tokens scored."""
-    stream = torch.as_tensor(stream).flatten().long()
-    stride = stride or seq_len
+    from .data import check_token_ids
+
+    stream = check_token_ids(torch.as_tensor(stream).flatten(), "stream", model)
+    stride = seq_len if stride is None else stride
     if seq_len < 2 or not 0 < stride <= seq_len:
         raise ValueError(f"need seq_len >= 2 and 0 < stride <= seq_len, got {seq_len=}, {stride=}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if stream.numel() < 2:
         raise ValueError("the token stream needs at least 2 tokens")
     device = next(model.parameters()).device

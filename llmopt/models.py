@@ -159,7 +159,9 @@ def load(name_or_path=None, dtype=None, device=None, trust_remote_code: bool = F
 
     name_or_path: 'tinypy' (the bundled model, the default, or `LLMOPT_MODEL`),
     'tiny-random' (a random 2-layer model for tests), a local directory, or a hub id. A directory
-    written by `llmopt.quant.save_quantized` comes back quantized (its own dtype; `dtype` is ignored).
+    written by `llmopt.quant.save_quantized` comes back quantized (its own dtype; `dtype` is ignored),
+    and one where a factorised model was saved (`model.save_pretrained` after `lowrank.factorize`)
+    with its low-rank layers (`lowrank.load_factorized`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -176,9 +178,11 @@ def load(name_or_path=None, dtype=None, device=None, trust_remote_code: bool = F
             model = LlamaForCausalLM(config)
         return model.to(device=dev, dtype=dt).eval(), tok
     where = _resolve(name_or_path)
+    lowrank = None
     if isinstance(where, Path):
+        keys = set()
         for f in where.glob("*.safetensors"):
-            _check_safetensors(f)
+            keys |= _check_safetensors(f)
         if (where / "quant_config.json").is_file():
             from .quant.io import load_quantized
 
@@ -186,9 +190,15 @@ def load(name_or_path=None, dtype=None, device=None, trust_remote_code: bool = F
             if tok is None:
                 raise ValueError(f"{where} has no tokenizer: save it with save_quantized(model, tokenizer, path)")
             return model, tok
+        lowrank = _lowrank_record(where, keys)
     try:
         tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code)
+        if lowrank:   # transformers alone would leave the factorised projections random
+            from .lowrank.io import load_factorized
+
+            model = load_factorized(where, dtype=dt)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=trust_remote_code)
     except OSError as e:
         if isinstance(where, str):
             raise ValueError(f"could not fetch {where!r} from the Hugging Face hub ({_first_line(e)}); "
@@ -198,9 +208,24 @@ def load(name_or_path=None, dtype=None, device=None, trust_remote_code: bool = F
     return model.to(dev).eval(), tok
 
 
-def _check_safetensors(f: Path):
+def _lowrank_record(where: Path, keys: set) -> dict | None:
+    """config.json's record of low-rank layers (written by `lowrank.factorize`); a ValueError when
+    the tensors hold low-rank factors (`.u.weight` with `.v.weight`) that no record places."""
+    from .lowrank.io import CONFIG_KEY
+
+    record = json.loads((where / "config.json").read_text()).get(CONFIG_KEY)
+    factors = sorted(k for k in keys if k.endswith(".u.weight") and k[:-len("u.weight")] + "v.weight" in keys)
+    if factors and not record:
+        raise ValueError(f"{where} holds low-rank factors ({factors[0]}, ...) but its config.json has no "
+                         f"{CONFIG_KEY!r} entry saying where they go (saved by an older llmopt?): factorise the "
+                         "float model again and save it with save_pretrained")
+    return record
+
+
+def _check_safetensors(f: Path) -> set:
     """Open the header and check the file is as long as the header says: a truncated or
-    corrupted file gets a clear message rather than a deep safetensors traceback."""
+    corrupted file gets a clear message rather than a deep safetensors traceback. Returns the
+    names of the tensors it holds."""
     try:
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
@@ -212,6 +237,7 @@ def _check_safetensors(f: Path):
     if not ok:
         raise ValueError(f"{f} is corrupted or truncated (bad safetensors header/size); "
                          "restore it (git checkout / re-download) or retrain the model")
+    return set(header) - {"__metadata__"}
 
 
 def _first_line(e: BaseException) -> str:

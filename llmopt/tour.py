@@ -43,7 +43,9 @@ def measure(model, tokenizer, cfg: TourConfig, bandwidth: float | None = None,
     b1 = bench.generation(model, 1, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats, generate_fn=generate_fn)
     bb = bench.generation(model, cfg.big_batch, cfg.prompt_len, cfg.new_tokens, repeats=cfg.repeats,
                           generate_fn=generate_fn)
-    roof = bench.decode_roofline(model, b1.tpot_s, bandwidth)
+    # TPOT is (whole run - 1-token run) / (tokens - 1); with 1 repeat on a busy machine noise can make it
+    # <= 0: then the whole run's time per token (prefill included, an upper bound) stands in for it
+    roof = bench.decode_roofline(model, b1.tpot_s if b1.tpot_s > 0 else b1.total_s / b1.new_tokens, bandwidth)
     row = {
         "size_mb": bench.model_size_bytes(model) / 1e6,
         "perplexity": ppl,
@@ -80,10 +82,21 @@ def baseline(model_name=None, cfg: TourConfig | None = None, dtype=None, device=
     return report, {"bandwidth": bw, "roofline": roof, "model": model, "tokenizer": tok}
 
 
-def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None, base_dtype=None) -> list:
+def w4_group_size(model) -> int | None:
+    """The 4-bit rows' group: the largest of 128, 64 and 32 that divides every decoder linear's
+    in_features (128 on Llama-sized models, 64 on tiny-random), else None (a scale per output channel)."""
+    from .quant import calibrate
+
+    ins = {lin.in_features for layer in calibrate.decoder_layers(model) for lin in calibrate.linears(layer).values()}
+    return next((g for g in (128, 64, 32) if all(k % g == 0 for k in ins)), None)
+
+
+def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None, base_dtype=None,
+               group_size: int | None = 128) -> list:
     """(row name, function that turns a copy of the float model into the candidate).
     Each lesson adds its methods here, so `llmopt tour` grows a row per technique.
-    `base_dtype`: the float model's dtype; the "bfloat16" row is left out when it is bfloat16."""
+    `base_dtype`: the float model's dtype; the "bfloat16" row is left out when it is bfloat16.
+    `group_size`: the 4-bit rows' (`w4_group_size(model)`; None: per output channel)."""
     import torch
 
     from . import distill, lowrank, moe, prune, train
@@ -125,12 +138,13 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None, b
         (f"moe 8x top-2 upcycled + {cfg.train_steps} steps", upcycled),
     ] if cfg.train_steps else []
 
-    w4 = []  # the same storage (4-bit codes, a scale per group of 128 inputs) with and without zero points
+    g = f"g{group_size}" if group_size else "per-channel"
+    w4 = []  # the same storage (4-bit codes, a scale per group of inputs) with and without zero points
     for sym, label in ((True, "symmetric"), (False, "zero-point")):
-        kw = dict(bits=4, group_size=128, symmetric=sym)
-        w4 += [(f"rtn w4 g128 {label}", lambda m, kw=kw: quantize(m, QuantConfig(**kw))),
-               (f"gptq w4 g128 {label}", calibrated(QuantConfig(**kw, method="gptq", act_order=True))),
-               (f"awq w4 g128 {label}", calibrated(QuantConfig(**kw, method="awq")))]
+        kw = dict(bits=4, group_size=group_size, symmetric=sym)
+        w4 += [(f"rtn w4 {g} {label}", lambda m, kw=kw: quantize(m, QuantConfig(**kw))),
+               (f"gptq w4 {g} {label}", calibrated(QuantConfig(**kw, method="gptq", act_order=True))),
+               (f"awq w4 {g} {label}", calibrated(QuantConfig(**kw, method="awq")))]
 
     # lesson 08: quantized in bfloat16, then fused (PyTorch's weight-only kernels on a CPU, Triton's on a GPU)
     def kernels_bf16(qcfg):
@@ -138,7 +152,7 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None, b
 
     bf16 = ([] if base_dtype == torch.bfloat16 else [("bfloat16", lambda m: m.to(torch.bfloat16))]) + [
         ("bfloat16 + rtn w8 per-channel, fused", kernels_bf16(QuantConfig(bits=8))),
-        ("bfloat16 + rtn w4 g128 symmetric, fused", kernels_bf16(QuantConfig(bits=4, group_size=128))),
+        (f"bfloat16 + rtn w4 {g} symmetric, fused", kernels_bf16(QuantConfig(bits=4, group_size=group_size))),
     ]
     return [
         ("rtn w8 per-channel", lambda m: quantize(m, QuantConfig(bits=8))),
@@ -159,7 +173,7 @@ def techniques(tokenizer=None, cfg: TourConfig | None = None, model_name=None, b
         ("bnb nf4 double-quant", lambda m: bnb.load(model_name, "nf4", double_quant=True, compute_dtype=m.dtype,
                                                     device=m.device)[0]),
         ("bnb llm.int8", lambda m: bnb.load(model_name, "int8", device=m.device)[0]),
-    ] if bnb.available() else [])
+    ] if bnb.available() and str(model_name) not in models.RANDOM else [])   # a random model has no checkpoint
 
 
 def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress: bool = True) -> Report:
@@ -168,7 +182,8 @@ def tour(model_name=None, out_dir="tour_results", smoke: bool = False, progress:
     cfg = TourConfig.smoke() if smoke else TourConfig()
     report, raw = baseline(model_name, cfg, progress=progress)
     roof = raw["roofline"]
-    for name, make in techniques(raw["tokenizer"], cfg, model_name or models.default_model(), raw["model"].dtype):
+    for name, make in techniques(raw["tokenizer"], cfg, model_name or models.default_model(), raw["model"].dtype,
+                                 w4_group_size(raw["model"])):
         candidate = make(copy.deepcopy(raw["model"]))
         row, details = measure(candidate, raw["tokenizer"], cfg, raw["bandwidth"], progress)
         row["size_mb"] += bnb.quant_state_bytes(candidate) / 1e6  # 0 unless bitsandbytes holds a quant_state

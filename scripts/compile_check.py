@@ -68,7 +68,12 @@ def cases():
                                         for m in ("rmsnorm", "swiglu", "softmax", "rope", "w4a16", "w8a16"))
     quant = {"qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8"}
     gemv = dict(HAS_ZEROS=True, HAS_BIAS=False, stride_xk=1, stride_on=1)
-    grouped = w4a16.GEMV_CONFIGS[-1]
+    # the grouped GEMV's widest config with both options on (picked by kind: the list grows), tiled as _gemv tiles
+    # a 7B layer's K=4096 in groups of 128
+    grouped = max((c for c in w4a16.GEMV_CONFIGS if c.get("GROUPED") and c.get("LATE_SUM") and c.get("PREFETCH")),
+                  key=lambda c: c["num_warps"])
+    runs, sub = w4a16._grouped_runs(128, 4096, grouped["BLOCK_K"])
+    vec = min(16, sub)
     paged = {"tables_ptr": "*i64", "lens_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
     moe = {"token_ptr": "*i64", "block_expert_ptr": "*i64", "weight_ptr": "*fp32"}
     yield "rmsnorm + residual", rms._rmsnorm_kernel, {}, dict(HAS_RESIDUAL=True, BLOCK=4096), 8
@@ -78,8 +83,8 @@ def cases():
     yield "w4a16 gemv", w4a16._w4a16_gemv_kernel, quant, dict(
         gemv, ONE_GROUP=False, LATE_SUM=True, BLOCK_M=1, BLOCK_N=32, BLOCK_K=64), 4
     yield "w4a16 grouped gemv", w4a16._w4a16_gemv_grouped_kernel, quant, dict(
-        gemv, LATE_SUM=True, PREFETCH=True, ALIGNED=True, BLOCK_M=1, BLOCK_N=grouped["BLOCK_N"], GROUPS=4, LANES=4,
-        VEC=16, GROUP_BYTES=64), grouped["num_warps"]
+        gemv, LATE_SUM=True, PREFETCH=True, ALIGNED=True, BLOCK_M=1, BLOCK_N=grouped["BLOCK_N"], GROUPS=runs,
+        LANES=sub // vec, VEC=vec, GROUP_BYTES=64), grouped["num_warps"]
     for rows in (1, 4):
         yield f"w4a16 words gemv, {rows} row(s)", w4a16._w4a16_gemv_words_kernel, {**quant, "qw_ptr": "*i32"}, dict(
             gemv, PREFETCH=rows == 1, ALIGNED=True, EXACT=False, BLOCK_M=rows, BLOCK_N=32, GROUPS=4, LANES=4, VEC=4,

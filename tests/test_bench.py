@@ -138,6 +138,66 @@ def test_matmul_flops_by_hand_and_after_pruning(bundled):
     assert g["mlp"] == 0.75 * f["mlp"] and g["attention projections"] == f["attention projections"]
 
 
+def _tiny_llama(seed=0):
+    from transformers import LlamaForCausalLM
+
+    from llmopt.models import tiny_config
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(vocab_size=256)).eval()  # hidden 64, q 64, kv 32, MLP 128, 2 layers
+
+
+def test_matmul_flops_counts_quantized_fused_and_merged_projections_as_float():
+    from llmopt import kernels
+    from llmopt.quant import QuantConfig, quantize
+
+    dense = bench.matmul_flops(_tiny_llama(), tokens=10, context=10)
+    assert dense["attention projections"] == 2 * 2 * 10 * (2 * 64 * 64 + 2 * 64 * 32)
+    assert dense["mlp"] == 2 * 2 * 10 * 3 * 64 * 128
+    w4 = quantize(_tiny_llama(), QuantConfig(bits=4, group_size=32))
+    assert bench.matmul_flops(w4, 10, 10) == dense           # QuantLinear: the same product from codes
+    nf4 = quantize(_tiny_llama(), QuantConfig(bits=4, method="nf4"))
+    assert bench.matmul_flops(nf4, 10, 10) == dense
+    assert bench.matmul_flops(kernels.fuse(w4), 10, 10) == dense             # KernelQuantLinear
+    assert bench.matmul_flops(kernels.fuse(_tiny_llama(), merge=True), 10, 10) == dense   # qkv_proj, gate_up_proj
+    w8 = kernels.fuse(quantize(_tiny_llama(), QuantConfig(bits=8)), merge=True)
+    assert bench.matmul_flops(w8, 10, 10) == dense
+
+
+def test_matmul_flops_counts_top_k_experts_and_the_router():
+    from llmopt import kernels, moe
+    from llmopt.quant import QuantConfig, quantize
+
+    dense = bench.matmul_flops(_tiny_llama(), tokens=10, context=10)
+    top_k, E = 2, 4
+    up = bench.matmul_flops(moe.upcycle(_tiny_llama(), E, top_k), 10, 10)
+    assert up["mlp"] == top_k * dense["mlp"] + 2 * 2 * 10 * 64 * E   # 2 layers: router (E x 64) + top_k experts
+    assert up["attention projections"] == dense["attention projections"]
+    q = quantize(moe.upcycle(_tiny_llama(), E, top_k), QuantConfig(bits=4, group_size=32))
+    assert bench.matmul_flops(q, 10, 10) == up                        # QuantExperts
+    assert bench.matmul_flops(kernels.fuse(q), 10, 10) == up          # KernelQuantExperts
+    assert bench.matmul_flops(moe.use_llmopt_moe(moe.upcycle(_tiny_llama(), E, top_k)), 10, 10) == up
+
+
+def test_bench_arguments_are_checked(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="input_ids"):
+        bench.generation(model, input_ids=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        bench.prefill(model, tokens=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        bench.prefill(model, tokens=4, batch_size=0)
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="measured_s_per_token"):
+            bench.decode_roofline(model, bad, bandwidth=1e9)
+    with pytest.raises(ValueError, match="bandwidth"):
+        bench.decode_roofline(model, 1e-3, bandwidth=-1.0)
+    with pytest.raises(ValueError, match="tokens >= 1"):
+        bench.matmul_flops(model, tokens=0, context=1)
+    with pytest.raises(ValueError, match="context >= 0"):
+        bench.matmul_flops(model, tokens=1, context=-1)
+
+
 def test_prefill_times_a_forward_pass(tiny):
     model, _ = tiny
     stats = bench.prefill(model, tokens=16, batch_size=2, warmup=1, repeats=3)

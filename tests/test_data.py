@@ -55,6 +55,9 @@ def test_random_batches_are_shifted_windows():
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, 0], x[:, 0] + 1)
     with pytest.raises(ValueError, match="too short"):
         next(data.random_batches(stream[:10], 1, 16, torch.Generator()))
+    for batch_size, seq_len, match in ((0, 16, "batch_size"), (4, 0, "seq_len"), (4, -3, "seq_len")):
+        with pytest.raises(ValueError, match=match):
+            next(data.random_batches(stream, batch_size, seq_len, torch.Generator()))
 
 
 def test_calibration_batches_come_from_train(bundled):
@@ -72,3 +75,6 @@ def test_calibration_batches_come_from_train(bundled):
         assert any(torch.equal(train[s : s + 32].long(), row) for s in starts)
     with pytest.raises(ValueError, match="n_samples"):
         data.calibration_batches(tok, n_samples=0)
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="seq_len must be >= 1"):
+            data.calibration_batches(tok, n_samples=2, seq_len=bad)

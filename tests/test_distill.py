@@ -307,6 +307,25 @@ def test_init_from_teacher_rejects_bad_layers(tiny, layers):
         init_from_teacher(teacher, student_config(teacher.config), layers=layers)
 
 
+def test_init_from_teacher_needs_the_float_teacher(tiny):
+    """Layers are copied from float nn.Linear weights: a quantized or factorised teacher is a clear
+    ValueError (not a KeyError), and a factorised teacher's low-rank record stays out of the student."""
+    from llmopt.lowrank import factorize
+    from llmopt.quant import QuantConfig, quantize
+
+    teacher = tiny[0]
+    cfg = student_config(teacher.config, num_hidden_layers=1)
+    for bits in (8, 4):
+        q = quantize(copy.deepcopy(teacher), QuantConfig(bits=bits, group_size=32))
+        with pytest.raises(ValueError, match=r"teacher is quantized \(model\.layers\.0\.self_attn\.q_proj is a "):
+            init_from_teacher(q, cfg)
+    f = factorize(copy.deepcopy(teacher), "svd", ratio=0.5)
+    with pytest.raises(ValueError, match=r"teacher has no tensor model\.layers\.1\.self_attn\.q_proj\.weight"):
+        init_from_teacher(f, cfg)
+    f_cfg = student_config(f.config, num_hidden_layers=1)
+    assert not hasattr(f_cfg, "llmopt_lowrank") and f_cfg.to_dict() == cfg.to_dict()
+
+
 # --------------------------------------------------------------------------- the trainer
 
 def _pattern_teacher():

@@ -65,6 +65,22 @@ def test_smaller_stride_gives_more_context(bundled):
     assert fine < coarse
 
 
+def test_stream_must_hold_the_models_token_ids(tiny):
+    model, _ = tiny
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match="stream must hold integer token ids"):
+        evaluate.perplexity(model, torch.rand(50), seq_len=16, progress=False)
+    for bad in (vocab, -1):
+        stream = torch.randint(0, vocab, (50,))
+        stream[7] = bad
+        with pytest.raises(ValueError, match=rf"stream must hold token ids in \[0, {vocab}\)"):
+            evaluate.nll(model, stream, seq_len=16, progress=False)
+    with pytest.raises(ValueError, match="stride"):   # 0 was read as "the default"
+        evaluate.perplexity(Uniform(5), torch.arange(5), seq_len=4, stride=0, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate.perplexity(Uniform(5), torch.arange(5), seq_len=4, batch_size=0, progress=False)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="stride"):
         evaluate.nll(Uniform(5), torch.arange(5), seq_len=4, stride=8, progress=False)

@@ -125,9 +125,31 @@ def test_cli_exports_and_measures(tmp_path):
     assert (onnx_dir / "model.onnx").is_file() and not (onnx_dir / "model_q4.onnx").exists()
 
 
-def test_a_w4_quantized_and_fused_model_exports_what_it_computes(tmp_path, bundled):
+@pytest.mark.parametrize("n", ["0", "1"])
+def test_cli_rejects_too_few_new_tokens_before_exporting(tmp_path, capsys, n):
+    """`--new-tokens 0` or `1` once wrote the files and then crashed timing a decode it had not run."""
+    from llmopt.cli import main
+
+    assert main(["export", "onnx", "--out", str(tmp_path / "m"), "--new-tokens", n]) == 2
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_one_new_token_is_measured_without_a_speed(exported):
+    """The library's own path: one token times no decode step (tok/s shown as "-"); none is an error."""
+    from llmopt.export.onnx import format_export, measure_export
+
+    _, files = exported
+    r = measure_export({"fp32": files["fp32"]}, new_tokens=1, eval_tokens=600)
+    assert r["rows"][0]["tok_s"] is None and "| - |" in format_export(r)
+    with pytest.raises(ValueError, match="new_tokens"):
+        measure_export({"fp32": files["fp32"]}, new_tokens=0)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["fused", "fused-merged"])
+def test_a_w4_quantized_and_fused_model_exports_what_it_computes(tmp_path, bundled, merge):
     """The quantized linears are written dequantized (the bit unpacking does not trace): the fp32 file's
-    logits equal the W4 model's, not the float model's; measure_export reads the export's own tokenizer."""
+    logits equal the W4 model's, not the float model's; measure_export reads the export's own tokenizer.
+    `fuse(merge=True)` (lesson 11's bfloat16 stack) merges q, k and v into one `qkv_proj`: exported split."""
     import copy
 
     from llmopt.export.onnx import measure_export
@@ -136,7 +158,8 @@ def test_a_w4_quantized_and_fused_model_exports_what_it_computes(tmp_path, bundl
 
     model, tok = bundled
     w4 = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, method="rtn"))
-    w4 = fuse(w4)
+    w4 = fuse(w4, merge=merge)
+    assert hasattr(w4.model.layers[0].self_attn, "qkv_proj") == merge
     files = export_onnx(w4, tmp_path / "w4", tokenizer=tok, quantize=())
     ids = tok("import os\nfor name in", return_tensors="pt").input_ids
     with torch.no_grad():

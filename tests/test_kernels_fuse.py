@@ -305,3 +305,15 @@ def test_gpu_w4a16_gemv_meets_the_bandwidth_bar():
     for r in rows:
         of_peak = r["bytes"] / (r["kernel_us"] * 1e-6) / (result["copy_bandwidth_GBps"] * 1e9)
         assert r["speedup_vs_dense_linear"] >= 2.5 and of_peak >= 0.6, r
+
+
+def test_bench_kernel_names_and_only(capsys):
+    """`--only` with a name that starts no kernel's name is an error before any work (it gave an empty
+    table); the check on a CPU keeps only the named kernels too."""
+    from llmopt.cli import main
+
+    assert {c.kernel for c in kbench.cases("cpu", torch.float32, scale="small")} == set(kbench.KERNELS)
+    assert main(["bench", "kernels", "--only", "rmsnorm", "nosuchkernel"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuchkernel" in err and "gemv+swiglu" in err and len(err.strip().splitlines()) == 1
+    assert {r["kernel"] for r in kbench.check("cpu", only=("swiglu",))} == {"swiglu"}

@@ -279,6 +279,26 @@ def test_wrapper_backends(name, monkeypatch):
         op(*args, backend="cuda")
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton"])
+def test_every_backend_rejects_the_same_bad_input(backend):
+    # checked before the backend is picked: the reference would broadcast (or round to integers) silently
+    x = randn(4, 64)
+    q, k, cos, sin = rope_inputs(1, 4, 2, 8, 16, torch.float32)
+    bad = [
+        ("weight must have shape", lambda: rmsnorm(x, torch.ones(1, device=DEVICE), backend=backend)),
+        ("residual must match", lambda: rmsnorm(x, torch.ones(64, device=DEVICE), residual=randn(1, 64),
+                                                backend=backend)),
+        ("x must be a floating-point", lambda: rmsnorm(x.long(), torch.ones(64, device=DEVICE), backend=backend)),
+        ("same shape", lambda: swiglu(x, randn(1, 64), backend=backend)),
+        ("gate must be a floating-point", lambda: swiglu(x.long(), x, backend=backend)),
+        ("x must be a floating-point", lambda: softmax(torch.arange(8, device=DEVICE).reshape(2, 4), backend=backend)),
+        ("cos must be", lambda: rope(q, k, cos[..., :8], sin[..., :8], backend=backend)),
+    ]
+    for match, call in bad:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_interpreter_clash_names_the_versions_that_fail_together():
     # measured here: Triton 3.6.0's interpreter fails with numpy 2.4.6 and runs with 2.3.5; 3.7 and 3.8 run with 2.4
     assert "numpy<2.4" in common.interpreter_clash("3.6.0", "2.4.6")

@@ -390,3 +390,83 @@ def test_low_rank_and_4bit_save_load_fuse_and_serve(tiny, tmp_path):
         engine = LLMEngine(f, tok, block_size=4, num_kv_blocks=32, max_model_len=64)
         i = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         assert engine.run()[i].outputs[0].token_ids == want[len(prompt):], mode
+
+
+# --------------------------------------------------------------------------- save and load
+
+@pytest.mark.parametrize("tie, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_factorised_model_saves_and_reloads(tiny, tmp_path, tie, dtype):
+    """save_pretrained + llmopt.load (and lowrank.load_factorized) give the factorised model back:
+    the same low-rank layers at the same names, the same logits and greedy tokens."""
+    from transformers import LlamaForCausalLM
+
+    from llmopt import models
+
+    model, tok = tiny
+    if tie:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM._from_config(models.tiny_config(tie_word_embeddings=True), dtype=dtype).eval()
+    f = factorize(copy.deepcopy(model), "svd", ratio=0.5, skip=("k_proj",))
+    f.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def same(back):
+        assert {n: type(m) for n, m in back.named_modules()} == {n: type(m) for n, m in f.named_modules()}
+        assert back.dtype == dtype and back.lm_head.weight.dtype == dtype
+        assert (back.lm_head.weight is back.get_input_embeddings().weight) == tie
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, f(ids).logits)
+            out = back.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert torch.equal(out, f.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+    same(models.load(tmp_path, device="cpu", dtype=dtype)[0])
+    from llmopt.lowrank import load_factorized  # what llmopt.load calls for such a folder
+
+    same(load_factorized(tmp_path, dtype=dtype))
+
+
+def test_factorised_checkpoint_without_its_record_is_refused(tiny, tmp_path):
+    """A checkpoint holding factors whose config does not say where they go (an older save) is an error,
+    not a model with random projections; and a folder without factors is not taken for one."""
+    import json
+
+    from llmopt import models
+    from llmopt.lowrank import load_factorized
+
+    model, tok = tiny
+    f = factorize(copy.deepcopy(model), "svd", ratio=0.5)
+    f.save_pretrained(tmp_path / "lr")
+    tok.save_pretrained(tmp_path / "lr")
+    cfg = json.loads((tmp_path / "lr" / "config.json").read_text())
+    del cfg["llmopt_lowrank"]
+    (tmp_path / "lr" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"low-rank factors .*no 'llmopt_lowrank' entry"):
+        models.load(tmp_path / "lr", device="cpu")
+    model.save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="not a model saved after lowrank.factorize"):
+        load_factorized(tmp_path / "dense")
+
+
+def test_factorize_refuses_models_it_cannot_factorise_and_says_what_it_skips(tiny):
+    """GPT-2 (Conv1D projections) has nothing to factorise: an error, not a silent no-op. In an upcycled
+    Mixture of Experts only attention is factorised: a warning says so and rank_report counts the experts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmopt import moe
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+    with pytest.raises(ValueError, match="no nn.Linear in the decoder layers of GPT2LMHeadModel.*Conv1D"):
+        factorize(gpt2, "svd", ratio=0.5)
+    up = moe.upcycle(tiny[0], num_experts=4, top_k=2)
+    with pytest.warns(UserWarning, match="Mixture-of-Experts experts, which factorize leaves dense"):
+        factorize(up, "svd", ratio=0.5)
+    rows = rank_report(up)
+    experts = {n: r for n, r in rows.items() if ".experts." in n}
+    assert len(experts) == 2 * 2 and all(r["rank"] is None and r["experts"] == 4 for r in experts.values())
+    attn = sum(r["params"] for n, r in rows.items() if "self_attn" in n)
+    attn_dense = sum(r["dense_params"] for n, r in rows.items() if "self_attn" in n)
+    stacked = sum(r["params"] for r in experts.values())
+    assert stacked == 2 * 4 * 3 * 64 * 128 and attn < 0.55 * attn_dense
+    assert rows["total"]["ratio"] == pytest.approx((attn + stacked) / (attn_dense + stacked))
+    assert rows["total"]["ratio"] > 0.9

@@ -292,6 +292,38 @@ def test_upcycled_saves_reloads_generates(upcycled, tmp_path):
     assert out.shape == (1, 17)
 
 
+def test_upcycled_mistral_keeps_its_sliding_window():
+    """A Mistral source with a window shorter than the sequence: the upcycled model keeps the window,
+    so it still computes what the dense model does at start."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    dense = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=4)).eval()
+    up = moe.upcycle(dense, num_experts=4, top_k=2).eval()
+    assert up.config.sliding_window == 4
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(up(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_upcycle_needs_a_float_llama_family_model(tiny):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmopt.lowrank import factorize
+    from llmopt.quant import QuantConfig, quantize
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+    with pytest.raises(ValueError, match="upcycle needs a float Llama-family model.*GPT2LMHeadModel has GPT2MLP"):
+        moe.upcycle(gpt2, 4, 2)
+    with pytest.raises(ValueError, match="dense_config must be a Llama-family config.*intermediate_size"):
+        moe.mixtral_config(gpt2.config, 4, 2)
+    for changed, kind in ((quantize(copy.deepcopy(tiny[0]), QuantConfig(bits=8)), "QuantLinear"),
+                          (factorize(copy.deepcopy(tiny[0]), "svd", ratio=0.5), "LowRankLinear")):
+        with pytest.raises(ValueError, match=f"layer 0 of LlamaForCausalLM has {kind}"):
+            moe.upcycle(changed, 4, 2)
+
+
 def test_moe_lm_loss_trains_router_and_experts(tiny):
     model = moe.upcycle(tiny[0], num_experts=4, top_k=2, router_std=0.5).train()
     with pytest.raises(ValueError, match="routed"):

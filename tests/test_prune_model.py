@@ -124,6 +124,43 @@ def test_bad_input(tiny):
             prune(model, "magnitude", nm=bad)
 
 
+def test_prune_refuses_models_without_float_linears(tiny):
+    """GPT-2 (Conv1D projections) and a quantized model have no nn.Linear to prune: an error naming
+    what prune expects, not a silent no-op; sparsity_report says the same instead of dividing by zero."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmopt.quant import QuantConfig, quantize
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+    for method in ("magnitude", "wanda"):
+        with pytest.raises(ValueError, match="no nn.Linear in the decoder layers of GPT2LMHeadModel.*Conv1D"):
+            prune(gpt2, method, 0.5, calibration=torch.randint(0, 64, (2, 8)))
+    with pytest.raises(ValueError, match="sparsity_report found no nn.Linear"):
+        sparsity_report(gpt2)
+    q = quantize(copy.deepcopy(tiny[0]), QuantConfig(bits=8))
+    with pytest.raises(ValueError, match="this model is quantized"):
+        prune(q, "magnitude", 0.5)
+
+
+def test_prune_on_a_mixture_of_experts_says_the_experts_stay_dense(tiny):
+    """In an upcycled MoE prune zeroes the attention projections only; it warns that the experts stay
+    dense, and sparsity_report counts them (0 zeros), so its total is the model's real share."""
+    from llmopt import moe
+
+    up = moe.upcycle(tiny[0], num_experts=4, top_k=2)
+    with pytest.warns(UserWarning, match="Mixture-of-Experts experts, say"):
+        prune(up, "magnitude", 0.5)
+    report = sparsity_report(up)
+    attn = {n: m.weight for n, m in targets(up).items()}
+    assert attn and all("self_attn" in n and report[n] == 0.5 for n in attn)
+    experts = {n: v for n, v in report.items() if ".experts." in n}
+    assert len(experts) == 2 * 2 and set(experts.values()) == {0.0}
+    n_attn = sum(w.numel() for w in attn.values())
+    n_experts = sum(up.get_parameter(n).numel() for n in experts)
+    assert report["total"] == pytest.approx(0.5 * n_attn / (n_attn + n_experts))
+    assert report["total"] < 0.1
+
+
 def test_is_2to4_and_semi_structured_checks_before_it_needs_a_gpu(bundled):
     from llmopt.prune import is_2to4, linear_speedup, to_semi_structured
 

@@ -137,6 +137,14 @@ def test_gptq_model_needs_calibration(tiny):
                        (torch.arange(10), "2-D")]:
         with pytest.raises(ValueError, match=match):
             quantize(copy.deepcopy(model), cfg, bad)
+    vocab = model.config.vocab_size
+    for bad, match in [(torch.rand(2, 8), "integer token ids, got dtype torch.float32"),
+                       (torch.ones(2, 8, dtype=torch.bool), "integer token ids"),
+                       (torch.full((2, 8), vocab), rf"token ids in \[0, {vocab}\).*from {vocab} to {vocab}"),
+                       (torch.full((2, 8), -1), "token ids in")]:
+        for method in ("gptq", "awq"):   # awq: checked where the calibration first meets the model
+            with pytest.raises(ValueError, match=match):
+                quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, method=method), bad)
     lm = quantize(copy.deepcopy(model), QuantConfig(bits=4, group_size=32, method="gptq", skip=()),
                   torch.randint(0, 100, (2, 8)))
     assert hasattr(lm.lm_head, "codes")  # outside the decoder layers: round-to-nearest

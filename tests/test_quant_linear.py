@@ -64,6 +64,20 @@ def test_quantize_errors(tiny):
         quantize(copy.deepcopy(model), QuantConfig(skip=(".",)))
 
 
+def test_quant_config_checks_its_fields():
+    import numpy as np
+
+    for kw, match in [(dict(skip="lm_head"), "skip must be a tuple"),   # a str would skip every name with an l, m, ...
+                      (dict(skip=("lm_head", 3)), "skip must be a tuple"), (dict(skip=("(",)), "regular expression"),
+                      (dict(group_size=True), "group_size"), (dict(group_size=32.0), "group_size"),
+                      (dict(damp=-0.1), "damp"), (dict(damp=1.0), "damp"), (dict(damp=float("nan")), "damp"),
+                      (dict(bits=8.0), "bits"), (dict(bits=True), "bits")]:
+        with pytest.raises(ValueError, match=match):
+            QuantConfig(**kw)
+    assert QuantConfig(skip=["lm_head", "k_proj"]).skip == ("lm_head", "k_proj")   # from JSON: a list
+    assert QuantConfig(bits=np.int64(4), group_size=32) == QuantConfig(bits=4, group_size=32)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "nf4"])
 def test_a_layer_that_does_not_fit_the_format_is_named_before_anything_changes(tiny, method):
     """Structured pruning and low-rank factors make odd widths: every target's shape is checked
@@ -132,3 +146,11 @@ def test_weights_outside_nn_linear_are_named_in_a_warning(tiny):
         warnings.simplefilter("error")
         quantize(moe.upcycle(copy.deepcopy(tiny[0]), num_experts=4, top_k=2), QuantConfig(bits=8))
         quantize(copy.deepcopy(tiny[0]), QuantConfig(bits=8))    # a dense model: nothing to say
+
+
+def test_quant_exports_its_methods_and_targets(tiny):
+    from llmopt import prune, quant
+
+    assert "gptq" in quant.METHODS and hasattr(prune, "METHODS")   # as prune and lowrank export theirs
+    names = [name for name, _ in quant.targets(tiny[0], QuantConfig(bits=8))]
+    assert "lm_head" not in names and any(n.endswith("q_proj") for n in names)

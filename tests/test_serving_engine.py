@@ -1312,3 +1312,13 @@ def test_compiled_decode_runs_the_triton_kernels_as_they_are(tiny):
             runs.append([o.outputs[0].token_ids for o in run_engine(engine, reqs)])
             assert (counters["stats"]["unique_graphs"] > before) == bool(level)
         assert runs[0] == runs[1]
+
+
+def test_engine_arguments_are_checked_before_use(model_tok):
+    """block_size 0 divided the KV budget (a ZeroDivisionError) before BlockManager could check it."""
+    model, tok = model_tok
+    for kw, field in ((dict(block_size=0), "block_size"), (dict(block_size=-16), "block_size"),
+                      (dict(max_num_seqs=0), "max_num_seqs"), (dict(num_scheduler_steps=0), "num_scheduler_steps"),
+                      (dict(max_num_batched_tokens=0), "max_num_batched_tokens")):
+        with pytest.raises(ValueError, match=field):
+            LLMEngine(model, tok, **kw)

@@ -84,6 +84,97 @@ def test_chat_completion_and_stream(client):
     assert text == r.choices[0].message.content
 
 
+def test_chat_content_parts_and_the_developer_role(client):
+    """Content as a list of text parts is the parts joined by newlines (vLLM's way); `developer` is the
+    system message under OpenAI's newer name."""
+    kw = dict(model=NAME, max_tokens=6, temperature=0)
+    want = client.chat.completions.create(messages=[{"role": "system", "content": "You write Python."},
+                                                    {"role": "user", "content": "A function\nthat adds."}], **kw)
+    got = client.chat.completions.create(messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "You write Python."}]},
+        {"role": "user", "content": [{"type": "text", "text": "A function"}, {"type": "text", "text": "that adds."}]}],
+        **kw)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens
+
+
+def test_echo_and_include_usage(client, bundled):
+    """`echo` puts the prompt before the completion (whole and streamed); `stream_options.include_usage`
+    adds OpenAI's last chunk: no choices, the request's usage; `timeout: null` is the server's default."""
+    prompt = "def add(a, b):"
+    want = reference_text(bundled, prompt, 8)
+    kw = dict(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+    r = client.completions.create(echo=True, extra_body={"ignore_eos": True, "timeout": None}, **kw)
+    assert r.choices[0].text == prompt + want and r.usage.completion_tokens == 8
+    chunks = list(client.completions.create(echo=True, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == prompt + want
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == r.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    chat = list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=5, temperature=0, stream=True,
+                                               stream_options={"include_usage": True},
+                                               extra_body={"ignore_eos": True}))
+    assert chat[-1].choices == [] and chat[-1].usage.completion_tokens == 5
+    assert chat[-1].usage.total_tokens == chat[-1].usage.prompt_tokens + 5
+
+
+def test_include_stop_str_in_output_reaches_the_engine(client, bundled):
+    model, tok = bundled
+    kw = dict(temperature=0, max_tokens=20, stop=["\n"], include_stop_str_in_output=True)
+    want = LLM(model=model, tokenizer=tok).generate(["def add(a, b):"], SamplingParams(**kw))[0].outputs[0].text
+    r = client.completions.create(model=NAME, prompt="def add(a, b):", temperature=0, max_tokens=20, stop=["\n"],
+                                  extra_body={"include_stop_str_in_output": True})
+    assert r.choices[0].text == want and want.endswith("\n")
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(bundled):
+    """vLLM: a chat request without max_tokens may use the rest of the context (OpenAI has no cap); it
+    once stopped at 16 tokens, SamplingParams' default. Completions keep vLLM's and OpenAI's 16; an
+    explicit `max_tokens: null` means the rest of the context there too."""
+    from llmopt.serving.llm import chat_input
+
+    model, tok = bundled
+    msgs = [{"role": "user", "content": "class Stack:"}]
+    ctx = 40
+    ref = LLM(model=model, tokenizer=tok, max_model_len=ctx)
+    want = ref.generate([chat_input(tok, msgs)], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+    want = want[0].outputs[0]
+    engine = LLMEngine(model, tok, num_kv_blocks=16, max_num_seqs=2, max_model_len=ctx)
+    with BackgroundServer(build_app(engine, NAME)) as s:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(model=NAME, messages=msgs, temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == want.text and r.choices[0].finish_reason == "length"
+        assert r.usage.prompt_tokens + r.usage.completion_tokens == ctx and r.usage.completion_tokens > 16
+        body = {"model": NAME, "prompt": "def add(a, b):", "temperature": 0, "ignore_eos": True}
+        assert httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).json()["usage"]["completion_tokens"] == 16
+        r = httpx.post(f"{s.url}/v1/completions", json={**body, "max_tokens": None}, timeout=60)
+        assert r.json()["usage"]["total_tokens"] == ctx
+
+
+def test_an_engine_error_mid_stream_is_an_error_event(bundled):
+    """A request the engine fails after the stream began (here: it outgrows a 64-token KV cache) ends with
+    OpenAI's error body as an event, as vLLM sends it, not a chunk with finish_reason "error" (no such
+    reason in OpenAI's API): the openai client raises."""
+    model, tok = bundled
+    engine = LLMEngine(model, tok, num_kv_blocks=4, block_size=16, max_num_seqs=2)
+    with BackgroundServer(build_app(engine, NAME)) as s:
+        for path, body in [("/v1/completions", {"prompt": "x"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
+            r = httpx.post(f"{s.url}{path}", json={**body, "max_tokens": 200, "ignore_eos": True, "stream": True},
+                           timeout=60)
+            events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+            assert len(events) > 1 and all(c.get("finish_reason") != "error" for e in events[:-1]
+                                           for c in e["choices"])
+            assert "does not fit in the KV cache" in events[-1]["error"]["message"]
+            assert events[-1]["error"]["type"] == "server_error"
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.APIError, match="does not fit"):
+            list(c.completions.create(model=NAME, prompt="x", max_tokens=200, stream=True,
+                                      extra_body={"ignore_eos": True}))
+        _wait_idle(s)
+
+
 def test_n_completions_as_choices_and_streamed_by_index(client, bundled):
     """n > 1 (parallel sampling): n choices, seeded as the engine seeds them (seed + index), so the
     streamed deltas of each index add up to its non-streamed text; usage counts every completion."""
@@ -198,6 +289,22 @@ def test_penalties_reach_the_sampler(client, bundled):
     ({"model": NAME, "prompt": "x", "bad_words": [4]}, 400, "bad_words"),
     ({"model": NAME, "prompt": "x", "use_beam_search": True, "n": 2, "length_penalty": "long"}, 400,
      "length_penalty"),
+    # a bad timeout was a TypeError (a bare 500) or, when negative, a 504 the client retried
+    ({"model": NAME, "prompt": "x", "timeout": [1]}, 400, "timeout"),
+    ({"model": NAME, "prompt": "x", "timeout": -1}, 400, "timeout"),
+    ({"model": NAME, "prompt": "x", "timeout": "5"}, 400, "timeout"),
+    ({"model": NAME, "prompt": "x", "stream": "false"}, 400, "stream"),
+    ({"model": NAME, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    # fields that change the answer and are not implemented: refused by name, not ignored
+    ({"model": NAME, "prompt": "x", "suffix": "\n"}, 400, "suffix"),
+    ({"model": NAME, "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": NAME, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"model": NAME, "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "echo": True}, 400, "echo"),
+    ({"model": NAME, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "only text parts"),
 ])
 def test_faults_get_openai_error_bodies(server, body, status, needle):
     path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
@@ -331,7 +438,7 @@ def test_the_bench_check_rejects_incomplete_or_mixed_streams():
 def test_an_engine_process_that_cannot_start_says_why():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         EngineProcess("/nonexistent/model", num_kv_blocks=8)
-    with pytest.raises(RuntimeError, match="block_size must be >= 1"):   # raised in the engine's process
+    with pytest.raises(ValueError, match="block_size must be >= 1"):   # raised in the engine's process, same type
         EngineProcess(NAME, num_kv_blocks=8, block_size=0)
 
 

@@ -61,7 +61,7 @@ def student_config(teacher_config, num_hidden_layers: int | None = None, hidden_
     widths_kept = h == teacher_config.hidden_size and heads == teacher_config.num_attention_heads
     d["head_dim"] = getattr(teacher_config, "head_dim", None) if widths_kept else h // heads
     d["head_dim"] = d["head_dim"] or h // heads
-    for k in ("_name_or_path", "transformers_version"):
+    for k in ("_name_or_path", "transformers_version", "llmopt_lowrank"):   # the last: a factorised teacher's layers
         d.pop(k, None)
     return LlamaConfig(**d)
 
@@ -91,11 +91,18 @@ def init_from_teacher(teacher, student_cfg, layers: list[int] | None = None, see
     teacher layers `layers` (default `evenly_spaced`) are *copied* into it: student layer i
     gets teacher layer layers[i]. The copies own their memory, so training the student never
     touches the teacher. Otherwise the student starts from random weights (seeded; `layers`
-    must then be None). The teacher's generation config comes along (pad and eos tokens)."""
+    must then be None). The teacher's generation config comes along (pad and eos tokens).
+    Copying needs the teacher's float nn.Linear weights: a quantized, factorised or fused teacher
+    is refused (start the student from the float teacher; it can still distil from the other)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if not isinstance(student_cfg, LlamaConfig):
         raise ValueError(f"student_cfg must be a LlamaConfig (see student_config), got {type(student_cfg).__name__}")
+    quantized = next((n for n, m in teacher.named_modules() if getattr(m, "quantized", False)), None)
+    if quantized is not None:
+        raise ValueError(f"teacher is quantized ({quantized} is a {type(teacher.get_submodule(quantized)).__name__}): "
+                         "init_from_teacher copies float weights; pass the float teacher (the quantized one can "
+                         "still be the teacher that distill learns from)")
     tcfg = teacher.config
     n_t, n_s = tcfg.num_hidden_layers, student_cfg.num_hidden_layers
     p = next(teacher.parameters())
@@ -122,6 +129,9 @@ def init_from_teacher(teacher, student_cfg, layers: list[int] | None = None, see
             key_t = f"model.layers.{layers[int(i)]}.{rest}"
         else:
             key_t = key
+        if key_t not in src:   # a low-rank or fused module where a Llama has a plain linear
+            raise ValueError(f"teacher has no tensor {key_t}: init_from_teacher copies the float weights of a "
+                             "plain Llama; pass the teacher before factorising or fusing it")
         state[key] = src[key_t].detach().clone()
     student.load_state_dict(state)
     if tcfg.tie_word_embeddings:

@@ -65,9 +65,13 @@ class OnnxDecoder(nn.Module):
         for i, layer in enumerate(base.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, -1, self.head_dim)
-            k = attn.k_proj(h).view(B, T, -1, self.head_dim)
-            v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "qkv_proj"):   # kernels.fuse(merge=True): one matmul, split into q, k and v
+                q, k, v = attn.qkv_proj(h).split(attn.qkv_sizes, dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.reshape(B, T, -1, self.head_dim)
+            k = k.reshape(B, T, -1, self.head_dim)
+            v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
             if hasattr(attn, "q_norm"):   # Qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = rope_reference(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -252,6 +256,8 @@ def onnx_generate(path, prompt_ids: list[int], max_new_tokens: int, eos_token_id
     import numpy as np
     import onnxruntime as ort
 
+    if max_new_tokens < 1:
+        return [], 0.0
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     feed = _empty_past(sess)
@@ -304,6 +310,8 @@ def measure_export(files: dict, model=None, new_tokens: int = 64, eval_tokens: i
 
     from .. import data
 
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens must be an int >= 1 (2 or more to time the decode), got {new_tokens!r}")
     folder = Path(next(iter(files.values()))).parent.parent
     tok = AutoTokenizer.from_pretrained(folder)
     stream = data.token_stream("test", tok)
@@ -325,6 +333,7 @@ def format_export(result: dict) -> str:
              f"perplexity on {result['eval_tokens']} test tokens",
              "dtype | file | MB | perplexity | tok/s | greedy tokens equal to fp32's"]
     for r in result["rows"]:
+        tok_s = "-" if r["tok_s"] is None else f"{r['tok_s']:.0f}"   # one token: no decode step to time
         lines.append(f"{r['dtype']} | {Path(r['file']).name} | {r['MB']:.1f} | {r['perplexity']:.3f} | "
-                     f"{r['tok_s']:.0f} | {r['same_tokens_as_fp32']:.0%}")
+                     f"{tok_s} | {r['same_tokens_as_fp32']:.0%}")
     return "\n".join(lines)

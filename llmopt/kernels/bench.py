@@ -98,6 +98,15 @@ SIZES = {
 }
 
 
+# every Case's kernel name in cases() (a test keeps the two in step); `--only` keeps those starting with a given name
+KERNELS = ("rmsnorm", "rmsnorm+residual", "swiglu", "softmax", "rope q+k", "w4a16 gemv", "w4a16 gemm", "w8a16 gemv",
+           "gemv", "gemv+norm", "gemv+swiglu")
+
+
+def _keep(kernel: str, only: tuple) -> bool:
+    return not only or any(kernel.startswith(o) for o in only)
+
+
 def cases(device="cuda", dtype=torch.bfloat16, scale: str = "gpu") -> list[Case]:
     """The benchmark's kernels and sizes at `scale` (a key of SIZES)."""
     if scale not in SIZES:
@@ -175,10 +184,12 @@ def _gemv_cases(sizes: dict, device, rand, e: int) -> list[Case]:
     return out
 
 
-def check(device="cpu") -> list[dict]:
-    """Every kernel against its reference at small sizes (the interpreter on a CPU)."""
+def check(device="cpu", only: tuple = ()) -> list[dict]:
+    """Every kernel (or those `only` names) against its reference at small sizes (the interpreter on a CPU)."""
     rows = []
     for c in cases(device, torch.float32 if device == "cpu" else torch.bfloat16, scale="small"):
+        if not _keep(c.kernel, only):
+            continue
         args = c.inputs()
         got, want = c.run("triton", *args), c.run("torch", *args)
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
@@ -198,7 +209,7 @@ def time_cases(device="cuda", warmup: int = 10, repeats: int = 100, compile: boo
     all_cases = cases(device, torch.bfloat16 if gpu else torch.float32, scale="gpu" if gpu else "cpu")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for c in all_cases:
-        if only and not any(c.kernel.startswith(o) for o in only):
+        if not _keep(c.kernel, only):
             continue
         t = {}
         timer = bench.time_graph if gpu else bench.time_fn
@@ -307,12 +318,18 @@ def format_rows(result: dict) -> str:
 def main(device=None, json_path=None, compile: bool = True, only: tuple = (), repeats: int = 100,
          e2e: bool = False, model=None, configs: bool = False, config_rows: tuple = (1, 8), e2e_dtype=None) -> dict:
     """What `llmopt bench kernels` runs; returns the JSON-able result."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..models import pick_device
+
+    unknown = [o for o in only if not any(k.startswith(o) for k in KERNELS)]
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)}: no such kernel; the kernels are {', '.join(KERNELS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else pick_device(device)
     result = {}
     if device.type != "cuda":
         print("no GPU: kernel timings need one (the interpreter runs numpy). Checking each kernel against its "
-              "reference instead, then timing what torch.compile gives the references on this CPU.")
-        result["check"] = check("cpu")
+              "reference instead, then timing the references on this CPU"
+              + (", eager and compiled by torch.compile." if compile else "."))
+        result["check"] = check("cpu", only)
         for r in result["check"]:
             print(f"  {r['kernel']:18s} {r['size']:22s} max |kernel - reference| = {r['max_abs_err']:.2e}")
     result.update(time_cases(device, warmup=5 if device.type == "cpu" else 10,

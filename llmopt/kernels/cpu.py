@@ -220,6 +220,8 @@ def benchmark(shapes=((768, 256), (4096, 256), (2048, 2048), (5632, 2048), (1100
 
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
+    if not rows or min(rows) < 1:
+        raise ValueError(f"rows must be numbers of rows >= 1, got {tuple(rows)}")
     torch.manual_seed(0)
     out = []
     for N, K in shapes:

@@ -54,6 +54,21 @@ def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, N, eps,
     tl.store(out_ptr + row * stride_out + cols, (w * h).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _check_args(x, weight, residual=None) -> None:
+    """What every backend takes, checked before one is picked (so a call fails alike on a CPU and a GPU)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor (..., N), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    N = x.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.shape != (N,):
+        raise ValueError(f"weight must have shape ({N},), got {tuple(getattr(weight, 'shape', ()))}")
+    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape
+                                 or residual.dtype != x.dtype):
+        raise ValueError(f"residual must match x ({x.dtype} {tuple(x.shape)}), "
+                         f"got {getattr(residual, 'dtype', type(residual).__name__)} "
+                         f"{tuple(getattr(residual, 'shape', ()))}")
+
+
 def _rows(t, name: str, N: int):
     """`t` as a (rows, N) view: any leading dims, last dim contiguous (rows may be strided)."""
     if t.stride(-1) != 1:
@@ -78,14 +93,10 @@ def _output(buf, name: str, shape, dtype, like):
 @compiler_opaque
 def rmsnorm_triton(x, weight, eps: float = 1e-6, residual=None, out=None, residual_out=None):
     """The kernel; same contract as `rmsnorm_reference`. `out`/`residual_out` may be given pre-allocated."""
+    _check_args(x, weight, residual)
     N = x.shape[-1]
     if N > MAX_N:
         raise ValueError(f"x's last dim must be at most {MAX_N} for the one-block kernel, got {N}")
-    if weight.shape != (N,):
-        raise ValueError(f"weight must have shape ({N},), got {tuple(weight.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual must match x ({x.dtype} {tuple(x.shape)}), "
-                         f"got {residual.dtype} {tuple(residual.shape)}")
     out = _output(out, "out", x.shape, torch.promote_types(x.dtype, weight.dtype), x)
     if residual is not None:
         residual_out = _output(residual_out, "residual_out", x.shape, x.dtype, x)
@@ -107,6 +118,7 @@ def rmsnorm(x, weight, eps: float = 1e-6, residual=None, backend: str = "auto"):
     """RMSNorm of x (with `residual`: of x + residual, returning (normed, x + residual)).
 
     backend: "triton" (the kernel), "torch" (the reference), "auto" (the kernel on a GPU)."""
+    _check_args(x, weight, residual)
     if use_triton(x, backend):
         return rmsnorm_triton(x, weight, eps, residual)
     return rmsnorm_reference(x, weight, eps, residual)

@@ -143,6 +143,7 @@ def rope(q, k, cos, sin, backend: str = "auto"):
     """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) by cos/sin (B, T, D); returns (q_embed, k_embed).
 
     backend: "triton" (the kernel), "torch" (the reference), "auto" (the kernel on a GPU)."""
+    _check(q, k, cos, sin)   # on every backend, so a call fails alike on a CPU and a GPU
     if use_triton(q, backend):
         return rope_triton(q, k, cos, sin)
     return rope_reference(q, k, cos, sin)

@@ -52,9 +52,18 @@ def _softmax_kernel(x_ptr, out_ptr, N, stride_x, stride_out, BLOCK: tl.constexpr
         tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _check_args(x) -> None:
+    """What every backend takes, checked before one is picked: the softmax of integers would round
+    every probability to 0 (or 1)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x must be a floating-point tensor (..., N), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+
+
 @compiler_opaque
 def softmax_triton(x, out=None, block=None):
     """The kernel; same contract as `softmax_reference`. `block`: columns per loop step (a power of 2)."""
+    _check_args(x)
     N = x.shape[-1]
     out = output_buffer(out, x)
     block = check_block(block or min(next_power_of_2(N), 4096))
@@ -75,6 +84,7 @@ def softmax(x, backend: str = "auto"):
     """Softmax over the last dim.
 
     backend: "triton" (the kernel), "torch" (the reference), "auto" (the kernel on a GPU)."""
+    _check_args(x)
     if use_triton(x, backend):
         return softmax_triton(x)
     return softmax_reference(x)

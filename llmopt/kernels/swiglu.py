@@ -14,6 +14,7 @@ rounding only.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .common import check_block, compiler_opaque, next_power_of_2, output_buffer, tl, triton, use_triton
@@ -37,6 +38,18 @@ def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, stride_o, B
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _check_args(gate, up) -> None:
+    """What every backend takes, checked before one is picked (so a call fails alike on a CPU and a GPU)."""
+    if not isinstance(gate, torch.Tensor) or not gate.is_floating_point() or gate.dim() < 1:
+        raise ValueError(f"gate must be a floating-point tensor (..., N), got "
+                         f"{getattr(gate, 'dtype', type(gate).__name__)} {tuple(getattr(gate, 'shape', ()))}")
+    if not isinstance(up, torch.Tensor) or not up.is_floating_point() or up.dim() < 1:
+        raise ValueError(f"up must be a floating-point tensor (..., N), got "
+                         f"{getattr(up, 'dtype', type(up).__name__)} {tuple(getattr(up, 'shape', ()))}")
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+
+
 def _rows(t, N: int):
     """(rows, N) view of t, last dim contiguous; rows may be strided (a half of gate_up is)."""
     if t.stride(-1) != 1:
@@ -50,8 +63,7 @@ def _rows(t, N: int):
 @compiler_opaque
 def swiglu_triton(gate, up, out=None, block=None):
     """The kernel; same contract as `swiglu_reference`. `block`: columns per program (a power of 2)."""
-    if gate.shape != up.shape:
-        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    _check_args(gate, up)
     N = gate.shape[-1]
     out = output_buffer(out, gate)
     block = check_block(block or min(next_power_of_2(N), 1024))
@@ -66,6 +78,7 @@ def swiglu_triton(gate, up, out=None, block=None):
 
 def swiglu(gate, up, backend: str = "auto"):
     """silu(gate) * up. backend: "triton" (the kernel), "torch" (the reference), "auto" (the kernel on a GPU)."""
+    _check_args(gate, up)
     if use_triton(gate, backend):
         return swiglu_triton(gate, up)
     return swiglu_reference(gate, up)

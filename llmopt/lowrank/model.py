@@ -14,16 +14,23 @@ out*in / (out + in)) stays a dense `nn.Linear`: there low rank only costs accura
 The calibrated methods go one decoder layer at a time (`quant.calibrate.layerwise`), like GPTQ
 and SparseGPT: each layer's X^T X comes from the outputs of the layers before it *as already
 factorised*, so each layer is fitted to the inputs it will really see.
-Embeddings and lm_head are never factorised.
+Embeddings and lm_head are never factorised, nor a Mixture-of-Experts layer's stacked experts
+(they are not nn.Linear; `factorize` warns when they hold much of the model, and `rank_report`
+counts them as they are).
+
+`factorize` records each low-rank layer's shape in `model.config` (`lowrank.io`), so
+`model.save_pretrained(path)` and `llmopt.load(path)` round-trip a factorised model.
 """
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
 
 from ..quant import calibrate
+from ..quant.experts import is_stacked_experts
 from .factor import (
     asvd_scale,
     break_even_rank,
@@ -32,6 +39,7 @@ from .factor import (
     lowrank_params,
     rank_for_ratio,
 )
+from .io import CONFIG_KEY, layer_shapes
 from .linear import LowRankLinear
 
 METHODS = ("svd", "whitened", "asvd")
@@ -64,6 +72,34 @@ def targets(model: nn.Module, skip: tuple = (), dense_only: bool = False) -> dic
                 continue
             out[full] = m
     return out
+
+
+def _expert_stacks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The stacked Mixture-of-Experts weights of the decoder layers (`...mlp.experts.gate_up_proj`,
+    `...down_proj`, 3-D) by full name: matrices `factorize` leaves as they are."""
+    layers = calibrate.decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return {f"{prefix}.{i}.{n}.{w}": getattr(m, w) for i, layer in enumerate(layers)
+            for n, m in layer.named_modules() if is_stacked_experts(m) for w in ("gate_up_proj", "down_proj")}
+
+
+def _check_model(model: nn.Module) -> None:
+    """ValueError when there is nothing to factorise; a warning when much of the decoder stays dense."""
+    layers = calibrate.decoder_layers(model)
+    if any(getattr(m, "quantized", False) for m in layers.modules()):
+        raise ValueError("this model is quantized, and only float nn.Linears are factorised: factorise the "
+                         "float model, then quantize it (quantize() takes the factors, which are nn.Linear)")
+    if not targets(model):
+        kinds = sorted({type(m).__name__ for m in layers[0].modules() if m is not layers[0]})
+        raise ValueError(f"factorize found no nn.Linear in the decoder layers of {type(model).__name__} (layer 0 "
+                         f"holds {', '.join(kinds)}): it factorises the nn.Linear projections of a Llama-family "
+                         "model (q/k/v/o_proj, gate/up/down_proj)")
+    experts = sum(w.numel() for w in _expert_stacks(model).values())
+    total = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+    if experts > 0.1 * total:
+        warnings.warn(f"{experts / total:.0%} of the decoder layers' weights are Mixture-of-Experts experts, which "
+                      "factorize leaves dense (it factorises nn.Linear modules only); rank_report counts them",
+                      stacklevel=3)
 
 
 def _check_args(method, ratio, energy, calibration, skip):
@@ -115,7 +151,9 @@ def factorize(model: nn.Module, method: str = "svd", ratio: float | None = None,
         `calibration`, token ids (n_samples, seq_len) from `llmopt.data.calibration_batches`.
     ratio: keep at most this share of each layer's weights, in (0, 1]; or
     energy: give each layer the smallest rank keeping this share of sum(S^2), in (0, 1].
-    skip: regexes of full module names to leave dense (e.g. ("k_proj", "v_proj")).
+    skip: regexes of full module names to leave dense (e.g. ("k_proj", "v_proj")). A Mixture-of-
+        Experts layer's stacked experts are never factorised (a warning says so when they hold more
+        than 10% of the decoder's weights); only its attention projections are.
     multiple_of: round every rank to a multiple of this (down within a ratio's budget, but at least
         one multiple; up to keep an energy): a GPU's matrix units like multiples of 8 or 16, and
         quantizing the factors afterwards needs the group size to divide the rank
@@ -123,17 +161,19 @@ def factorize(model: nn.Module, method: str = "svd", ratio: float | None = None,
 
     Layers where the rank would be at or above the break-even out*in/(out+in) stay dense, since
     there the factors hold no fewer weights than W (`rank_report` shows what was done).
+
+    The low-rank layers' shapes go into `model.config.llmopt_lowrank`, so `model.save_pretrained(path)`
+    then `llmopt.load(path)` (or `lowrank.load_factorized`) gives the same model back. transformers'
+    own `from_pretrained` does not read that entry and would leave the factorised projections random.
     """
     _check_args(method, ratio, energy, calibration, skip)
     if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of < 1:
         raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
-    if any(getattr(m, "quantized", False) for m in calibrate.decoder_layers(model).modules()):
-        raise ValueError("this model is quantized, and only float nn.Linears are factorised: factorise the "
-                         "float model, then quantize it (quantize() takes the factors, which are nn.Linear)")
+    _check_model(model)
     if method == "svd":
         for name, lin in targets(model, skip, dense_only=True).items():
             _factorise_one(model, name, lin, ratio, energy, None, multiple_of)
-        return model
+        return _record(model)
     calibration = calibrate.check_calibration(calibration)
     layers = calibrate.decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
@@ -149,12 +189,22 @@ def factorize(model: nn.Module, method: str = "svd", ratio: float | None = None,
                 whiten = asvd_scale(stats.absmean[name], alpha)
             _factorise_one(layer, name, lin, ratio, energy, whiten, multiple_of)
         del stats
+    return _record(model)
+
+
+def _record(model: nn.Module) -> nn.Module:
+    """Write the low-rank layers' shapes into the config, where save_pretrained keeps them for loading."""
+    shapes = layer_shapes(model)
+    if shapes and getattr(model, "config", None) is not None:
+        setattr(model.config, CONFIG_KEY, shapes)
     return model
 
 
 def rank_report(model: nn.Module) -> dict[str, dict]:
     """Per decoder linear: its shape, rank (None while dense), break-even rank, parameters now and
-    as a dense layer; under "total", the sums and their ratio."""
+    as a dense layer; under "total", the sums and their ratio. A Mixture-of-Experts layer's stacked
+    experts, which are never factorised, get a row each (rank None, "experts": E, the shape of
+    one expert's matrix) and count in the total as they are."""
     rows, params, dense = {}, 0, 0
     for name, m in targets(model).items():
         if isinstance(m, LowRankLinear):
@@ -166,5 +216,10 @@ def rank_report(model: nn.Module) -> dict[str, dict]:
         rows[name] = {"out": out_f, "in": in_f, "rank": rank, "break_even": break_even_rank(out_f, in_f),
                       "params": n, "dense_params": d}
         params, dense = params + n, dense + d
+    for name, w in _expert_stacks(model).items():
+        n_exp, out_f, in_f = w.shape
+        rows[name] = {"out": out_f, "in": in_f, "rank": None, "break_even": break_even_rank(out_f, in_f),
+                      "params": w.numel(), "dense_params": w.numel(), "experts": n_exp}
+        params, dense = params + w.numel(), dense + w.numel()
     rows["total"] = {"params": params, "dense_params": dense, "ratio": params / dense if dense else 1.0}
     return rows

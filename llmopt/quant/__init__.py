@@ -17,7 +17,7 @@
 from . import awq, bnb, calibrate, gptq, qat, smoothquant  # noqa: F401
 from .experts import QuantExperts  # noqa: F401
 from .io import load_quantized, save_quantized  # noqa: F401
-from .linear import QuantConfig, QuantLinear, quantize  # noqa: F401
+from .linear import METHODS, QuantConfig, QuantLinear, quantize, targets  # noqa: F401
 from .nf4 import NF4Linear, double_dequantize, double_quantize  # noqa: F401
 from .packing import pack, to_signed, to_unsigned, unpack  # noqa: F401
 from .primitives import (  # noqa: F401

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 
-def check_calibration(calibration) -> torch.Tensor:
-    """Token ids (n_samples, seq_len) as a LongTensor; a clear error for anything else."""
+def check_calibration(calibration, model: nn.Module | None = None) -> torch.Tensor:
+    """Token ids (n_samples, seq_len) as a LongTensor; a clear error for anything else (given the
+    model, also for ids outside its vocabulary)."""
     if calibration is None:
         raise ValueError("this method needs calibration data: pass "
                          "calibration=llmopt.data.calibration_batches(tokenizer)")
@@ -29,7 +30,9 @@ def check_calibration(calibration) -> torch.Tensor:
                          f"got {type(calibration).__name__} {getattr(calibration, 'shape', '')}")
     if calibration.numel() == 0:
         raise ValueError("the calibration set is empty: it needs at least one sample of at least one token")
-    return calibration.long()
+    from ..data import check_token_ids
+
+    return check_token_ids(calibration, "calibration", model)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -75,7 +78,7 @@ class _Stop(Exception):
 def first_layer_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> list:
     """Run the embeddings (and nothing after) on each batch: [(hidden_states, kwargs), ...],
     where kwargs are what the model passes its layers (position embeddings, causal mask)."""
-    calibration = check_calibration(calibration)
+    calibration = check_calibration(calibration, model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     layer0, dev = decoder_layers(model)[0], next(model.parameters()).device

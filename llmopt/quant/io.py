@@ -57,6 +57,8 @@ def save_quantized(model: nn.Module, tokenizer, path) -> Path:
     """Write `model` (already quantized by llmopt) and its tokenizer to the folder `path`."""
     from safetensors.torch import save_model
 
+    from ..lowrank.io import layer_shapes
+
     quantized = {name: m for name, m in model.named_modules() if getattr(m, "quantized", False)}
     if not quantized:
         raise ValueError("the model holds no llmopt quantized modules: quantize it first, "
@@ -91,19 +93,9 @@ def save_quantized(model: nn.Module, tokenizer, path) -> Path:
         tokenizer.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"))  # de-duplicates tied weights
     meta = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."), "modules": modules,
-            "lowrank": _lowrank_layers(model)}
+            "lowrank": layer_shapes(model)}   # lesson 06's low-rank layers, whose factors may be quantized
     (out / "quant_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
-
-
-def _lowrank_layers(model: nn.Module) -> dict:
-    """The shapes of the model's low-rank layers (lesson 06), whose factors may be quantized:
-    loading puts them back before it swaps in the quantized modules."""
-    from ..lowrank.linear import LowRankLinear
-
-    return {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-                   "bias": m.u.bias is not None}
-            for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
 def load_quantized(path, device=None):
@@ -112,6 +104,7 @@ def load_quantized(path, device=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .. import models
+    from ..lowrank.io import restore
     from . import calibrate
     from .experts import activation
 
@@ -125,12 +118,7 @@ def load_quantized(path, device=None):
                          f"{FORMAT!r} v{VERSION}")
     dtype = getattr(torch, meta["dtype"])
     config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    from ..lowrank.linear import LowRankLinear
-
-    for name, spec in meta.get("lowrank", {}).items():
-        calibrate.replace(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
-                                                     bias=spec["bias"], dtype=dtype))
+    model = restore(AutoModelForCausalLM.from_config(config, dtype=dtype), meta.get("lowrank", {}))
     classes = module_classes()
     for name, spec in meta["modules"].items():
         if spec["class"] not in classes:

@@ -8,6 +8,7 @@ packed bytes directly (lesson 08) — on a CPU, dequantizing every call costs ti
 """
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -46,10 +47,15 @@ class QuantConfig:
             raise ValueError("method 'smoothquant' is W8A8 with symmetric per-channel weights: bits=8, "
                              f"group_size=None, symmetric=True; got {self.bits!r}, {self.group_size!r}, "
                              f"{self.symmetric!r}")
-        if self.bits not in UNIFORM_BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Integral) or self.bits not in UNIFORM_BITS:
             raise ValueError(f"bits must be one of {UNIFORM_BITS}, got {self.bits!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+        self.bits = int(self.bits)   # a numpy integer from a sweep: a plain int, as quant_config.json stores it
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size <= 0):
             raise ValueError(f"group_size must be None (per channel) or a positive int, got {self.group_size!r}")
+        self.skip = _check_skip(self.skip)
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if self.calib_batch_size < 1:
@@ -58,6 +64,19 @@ class QuantConfig:
     @property
     def granularity(self):
         return "channel" if self.group_size is None else self.group_size
+
+
+def _check_skip(skip) -> tuple:
+    """`skip` as a tuple of regexes; a bare string would be read one character at a time."""
+    if isinstance(skip, str) or not isinstance(skip, (tuple, list)) or not all(isinstance(p, str) for p in skip):
+        raise ValueError(f"skip must be a tuple of regular expressions of module names (e.g. ('lm_head',)), "
+                         f"got {skip!r}")
+    for p in skip:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"skip holds {p!r}, which is not a regular expression: {e}") from None
+    return tuple(skip)
 
 
 class QuantLinear(nn.Module):
@@ -201,7 +220,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | Non
     if cfg.method in CALIBRATED:
         from .calibrate import check_calibration
 
-        calibration = check_calibration(calibration)
+        calibration = check_calibration(calibration, model)
     if cfg.method == "gptq":
         from .gptq import gptq_model
 

@@ -207,9 +207,13 @@ class EngineProcess(_FrontEnd):
             self.proc.kill()
             raise RuntimeError(f"the engine process did not start within {startup_timeout} s")
         kind, *info = self.conn.recv()
-        if kind == "failed":
+        if kind == "failed":   # the child's ValueError / FileNotFoundError as the same type: as in a thread
             self.proc.join(5)
-            raise RuntimeError(f"the engine process failed to start: {info[0]}")
+            error, message = info
+            user_error = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(error)
+            if user_error:
+                raise user_error(message)
+            raise RuntimeError(f"the engine process failed to start: {error}: {message}")
         self._blocks = tuple(info)
         self._lock = threading.Lock()   # sends come from the event loop and from close()
         self.receiver = threading.Thread(target=self._receive, name="llmopt-engine-receiver", daemon=True)
@@ -274,8 +278,9 @@ def _core_main(conn, model, threads, fuse, engine_kw):
     """The engine process: load the model, then turn until told to stop (None) or the server is gone."""
     try:
         core = EngineCore(load_engine(model, threads, fuse, **engine_kw))
-    except Exception as e:
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
+    except Exception as e:   # the parent raises bad input (a ValueError, a missing file) as that type again
+        kind = next((t.__name__ for t in (FileNotFoundError, ValueError) if isinstance(e, t)), type(e).__name__)
+        conn.send(("failed", kind, str(e)))
         return
     conn.send(("ready", *core.kv_blocks()))
     try:

@@ -41,6 +41,8 @@ def chat_workload(n: int, tokens: torch.Tensor, seed: int = 0, prompt_range=(16,
     `shared_prefix` tokens of every prompt the same (a system prompt): they replace the start of the
     drawn prompt, so the lengths keep their distribution, and a prompt drawn shorter than the prefix
     keeps one token of its own (prompts are then at least shared_prefix + 1 tokens)."""
+    if shared_prefix < 0:
+        raise ValueError(f"shared_prefix must be >= 0 tokens, got {shared_prefix}")
     rng = random.Random(seed)
 
     def length(lo, hi):
@@ -175,6 +177,10 @@ def serve_benchmark(model_name=None, n: int = 64, batch_size: int = 16, seed: in
 
     model, tok = models.load(model_name, device=device)
     model.eval()
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and shared_prefix + 1 + output_range[1] > context:
+        raise ValueError(f"shared_prefix ({shared_prefix}) + 1 + the longest output ({output_range[1]}) must fit "
+                         f"the model's context ({context} tokens)")
     stream = data.token_stream("test", tok)
     reqs = chat_workload(n, stream, seed, prompt_range, output_range, shared_prefix)
     engine_kw.setdefault("max_num_seqs", batch_size)   # the same batch size as the static batches
@@ -246,12 +252,12 @@ def plot_results(result: dict, path=None):
 
 def main(model=None, n: int = 64, batch_size: int = 16, json_path=None, plot_path=None, shared_prefix: int = 0,
          systems=("single", "static", "engine"), seed: int = 0, block_size: int = 16, repeats: int = 1,
-         kv_cache_memory: int | None = None) -> dict:
+         kv_cache_memory: int | None = None, device=None) -> dict:
     """`llmopt bench serve`. `kv_cache_memory`: the engines' KV cache in bytes (default: room for every
     sequence at once), e.g. small enough that an FP8 cache (`engine-fp8`) admits more than float32."""
     kw = {} if kv_cache_memory is None else {"kv_cache_memory": kv_cache_memory}
     result = serve_benchmark(model, n=n, batch_size=batch_size, shared_prefix=shared_prefix, systems=systems,
-                             seed=seed, block_size=block_size, repeats=repeats, **kw)
+                             seed=seed, block_size=block_size, repeats=repeats, device=device, **kw)
     print(format_results(result))
     if json_path:
         with open(json_path, "w") as f:
@@ -316,8 +322,11 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
     graphs = ", CUDA graphs" if dev.type == "cuda" else ""
     multi = {"num_scheduler_steps": scheduler_steps}
     steps = f", {scheduler_steps} steps a sync"
-    if "graphs" in systems and dev.type == "cuda":
-        runs.append(("llmopt engine, CUDA graphs", model, {}))
+    if "graphs" in systems:
+        if dev.type == "cuda":
+            runs.append(("llmopt engine, CUDA graphs", model, {}))
+        else:
+            print("graphs: skipped (CUDA graphs need a GPU)", flush=True)
     if "graphs-multistep" in systems:
         runs.append(("llmopt engine" + graphs + steps, model, multi))
     for variant, kw in (("compiled", {}), ("compiled-multistep", multi)):
@@ -361,7 +370,7 @@ def decode_benchmark(model_name=None, batch_sizes=(1, 32), prompt_len: int = 32,
                 row = {"system": name, "batch": b, "tok_s": r.tokens_per_s, "ttft_ms": r.ttft_s * 1e3,
                        "tpot_ms": r.tpot_s * 1e3, "weight_MB": bench.weight_bytes(m) / 1e6,
                        "programmatic_dependent_launch": common.pdl(next(m.parameters()))}
-                if b == 1:
+                if b == 1 and r.tpot_s > 0:   # <= 0: the 1-token run's noise outweighed the rest (few repeats)
                     roof = bench.decode_roofline(m, r.tpot_s, bw)
                     row["floor_tok_s"], row["fraction_of_floor"] = roof.floor_tokens_per_s, roof.fraction_of_floor
                 out["rows"].append(row)
@@ -486,16 +495,19 @@ def format_decode_profile(name: str, r: dict) -> str:
 def format_decode_row(r: dict) -> str:
     floor = (f" | {r['fraction_of_floor']:.1%} of the {r['floor_tok_s']:.0f} tok/s floor"
              if "fraction_of_floor" in r else "")
-    return (f"{r['system']} | batch {r['batch']} | {r['tok_s']:.1f} tok/s | TPOT {r['tpot_ms']:.2f} ms | "
+    # TPOT is (whole run - 1-token run) / (new tokens - 1): noise can make it <= 0 with few repeats or tokens
+    tpot = f"{r['tpot_ms']:.2f} ms" + ("" if r["tpot_ms"] > 0 else " (noise: use more repeats or new tokens)")
+    return (f"{r['system']} | batch {r['batch']} | {r['tok_s']:.1f} tok/s | TPOT {tpot} | "
             f"TTFT {r['ttft_ms']:.1f} ms | weights {r['weight_MB']:.0f} MB{floor}")
 
 
 def decode_main(model=None, batch_sizes=(1, 32), new_tokens: int = 128, json_path=None, repeats: int = 3,
-                systems=("hf", "eager", "graphs", "fused", "w4-fused"), scheduler_steps: int = 8, dtype=None) -> dict:
+                systems=("hf", "eager", "graphs", "fused", "w4-fused"), scheduler_steps: int = 8, dtype=None,
+                device=None) -> dict:
     """What `llmopt bench decode` runs (`dtype`: None for the model's default, or a torch dtype or its name)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     result = decode_benchmark(model, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats, systems=systems,
-                              scheduler_steps=scheduler_steps, dtype=dtype)
+                              scheduler_steps=scheduler_steps, dtype=dtype, device=device)
     print(f"{result['model']} on {result['device']} ({result['dtype']}), copy bandwidth "
           f"{result['copy_bandwidth_GBps']:.0f} GB/s, prompt {result['prompt_len']}, {result['new_tokens']} new tokens"
           + (", decode kernels with programmatic dependent launch" if result["programmatic_dependent_launch"] else ""))

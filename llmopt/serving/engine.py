@@ -75,8 +75,10 @@ class LLMEngine:
                  chunked_prefill: bool = True, backend: str = "auto", enforce_eager: bool = False, seed: int = 0,
                  num_scheduler_steps: int = 1, speculative_config: dict | SpeculativeConfig | None = None,
                  kv_cache_dtype: str = "auto", compilation_config: int | dict | None = None):
-        if num_scheduler_steps < 1:
-            raise ValueError(f"num_scheduler_steps must be >= 1, got {num_scheduler_steps!r}")
+        for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("num_scheduler_steps",
+                        num_scheduler_steps), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if v < 1:   # checked before the KV budget below divides by block_size
+                raise ValueError(f"{name} must be >= 1, got {v!r}")
         self.spec = SpeculativeConfig.of(speculative_config)
         if self.spec is not None and num_scheduler_steps > 1:
             raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine: choose one")

@@ -199,6 +199,8 @@ def http_benchmark(model_name=None, n: int = 256, concurrency: int = 32, seed: i
 
     import torch
 
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     from .. import bench as harness
     from .. import data, models
 
@@ -241,6 +243,9 @@ def http_benchmark(model_name=None, n: int = 256, concurrency: int = 32, seed: i
 
 
 def format_http(r: dict) -> str:
+    lat, error = r["latency_s"], (r.get("failed") or [{}])[0].get("error")
+    latency = (f"latency p50/p90/p99 {lat['p50']:.2f}/{lat['p90']:.2f}/{lat['p99']:.2f} s" if lat else
+               "no request answered" + (f" (the first failure: {error})" if error else ""))
     lines = [f"{r['model']}: {r['requests']} requests from {r['concurrency']} concurrent clients over HTTP "
              f"({'streaming ' if r['stream'] else ''}/v1/completions), server on {r['server_threads']} CPU threads"
              + (", the engine in a thread of the server's process" if r["engine_thread"] else
@@ -250,8 +255,7 @@ def format_http(r: dict) -> str:
              f"{r['tokens_per_s']:.1f} tok/s, {r['requests_per_s']:.2f} req/s; "
              + (f"TTFT p50/p90/p99 {r['ttft_s']['p50']:.2f}/{r['ttft_s']['p90']:.2f}/{r['ttft_s']['p99']:.2f} s; "
                 if r["ttft_s"] else "")
-             + f"latency p50/p90/p99 {r['latency_s']['p50']:.2f}/{r['latency_s']['p90']:.2f}/"
-               f"{r['latency_s']['p99']:.2f} s"]
+             + latency]
     if r["repeats"] > 1:
         lines.append("the median of " + ", ".join(f"{x:.1f}" for x in r["runs_tokens_per_s"]) + " tok/s")
     if "in_process_tokens_per_s" in r:
