@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..quant import calibrate
-from ..quant.experts import is_stacked_experts
+from ..quant.experts import stacked_expert_weights
 from .factor import (
     asvd_scale,
     break_even_rank,
@@ -74,14 +74,6 @@ def targets(model: nn.Module, skip: tuple = (), dense_only: bool = False) -> dic
     return out
 
 
-def _expert_stacks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The stacked Mixture-of-Experts weights of the decoder layers (`...mlp.experts.gate_up_proj`,
-    `...down_proj`, 3-D) by full name: matrices `factorize` leaves as they are."""
-    layers = calibrate.decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    return {f"{prefix}.{i}.{n}.{w}": getattr(m, w) for i, layer in enumerate(layers)
-            for n, m in layer.named_modules() if is_stacked_experts(m) for w in ("gate_up_proj", "down_proj")}
-
 
 def _check_model(model: nn.Module) -> None:
     """ValueError when there is nothing to factorise; a warning when much of the decoder stays dense."""
@@ -94,7 +86,7 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError(f"factorize found no nn.Linear in the decoder layers of {type(model).__name__} (layer 0 "
                          f"holds {', '.join(kinds)}): it factorises the nn.Linear projections of a Llama-family "
                          "model (q/k/v/o_proj, gate/up/down_proj)")
-    experts = sum(w.numel() for w in _expert_stacks(model).values())
+    experts = sum(w.numel() for w in stacked_expert_weights(model).values())
     total = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
     if experts > 0.1 * total:
         warnings.warn(f"{experts / total:.0%} of the decoder layers' weights are Mixture-of-Experts experts, which "
@@ -216,7 +208,7 @@ def rank_report(model: nn.Module) -> dict[str, dict]:
         rows[name] = {"out": out_f, "in": in_f, "rank": rank, "break_even": break_even_rank(out_f, in_f),
                       "params": n, "dense_params": d}
         params, dense = params + n, dense + d
-    for name, w in _expert_stacks(model).items():
+    for name, w in stacked_expert_weights(model).items():
         n_exp, out_f, in_f = w.shape
         rows[name] = {"out": out_f, "in": in_f, "rank": None, "break_even": break_even_rank(out_f, in_f),
                       "params": w.numel(), "dense_params": w.numel(), "experts": n_exp}

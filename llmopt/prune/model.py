@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..quant import calibrate
-from ..quant.experts import is_stacked_experts
+from ..quant.experts import stacked_expert_weights
 from .masks import check_sparsity, global_magnitude_masks, magnitude_mask, nm_mask, row_mask, wanda_scores
 from .sparsegpt import sparsegpt_prune
 
@@ -48,13 +48,6 @@ def targets(model: nn.Module) -> dict[str, nn.Linear]:
     prefix = next(n for n, m in model.named_modules() if m is layers)
     return {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in calibrate.linears(layer).items()}
 
-
-def _expert_stacks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The stacked Mixture-of-Experts weights (`...mlp.experts.gate_up_proj`, `...down_proj`) by full name."""
-    layers = calibrate.decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    return {f"{prefix}.{i}.{n}.{w}": getattr(m, w) for i, layer in enumerate(layers)
-            for n, m in layer.named_modules() if is_stacked_experts(m) for w in ("gate_up_proj", "down_proj")}
 
 
 def _check_model(model: nn.Module, lins: dict) -> None:
@@ -137,7 +130,7 @@ def prune(model: nn.Module, method: str = "magnitude", sparsity: float = 0.5, ca
 def sparsity_report(model: nn.Module) -> dict[str, float]:
     """The share of exact zeros in every decoder linear's weight and in every stacked
     Mixture-of-Experts weight (which `prune` leaves dense), and 'total' over all of them."""
-    weights = {n: m.weight for n, m in targets(model).items()} | _expert_stacks(model)
+    weights = {n: m.weight for n, m in targets(model).items()} | stacked_expert_weights(model)
     if not weights:
         raise ValueError(f"sparsity_report found no nn.Linear or Mixture-of-Experts weights in the decoder layers of "
                          f"{type(model).__name__}: it reports on a float Llama-family model")

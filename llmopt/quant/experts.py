@@ -38,6 +38,17 @@ def is_stacked_experts(module: nn.Module) -> bool:
             and gate_up.shape[1] == 2 * down.shape[2])
 
 
+def stacked_expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every float experts module's stacked weights in the decoder layers (`...mlp.experts.gate_up_proj`,
+    `...down_proj`, 3-D) by full name: what `prune` and `lowrank.factorize` leave dense and report."""
+    from .calibrate import decoder_layers
+
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return {f"{prefix}.{i}.{n}.{w}": getattr(m, w) for i, layer in enumerate(layers)
+            for n, m in layer.named_modules() if is_stacked_experts(m) for w in ("gate_up_proj", "down_proj")}
+
+
 def activation(module: nn.Module):
     """The experts' activation: transformers' `act_fn`, lesson 07's `act`, else SiLU."""
     return getattr(module, "act_fn", None) or getattr(module, "act", None) or F.silu
